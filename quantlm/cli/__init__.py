@@ -1,0 +1,52 @@
+"""``quantlm`` command line: thin subcommands over library functions.
+
+Each subcommand lives in ``quantlm/cli/<name>.py`` with ``register(subparsers)``; modules import their heavy
+dependencies (torch, transformers) inside the handler so that ``quantlm size`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from quantlm import __version__
+from quantlm.errors import QuantlmError
+
+SUBCOMMANDS = ("size", "quantize", "train", "eval", "plot", "suite")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantlm",
+        description="Quantize, size and compare FloatLMs, QuantLMs and TriLMs (the Spectra suite).",
+    )
+    parser.add_argument("--version", action="version", version=f"quantlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"quantlm.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QuantlmError as e:
+        print(f"quantlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"quantlm {args.command}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model structure (the LLaMA block as data) and the TriLM."""

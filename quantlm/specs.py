@@ -1,0 +1,242 @@
+"""The Spectra size table as named presets, and the HF configs they build.
+
+Names: ``floatlm-<size>``, ``trilm-<size>`` and ``quantlm-<size>-<b>bit`` for the nine Spectra sizes
+(99m ... 3.9b) and b in 3, 4, 6, 8: 54 presets. A small CPU ladder (``micro``, ``tiny``) with a 4096-token
+BPE vocabulary follows the same shape rules; it is what the tests and the default demo train.
+
+This module imports only the standard library; ``to_hf_config`` imports transformers when called.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, replace
+
+from quantlm.errors import QuantlmError
+
+FAMILIES = ("floatlm", "quantlm", "trilm")
+QUANT_BITS = (3, 4, 6, 8)
+GPT_NEOX_VOCAB = 50277  # GPT-NeoX-20B tokenizer; HF checkpoints pad it (50304 at MP 1)
+
+
+@dataclass(frozen=True)
+class SizeRow:
+    """One row of the Spectra size table (plus the per-size training hyper-parameters)."""
+
+    size: str
+    hidden: int
+    glu: int
+    heads: int
+    layers: int
+    mp: int
+    floatlm_lr: float
+    trilm_lr: tuple[float, float]  # peak LR in the first half -> second half of training
+    vocab: int = GPT_NEOX_VOCAB
+    published_params: float | None = None  # as printed in the Spectra paper (unpadded vocab, norms included)
+
+
+SPECTRA_SIZES: tuple[SizeRow, ...] = (
+    SizeRow("99m", 512, 1280, 8, 16, 1, 4.0e-4, (2.4e-3, 1.5e-3), published_params=99.74e6),
+    SizeRow("190m", 768, 2048, 12, 16, 1, 4.0e-4, (2.4e-3, 1.5e-3), published_params=190.0e6),
+    SizeRow("390m", 1024, 2560, 16, 24, 1, 3.0e-4, (1.8e-3, 1.2e-3), published_params=392.4e6),
+    SizeRow("560m", 1280, 3072, 20, 24, 1, 2.8e-4, (1.6e-3, 1.1e-3), published_params=569.2e6),
+    SizeRow("830m", 1536, 4096, 24, 24, 1, 2.5e-4, (1.5e-3, 1.0e-3), published_params=834.0e6),
+    SizeRow("1.1b", 1792, 5120, 28, 24, 2, 2.2e-4, (1.3e-3, 9e-4), published_params=1.149e9),
+    SizeRow("1.5b", 2048, 6144, 32, 24, 2, 2.0e-4, (1.2e-3, 8e-4), published_params=1.515e9),
+    SizeRow("2.4b", 2304, 7680, 36, 30, 3, 2.0e-4, (1.2e-3, 8e-4), published_params=2.461e9),
+    SizeRow("3.9b", 3072, 9216, 24, 30, 6, 1.5e-4, (1.2e-3, 8e-4), published_params=3.989e9),
+)
+
+# CPU-scale ladder for tests and the default demo: same shape rules, own 4096-token BPE vocabulary.
+# Widths are multiples of 128 so group-128 quantization applies to every linear layer.
+CPU_SIZES: tuple[SizeRow, ...] = (
+    SizeRow("micro", 128, 384, 4, 4, 1, 3.0e-3, (6.0e-3, 4.0e-3), vocab=4096),
+    SizeRow("tiny", 256, 768, 8, 4, 1, 2.0e-3, (4.0e-3, 3.0e-3), vocab=4096),
+)
+
+SPECTRA_BATCH_TOKENS = {"floatlm": 2 * 1024 * 1024, "trilm": 1024 * 1024}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the suite: its architecture, family and (for QuantLMs) bitwidth.
+
+    The HF checkpoint it describes is a ``LlamaForCausalLM``: RMSNorm (eps 1e-5), SwiGLU, RoPE (theta
+    10000), no biases, untied embedding and LM head, embedding padded to a multiple of 128 * MP.
+    """
+
+    name: str
+    family: str
+    size: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    model_parallel: int = 1
+    num_key_value_heads: int | None = None
+    vocab_size: int = GPT_NEOX_VOCAB
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    bits: int | None = None  # QuantLM bitwidth
+    group_size: int | None = None  # QuantLM group size (None: per-channel)
+    peak_lr: tuple[float, ...] = field(default=())  # FloatLM: (lr,); TriLM: (first half, second half)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise QuantlmError(f"unknown family {self.family!r}; use one of {', '.join(FAMILIES)}")
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                     "model_parallel", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise QuantlmError(f"{self.name}: {name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise QuantlmError(
+                f"{self.name}: num_attention_heads={self.num_attention_heads} does not divide "
+                f"hidden_size={self.hidden_size}; pick a head count that divides the width")
+        if self.num_attention_heads % self.kv_heads:
+            raise QuantlmError(
+                f"{self.name}: num_key_value_heads={self.kv_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}")
+        mp = self.model_parallel
+        for dim_name, dim in (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size),
+                              ("kv width", self.kv_heads * self.head_dim)):
+            if dim % mp:
+                raise QuantlmError(
+                    f"{self.name}: model_parallel={mp} does not divide {dim_name}={dim}; "
+                    "the TriLM scale shards need equal parts")
+        if self.family == "quantlm" and self.bits is None:
+            raise QuantlmError(f"{self.name}: a QuantLM spec needs bits")
+        if self.bits is not None and not 2 <= self.bits <= 8:
+            raise QuantlmError(f"{self.name}: bits={self.bits} is outside 2..8")
+
+    # -- derived fields, computed in one place
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows as stored: the vocabulary padded to a multiple of 128 * MP (50304 at MP 1)."""
+        m = 128 * self.model_parallel
+        return -(-self.vocab_size // m) * m
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every linear layer of one block, keyed by block-relative path."""
+        h, f, kv = self.hidden_size, self.intermediate_size, self.kv_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (h, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, h),
+            "mlp.gate_proj": (f, h),
+            "mlp.up_proj": (f, h),
+            "mlp.down_proj": (h, f),
+        }
+
+    def tensor_shapes(self, padded_vocab: bool = True) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the unpacked HF checkpoint, by its state-dict name."""
+        vocab = self.padded_vocab_size if padded_vocab else self.vocab_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, self.hidden_size)}
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (self.hidden_size,)
+            for name, shape in self.linear_shapes().items():
+                shapes[p + name + ".weight"] = shape
+            shapes[p + "post_attention_layernorm.weight"] = (self.hidden_size,)
+        shapes["model.norm.weight"] = (self.hidden_size,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (vocab, self.hidden_size)
+        return shapes
+
+    def num_params(self, padded_vocab: bool = True) -> int:
+        total = 0
+        for shape in self.tensor_shapes(padded_vocab).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def to_hf_config(self, **overrides):
+        """A transformers ``LlamaConfig`` for this spec (TriLMs carry ``pretraining_model_parallel``)."""
+        from transformers import LlamaConfig
+
+        kwargs = dict(
+            vocab_size=self.padded_vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.kv_heads,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=False,
+            mlp_bias=False,
+            architectures=["LlamaForCausalLM"],
+        )
+        kwargs.update(overrides)
+        config = LlamaConfig(**kwargs)
+        if self.family == "trilm":
+            config.pretraining_model_parallel = self.model_parallel
+        return config
+
+    def with_family(self, family: str, bits: int | None = None) -> ModelSpec:
+        row = _row_for(self.size)
+        return _make(row, family, bits) if row else replace(self, family=family, bits=bits)
+
+
+def _row_for(size: str) -> SizeRow | None:
+    for row in SPECTRA_SIZES + CPU_SIZES:
+        if row.size == size:
+            return row
+    return None
+
+
+def _make(row: SizeRow, family: str, bits: int | None = None) -> ModelSpec:
+    if family == "quantlm":
+        name = f"quantlm-{row.size}-{bits}bit"
+        group = 128 if bits is not None and bits <= 4 else None
+    else:
+        name = f"{family}-{row.size}"
+        group = None
+    lr = row.trilm_lr if family == "trilm" else (row.floatlm_lr,)
+    return ModelSpec(
+        name=name, family=family, size=row.size, hidden_size=row.hidden, intermediate_size=row.glu,
+        num_attention_heads=row.heads, num_hidden_layers=row.layers, model_parallel=row.mp,
+        vocab_size=row.vocab, bits=bits if family == "quantlm" else None, group_size=group, peak_lr=lr,
+    )
+
+
+def _build_presets(rows: tuple[SizeRow, ...]) -> dict[str, ModelSpec]:
+    out: dict[str, ModelSpec] = {}
+    for row in rows:
+        for spec in [_make(row, "floatlm")] + [_make(row, "quantlm", b) for b in QUANT_BITS] + [_make(row, "trilm")]:
+            out[spec.name] = spec
+    return out
+
+
+SPECTRA_PRESETS: dict[str, ModelSpec] = _build_presets(SPECTRA_SIZES)
+CPU_PRESETS: dict[str, ModelSpec] = _build_presets(CPU_SIZES)
+PRESETS: dict[str, ModelSpec] = {**SPECTRA_PRESETS, **CPU_PRESETS}
+
+
+def get_preset(name: str) -> ModelSpec:
+    """The preset called ``name`` (case-insensitive); an unknown name suggests the nearest ones."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    near = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; run `quantlm size --list` to see them all"
+    raise QuantlmError(f"unknown preset {name!r}{hint}")
+
+
+def is_preset(name: str) -> bool:
+    return name.strip().lower() in PRESETS
