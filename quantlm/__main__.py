@@ -1,0 +1,3 @@
+from quantlm.cli import run
+
+run()
