@@ -82,6 +82,7 @@ class ModelSpec:
     bits: int | None = None  # QuantLM bitwidth
     group_size: int | None = None  # QuantLM group size (None: per-channel)
     peak_lr: tuple[float, ...] = field(default=())  # FloatLM: (lr,); TriLM: (first half, second half)
+    vocab_multiple: int = 0  # embedding rows padded to a multiple of this; 0: 128 * MP (the Spectra rule)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -122,7 +123,7 @@ class ModelSpec:
     @property
     def padded_vocab_size(self) -> int:
         """Embedding rows as stored: the vocabulary padded to a multiple of 128 * MP (50304 at MP 1)."""
-        m = 128 * self.model_parallel
+        m = self.vocab_multiple or 128 * self.model_parallel
         return -(-self.vocab_size // m) * m
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from quantlm import recipes
+from quantlm.errors import QuantlmError
+from quantlm.recipes import QuantRecipe
+from quantlm.specs import PRESETS
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+ALL_YAML = sorted(RECIPES.rglob("*.yaml"))
+
+
+def test_every_preset_and_spectra_quant_recipe_has_a_yaml_twin():
+    names = {p.stem for p in ALL_YAML}
+    assert set(PRESETS) <= names
+    assert {"quantlm-3bit", "quantlm-4bit", "quantlm-6bit", "quantlm-8bit"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_yaml_loads_and_round_trips(path, tmp_path):
+    obj = recipes.load(path)
+    again = tmp_path / path.name
+    recipes.dump(obj, again)
+    assert recipes.load(again) == obj
+    assert recipes.dumps(recipes.load(again)) == recipes.dumps(obj)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_yaml_equals_preset(name):
+    assert recipes.load(RECIPES / "presets" / f"{name}.yaml") == PRESETS[name]
+
+
+def test_spectra_quant_recipes():
+    for b, group in ((3, 128), (4, 128), (6, -1), (8, -1)):
+        r = recipes.load(RECIPES / f"quantlm-{b}bit.yaml", expect=QuantRecipe)
+        assert (r.bits, r.group_size, r.sym, r.nsamples, r.seqlen, r.seeds) == (b, group, True, 512, 2048, (0, 1, 2))
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_is_a_clear_error(tmp_path):
+    with pytest.raises(QuantlmError, match="unknown key 'group'.*did you mean 'group_size'"):
+        recipes.load(_write(tmp_path, "kind: quant\nbits: 4\ngroup: 128\n"))
+
+
+def test_wrong_type_is_a_clear_error(tmp_path):
+    with pytest.raises(QuantlmError, match=r"r.yaml.bits: expected an integer, got '4'"):
+        recipes.load(_write(tmp_path, "kind: quant\nbits: '4'\n"))
+    with pytest.raises(QuantlmError, match="sym: expected true or false"):
+        recipes.load(_write(tmp_path, "kind: quant\nsym: 1\n"))
+
+
+def test_values_are_validated(tmp_path):
+    with pytest.raises(QuantlmError, match="outside 2..8"):
+        recipes.load(_write(tmp_path, "kind: quant\nbits: 9\n"))
+
+
+def test_kind_is_required_and_checked(tmp_path):
+    with pytest.raises(QuantlmError, match="'kind' key"):
+        recipes.load(_write(tmp_path, "bits: 4\n"))
+    with pytest.raises(QuantlmError, match="unknown recipe kind"):
+        recipes.load(_write(tmp_path, "kind: quantize\n"))
+    with pytest.raises(QuantlmError, match="is a model recipe, but a quant recipe is needed"):
+        recipes.load(RECIPES / "presets" / "floatlm-99m.yaml", expect=QuantRecipe)
+
+
+def test_override_is_type_checked():
+    r = recipes.override(QuantRecipe(), {"bits": "3", "seeds": "[5]"})
+    assert r.bits == 3 and r.seeds == (5,)
+    with pytest.raises(QuantlmError, match="expected true or false"):
+        recipes.override(QuantRecipe(), {"sym": "maybe"})
+
+
+def test_recipe_hash_changes_with_settings():
+    assert recipes.recipe_hash(QuantRecipe()) == recipes.recipe_hash(QuantRecipe())
+    assert recipes.recipe_hash(QuantRecipe()) != recipes.recipe_hash(QuantRecipe(bits=3))
