@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from quantlm import suite
+from quantlm.cli import main
+from quantlm.errors import QuantlmError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def test_spectra_plan_has_36_quantlm_jobs_per_seed():
+    manifest, base = suite.load_manifest(RECIPES / "suite-spectra.yaml")
+    jobs = suite.plan(manifest, base)
+    quant = [j for j in jobs if j.kind == "quantize"]
+    assert len(quant) == 9 * 4 * 3
+    assert len({(j.model, j.bits) for j in quant}) == 36
+    assert {j.seed for j in quant} == {0, 1, 2}
+    assert {j.bits for j in quant} == {3, 4, 6, 8}
+    # every quantize job is evaluated, as is every FloatLM and TriLM
+    assert len([j for j in jobs if j.kind == "eval"]) == len(quant) + 18
+    g = {j.bits: j.payload["recipe"].group_size for j in quant}
+    assert g == {3: 128, 4: 128, 6: -1, 8: -1}
+
+
+def test_spectra_dry_run_lists_sizes_without_model_files(capsys):
+    assert main(["suite", str(RECIPES / "suite-spectra.yaml"), "--dry-run", "--only", "quantize/*"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith("quantize/")]
+    assert len(rows) == 108
+    assert "quantize/quantlm-3.9b-4bit-s2" in out
+    assert "expected new disk usage" in out
+
+
+def _manifest(tmp_path: Path, **extra) -> Path:
+    (tmp_path / "fl").mkdir(exist_ok=True)
+    text = {
+        "kind": "suite", "name": "t", "output": "out",
+        "models": [{"name": "floatlm-a", "family": "floatlm", "path": "fl"},
+                   {"name": "trilm-a", "family": "trilm", "path": "tri"}],
+        "bits": [3, 8], "quant": {"seeds": [0, 1], "nsamples": 4, "seqlen": 16},
+        "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}, **extra,
+    }
+    p = tmp_path / "m.yaml"
+    import yaml
+
+    p.write_text(yaml.safe_dump(text))
+    return p
+
+
+def test_plan_ids_and_dependencies(tmp_path):
+    manifest, base = suite.load_manifest(_manifest(tmp_path))
+    jobs = suite.plan(manifest, base)
+    ids = [j.id for j in jobs]
+    assert ids == ["eval/floatlm-a",
+                   "quantize/quantlm-a-3bit-s0", "eval/quantlm-a-3bit-s0",
+                   "quantize/quantlm-a-3bit-s1", "eval/quantlm-a-3bit-s1",
+                   "quantize/quantlm-a-8bit-s0", "eval/quantlm-a-8bit-s0",
+                   "quantize/quantlm-a-8bit-s1", "eval/quantlm-a-8bit-s1",
+                   "eval/trilm-a"]
+    ev = next(j for j in jobs if j.id == "eval/quantlm-a-3bit-s1")
+    assert ev.needs == ("quantize/quantlm-a-3bit-s1",)
+    assert ev.source == (tmp_path / "out" / "quantlm" / "quantlm-a-3bit-s1" / "unpacked").resolve()
+
+
+def test_hash_decides_done_and_recipe_changes_invalidate(tmp_path):
+    manifest, base = suite.load_manifest(_manifest(tmp_path))
+    job = next(j for j in suite.plan(manifest, base) if j.kind == "quantize")
+    assert not suite.job_done(job)
+    job.out.mkdir(parents=True)
+    (job.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+    assert suite.job_done(job)
+    manifest2, _ = suite.load_manifest(_manifest(tmp_path, quant={"seeds": [0, 1], "nsamples": 8}))
+    job2 = next(j for j in suite.plan(manifest2, base) if j.id == job.id)
+    assert job2.hash != job.hash and not suite.job_done(job2)
+
+
+def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
+    manifest, base = suite.load_manifest(_manifest(tmp_path))
+    ran = []
+
+    def fake(job, manifest):
+        ran.append(job.id)
+        if job.id == "quantize/quantlm-a-3bit-s0":
+            raise RuntimeError("boom")
+        out = job.out if job.kind == "eval" else job.out / suite.JOB_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+
+    monkeypatch.setattr(suite, "run_job", fake)
+    s = suite.run(manifest, base, progress=False)
+    assert s.failed == {"quantize/quantlm-a-3bit-s0": "RuntimeError: boom"}
+    assert s.blocked == {"eval/quantlm-a-3bit-s0": "needs quantize/quantlm-a-3bit-s0, which failed"}
+    assert "eval/trilm-a" in s.done and len(s.done) == 8
+    status = json.loads((tmp_path / "out" / "suite-status.json").read_text())
+    assert status["pending"] == ["quantize/quantlm-a-3bit-s0", "eval/quantlm-a-3bit-s0"]
+    # rerun after the cause is fixed: only the two unfinished jobs run
+    ran.clear()
+    failing = fake
+
+    def fixed(job, m):
+        if job.id == "quantize/quantlm-a-3bit-s0":
+            job.out.mkdir(parents=True, exist_ok=True)
+            (job.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+            ran.append(job.id)
+            return
+        failing(job, m)
+
+    monkeypatch.setattr(suite, "run_job", fixed)
+    s2 = suite.run(manifest, base, progress=False)
+    assert ran == ["quantize/quantlm-a-3bit-s0", "eval/quantlm-a-3bit-s0"]
+    assert len(s2.skipped) == 8 and not s2.failed
+
+
+def test_manifest_errors(tmp_path):
+    with pytest.raises(QuantlmError, match="unknown key 'bit'"):
+        suite.load_manifest(_manifest(tmp_path, bit=[4]))
+    manifest, base = suite.load_manifest(_manifest(tmp_path, bits=[4]))
+    with pytest.raises(QuantlmError, match="--only nope matches no job"):
+        suite.select(suite.plan(manifest, base), ["nope"])
+    with pytest.raises(QuantlmError, match="bits 9 is outside 2..8"):
+        suite.load_manifest(_manifest(tmp_path, bits=[9]))
