@@ -10,6 +10,7 @@ Inputs are the records DataFrame of :func:`quantlm.eval.records.load_records`; t
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantlm.errors import QuantlmError
+
+log = logging.getLogger(__name__)
 
 X_AXES = {
     "size_bits_paper": "model size (bits, Spectra paper convention)",
@@ -130,15 +133,27 @@ def fit_scaling_law(n, loss) -> ScalingFit:
     return ScalingFit(a, alpha, eps, a * float(perr[0]), float(perr[1]), float(perr[2]), len(n), rmse)
 
 
+def is_loss_like(metric: str) -> bool:
+    """Metrics that fall with size towards a floor, the shape L(N) = A / N^alpha + eps describes."""
+    return metric.rpartition(".")[2] in ("nll", "ppl", "loss")
+
+
 def fit_families(df, metric: str, x: str = "params"):
-    """One scaling-law fit per curve with at least 3 distinct sizes; DataFrame(label, a, alpha, eps, *_err, ...)."""
+    """One scaling-law fit per curve with at least 3 distinct sizes; DataFrame(label, a, alpha, eps, *_err, ...).
+
+    A curve whose fit does not converge is left out (logged), so one bad family does not hide the others.
+    """
     import pandas as pd
 
     rows = []
     for label, pts in curves(df, metric, x).groupby("label", sort=False):
         if pts["x"].nunique() < 3:
             continue
-        fit = fit_scaling_law(pts["x"].to_numpy(), pts["mean"].to_numpy())
+        try:
+            fit = fit_scaling_law(pts["x"].to_numpy(), pts["mean"].to_numpy())
+        except QuantlmError as e:
+            log.warning("no scaling-law fit for %s on %s: %s", label, metric, e)
+            continue
         rows.append({"label": label, "metric": metric, "x": x, **asdict(fit)})
     return pd.DataFrame(rows, columns=["label", "metric", "x", "a", "alpha", "eps", "a_err", "alpha_err",
                                        "eps_err", "n_points", "rmse"])
@@ -165,7 +180,8 @@ def plot_quality(df, metric: str, out: str | os.PathLike, *, x: str = "size_bits
                  title: str | None = None) -> list[Path]:
     """Draw ``metric`` against ``x`` (log axis), one curve per family; writes ``out``.png and ``out``.svg.
 
-    With ``fit`` and x = params, each curve with at least 4 sizes gets its fitted L(N) as a dashed line.
+    With ``fit``, x = params and a loss-like metric (nll, ppl), each curve with at least 4 sizes gets its
+    fitted L(N) as a dashed line.
     """
     import matplotlib
 
@@ -181,7 +197,7 @@ def plot_quality(df, metric: str, out: str | os.PathLike, *, x: str = "size_bits
         color = _color(label)
         ax.errorbar(g["x"], g["mean"], yerr=g["std"] if (g["std"] > 0).any() else None, marker="o", ms=5,
                     lw=1.6, capsize=3, color=color, label=label)
-        if fit and x == "params" and g["x"].nunique() >= 4:
+        if fit and x == "params" and is_loss_like(metric) and g["x"].nunique() >= 4:
             try:
                 f = fit_scaling_law(g["x"].to_numpy(), g["mean"].to_numpy())
             except QuantlmError:

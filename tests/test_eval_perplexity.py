@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import pytest
@@ -50,8 +51,7 @@ def test_raw_text_file_and_jsonl(lm, corpus_text, tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text(corpus_text[:5000])
     jl = tmp_path / "b.jsonl"
-    jl.write_text('{"text": "%s"}\n{"text": "%s"}\n' % (corpus_text[:2000].replace("\n", " ").replace('"', "'"),
-                                                      corpus_text[2000:4000].replace("\n", " ").replace('"', "'")))
+    jl.write_text("".join(json.dumps({"text": corpus_text[i: i + 2000]}) + "\n" for i in (0, 2000)))
     for path in (txt, jl):
         r = perplexity(model, tok, str(path), window=32, progress=False)
         assert r["dataset"]["path"] == str(path.resolve()) and r["ppl"] > 1 and r["tokens"] > 0

@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--size", default="paper", choices=("paper", "exact", "entropy"),
                    help="accounting convention of the size axis (default paper)")
     p.add_argument("--out", help="output folder (default: results/plots)")
-    p.add_argument("--no-fit", action="store_true", help="do not fit or draw scaling laws")
+    p.add_argument("--no-fit", action="store_true",
+                   help="do not fit or draw scaling laws (fits are made for loss-like metrics: nll, ppl)")
     p.set_defaults(func=_run)
 
 
@@ -27,7 +28,7 @@ def _run(args) -> int:
     from quantlm.errors import QuantlmError
     from quantlm.eval.records import load_records
     from quantlm.paths import results_dir
-    from quantlm.plots import fit_families, plot_quality
+    from quantlm.plots import fit_families, is_loss_like, plot_quality
 
     df = load_records(args.results or results_dir() / "records")
     if df.empty:
@@ -43,7 +44,7 @@ def _run(args) -> int:
         else:
             print(f"note: no record has {size_col}; skipped the size plot of {metric}")
         written += plot_quality(df, metric, out / f"{stem}_vs_params", x="params", fit=not args.no_fit)
-        if not args.no_fit:
+        if not args.no_fit and is_loss_like(metric):
             fits.append(fit_families(df, metric, x="params"))
     for p in written:
         print(p)
