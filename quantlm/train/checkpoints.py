@@ -1,0 +1,93 @@
+"""Resumable training state (model, optimizer, step, RNG) and HF checkpoints, all written atomically.
+
+Resumable checkpoints live in ``<run>/checkpoints/step-NNNNNNN/state.pt``; ``<run>/checkpoints/latest`` names the
+newest complete one and is rewritten only after the checkpoint folder is in place, so a run killed at any moment
+resumes from a complete state. State dicts are full (unsharded, keyed by parameter name), so a checkpoint
+taken under DDP or FSDP resumes on one process and the other way round.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from quantlm.atomic import output_dir, write_json, write_text
+from quantlm.errors import QuantlmError
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state dict on CPU (a collective under FSDP: every rank calls it)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, is_main: bool,
+                        keep: int) -> Path | None:
+    """Write checkpoint ``step`` (collective under FSDP; only the main process writes)."""
+    model_sd = full_model_state(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not is_main:
+        return None
+    root = run_dir / "checkpoints"
+    name = f"step-{step:07d}"
+    with output_dir(root / name, overwrite=True) as tmp:
+        torch.save({"step": step, "model": model_sd, "optimizer": optim_sd, "rng": rng_state(), **extra},
+                   tmp / "state.pt")
+        write_json(tmp / "meta.json", {"step": step, **{k: v for k, v in extra.items() if k != "rng"}})
+    write_text(root / "latest", name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / "state.pt").is_file():
+        raise QuantlmError(f"{pointer} names {path.name}, which has no state.pt; delete {pointer} to resume from "
+                           "scratch or restore the checkpoint")
+    return path
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer) -> dict:
+    """Restore model, optimizer and RNG from checkpoint ``path``; returns the saved dict (step, extras)."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        set_model_state_dict(model, state["model"], options=_FULL)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_FULL)
+    except QuantlmError:
+        raise
+    except Exception as e:  # a truncated or foreign file: name it and the fix
+        raise QuantlmError(f"checkpoint {path} is corrupt or does not match this model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); delete that folder and its "
+                           "'latest' pointer to resume from an earlier checkpoint, or start a new --out") from None
+    set_rng_state(state["rng"])
+    return state
