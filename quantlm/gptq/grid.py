@@ -1,0 +1,138 @@
+"""Uniform integer grid ("quantizer") of GPTQ: per-row scale and zero point, codes, dequantization.
+
+A weight w maps to the code q = clamp(round(w / scale) + zero, 0, maxq) with maxq = 2**bits - 1 and
+back to scale * (q - zero). As in the original GPTQ code (``quant.py``), the grid always contains 0
+(the range [xmin, xmax] is widened to include it) and a symmetric grid fixes zero = (maxq + 1) / 2.
+One deliberate difference: a symmetric row whose weights are all >= 0 uses [-max, max] (the original
+keeps [0, max] with the zero point in the middle, which clips half the row).
+
+Pure tensors, torch + stdlib only. Shapes: W is [rows, cols]; scale and zero are [rows] (one grid per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantlm.errors import QuantlmError
+
+# Smallest scale kept: a row of denormals would otherwise get scale 0 and divide by zero.
+_MIN_SCALE = torch.finfo(torch.float32).tiny
+# Elements per chunk of the vectorised MSE search (candidates x rows x cols), about 64 MiB in fp32.
+_MSE_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_bits(bits: int) -> None:
+    """Raise a QuantlmError unless ``bits`` is an int in 2..8."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise QuantlmError(f"bits={bits!r} is outside 2..8; choose an integer bitwidth from 2 to 8")
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A uniform grid: bit width, symmetry and the optional MSE clipping search.
+
+    mse: search shrink factors p = 1, 1 - 1/mse_grid, ... down to 1 - mse_maxshrink (exclusive) of the
+    range, keeping per row the first p that minimises sum |dequant(quant(w)) - w| ** mse_norm.
+    """
+
+    bits: int
+    sym: bool = True
+    mse: bool = False
+    mse_grid: int = 100
+    mse_maxshrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.mse and (self.mse_grid <= 0 or not 0 < self.mse_maxshrink <= 1 or self.mse_norm <= 0):
+            raise QuantlmError(
+                f"MSE grid search needs mse_grid > 0, 0 < mse_maxshrink <= 1 and mse_norm > 0; got "
+                f"{self.mse_grid}, {self.mse_maxshrink}, {self.mse_norm}"
+            )
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+
+def _scale_zero(xmin: Tensor, xmax: Tensor, maxq: int, sym: bool) -> tuple[Tensor, Tensor]:
+    scale = ((xmax - xmin) / maxq).clamp_min_(_MIN_SCALE)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _range(x: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
+    """Per-row [xmin, xmax] containing 0; symmetric -> [-amax, amax]; all-zero rows -> [-1, 1]."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.amin(dim=1), zero)
+    xmax = torch.maximum(x.amax(dim=1), zero)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    return xmin, xmax
+
+
+def find_params(W: Tensor, spec: GridSpec) -> tuple[Tensor, Tensor]:
+    """Per-row grid of ``W`` [rows, cols]: returns (scale [rows], zero [rows]) in fp32, zero integer-valued."""
+    if W.dim() != 2:
+        raise ValueError(f"find_params expects a 2-D [rows, cols] tensor, got shape {tuple(W.shape)}")
+    x = W.to(torch.float32)
+    maxq = spec.maxq
+    xmin, xmax = _range(x, spec.sym)
+    scale, zero = _scale_zero(xmin, xmax, maxq, spec.sym)
+    if not spec.mse:
+        return scale, zero
+
+    # Vectorised clipping search over shrink factors, chunked to bound memory. argmin keeps the first
+    # minimum within a chunk and the strict "<" across chunks keeps the first overall (as the original loop).
+    steps = int(spec.mse_maxshrink * spec.mse_grid)
+    rows, cols = x.shape
+    chunk = max(1, _MSE_CHUNK_ELEMENTS // max(1, rows * cols))
+    best = torch.full((rows,), float("inf"), dtype=torch.float32, device=x.device)
+    best_scale, best_zero = scale.clone(), zero.clone()
+    for start in range(0, steps, chunk):
+        idx = torch.arange(start, min(start + chunk, steps), device=x.device, dtype=torch.float32)
+        p = (1 - idx / spec.mse_grid).unsqueeze(1)  # [k, 1]
+        s1, z1 = _scale_zero(p * xmin, p * xmax, maxq, spec.sym)  # [k, rows]
+        s1, z1 = s1.unsqueeze(2), z1.unsqueeze(2)
+        q = torch.clamp(torch.round(x / s1) + z1, 0, maxq)
+        err = ((q - z1) * s1 - x).abs_().pow_(spec.mse_norm).sum(dim=2)  # [k, rows]
+        val, arg = err.min(dim=0)
+        better = val < best
+        best = torch.where(better, val, best)
+        pick_s = s1.squeeze(2).gather(0, arg.unsqueeze(0)).squeeze(0)
+        pick_z = z1.squeeze(2).gather(0, arg.unsqueeze(0)).squeeze(0)
+        best_scale = torch.where(better, pick_s, best_scale)
+        best_zero = torch.where(better, pick_z, best_zero)
+    return best_scale, best_zero
+
+
+def _cols(t: Tensor) -> Tensor:
+    """Per-row parameters [rows] -> [rows, 1] so they broadcast over columns."""
+    return t.unsqueeze(1) if t.dim() == 1 else t
+
+
+def quantize_codes(W: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Integer codes (uint8) of ``W`` [rows, cols] on the per-row grid (scale, zero [rows] or broadcastable)."""
+    s, z = _cols(scale), _cols(zero)
+    return torch.clamp(torch.round(W.to(torch.float32) / s) + z, 0, maxq).to(torch.uint8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """fp32 weights scale * (q - zero) of codes ``q`` [rows, cols] (scale, zero [rows] or broadcastable)."""
+    return (q.to(torch.float32) - _cols(zero)) * _cols(scale)
+
+
+def fake_quantize(W: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """dequantize(quantize_codes(W)) in fp32, without the uint8 round trip."""
+    s, z = _cols(scale), _cols(zero)
+    return (torch.clamp(torch.round(W.to(torch.float32) / s) + z, 0, maxq) - z) * s

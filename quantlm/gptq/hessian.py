@@ -1,0 +1,63 @@
+"""Running GPTQ Hessian H = 2/n * sum_k x_k x_k^T of one linear layer's inputs, in fp32.
+
+Pure tensors: the caller (the pipeline's hooks) feeds the layer inputs. n counts input vectors (tokens).
+The original GPTQ code counted sequences instead; a constant factor on H changes neither the codes
+nor the scales, only the reported loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool):
+    """Allow TF32 for CUDA matmuls inside the block only, restoring the caller's setting afterwards."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+class HessianAccumulator:
+    """Accumulates H = 2/n * X^T X over batches of inputs x [..., in_features].
+
+    Kept as a running mean (H <- n/(n+m) * H + 2/(n+m) * x^T x), so its magnitude stays that of one
+    sample's outer product however many batches arrive. ``allow_tf32`` (CUDA only) runs the products
+    in TF32, ~5x faster on an H100 at ~1e-3 relative error of H; off by default.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None, *, allow_tf32: bool = False):
+        if in_features <= 0:
+            raise ValueError(f"in_features must be positive, got {in_features}")
+        self.in_features = in_features
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.allow_tf32 = allow_tf32 and self.device.type == "cuda"
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        self.nsamples = 0
+
+    def add(self, x: Tensor) -> None:
+        """Add a batch of inputs of shape [..., in_features] (any float dtype, any device)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the accumulator expects {self.in_features}")
+        x = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.nsamples + m
+        with _tf32_matmul(self.allow_tf32):
+            self._H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
+        self.nsamples = total
+
+    @property
+    def H(self) -> Tensor:
+        """The current Hessian [in, in] (the live buffer: do not modify it in place)."""
+        return self._H
