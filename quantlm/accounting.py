@@ -45,6 +45,13 @@ ROLES = ("block_linear", "embedding", "lm_head", "norm", "other")
 PARTS = ("weight", "codes", "scale", "zero", "g_idx", "meta")
 
 
+def paper_vocab(rows: int) -> int:
+    """Embedding rows the paper convention counts: 50304 for the GPT-NeoX vocabulary (padded or not, any MP),
+    the model's own rows for any other tokenizer."""
+    gpt_neox = rows == 50277 or (50277 < rows <= 50277 + 128 * 8 and rows % 128 == 0)  # padded for MP <= 8
+    return PAPER_VOCAB if gpt_neox else rows
+
+
 def paper_bits_per_weight(family: str, bits: int | None = None, group_size: int | None = None) -> float:
     """b_eff of a block linear weight in the paper's convention (a group of 128 adds 32 bits: scale and zero)."""
     if family == "floatlm":
@@ -255,8 +262,9 @@ def budget_from_spec(spec: ModelSpec, *, quant: QuantLayout | None = None, terna
     vocab = spec.padded_vocab_size
     # tensor names use {i} for the block index: one record stands for the same tensor in all n blocks
     lp = f"{block_map.layers_path}.{{i}}."
+    emb_paper = 16.0 * paper_vocab(vocab) / vocab
     records = [TensorRecord(block_map.embed_path + ".weight", (vocab, h), float_dtype, "embedding", "weight",
-                            vocab * h, None, 16.0 * PAPER_VOCAB / vocab)]
+                            vocab * h, None, emb_paper)]
     records.append(TensorRecord(lp + "input_layernorm.weight", (h,), float_dtype, "norm", "weight", h, count=n))
     for name, (out_f, in_f) in spec.linear_shapes().items():
         records += _linear_records(lp + name, out_f, in_f, family=family, quant=quant, ternary=ternary,
@@ -266,7 +274,7 @@ def budget_from_spec(spec: ModelSpec, *, quant: QuantLayout | None = None, terna
     records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), float_dtype, "norm", "weight", h))
     if not spec.tie_word_embeddings:
         records.append(TensorRecord(block_map.head_path + ".weight", (vocab, h), float_dtype, "lm_head", "weight",
-                                    vocab * h, None, 16.0 * PAPER_VOCAB / vocab))
+                                    vocab * h, None, emb_paper))
     ref = None
     if with_reference and family != "floatlm":
         ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None),
@@ -458,7 +466,7 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
 
 def _float_record(e: HeaderEntry, role: str) -> TensorRecord:
     rows, cols = e.shape
-    return TensorRecord(e.name, e.shape, e.dtype, role, "weight", rows * cols, None, 16.0 * PAPER_VOCAB / rows)
+    return TensorRecord(e.name, e.shape, e.dtype, role, "weight", rows * cols, None, 16.0 * paper_vocab(rows) / rows)
 
 
 # ------------------------------------------------------------------------------------------- front door

@@ -57,6 +57,8 @@ class SuiteManifest:
     eval: EvalRecipe = doc("evaluation of every model", EvalRecipe())
     rtn_baseline: bool = doc("also export round-to-nearest QuantLMs (a baseline for GPTQ)", False)
     device: str = doc("compute device for quantization and evaluation (cpu, cuda)", "cpu")
+    heldout_ppl: str = doc("train recipe YAML whose held-out corpus split is added to the perplexity datasets "
+                           "(as corpus-heldout)", "")
 
     def __post_init__(self):
         names = [m.name for m in self.models]
@@ -113,6 +115,11 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
     root = (base / manifest.output).resolve()
     jobs: list[Job] = []
     eval_hash = recipe_hash(manifest.eval)
+    heldout = {}
+    if manifest.heldout_ppl:
+        recipe_path = (base / manifest.heldout_ppl).resolve()
+        heldout = {"heldout": str(root / "data" / "corpus-heldout.txt"), "heldout_recipe": str(recipe_path)}
+        eval_hash = _hash(eval_hash, _file_digest(recipe_path))
     for m in manifest.models:
         ckpt = (base / m.path).resolve() if m.path else root / "models" / m.name
         producer: tuple[str, ...] = ()
@@ -125,7 +132,7 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
         # a trained checkpoint's hash follows its recipe; a given one is identified by its path
         src_hash = jobs[-1].hash if producer else str(ckpt)
         jobs.append(Job(f"eval/{m.name}", "eval", m.name, m.family, root / "results" / f"{m.name}.json",
-                        _hash("eval", eval_hash, src_hash), producer, ckpt, preset=m.preset))
+                        _hash("eval", eval_hash, src_hash), producer, ckpt, preset=m.preset, payload=heldout))
         if m.family != "floatlm":
             continue
         for bits in manifest.bits:
@@ -142,7 +149,7 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
                                     qpreset, rtn, {"recipe": recipe}))
                     jobs.append(Job(f"eval/{label}", "eval", qname, "quantlm", root / "results" / f"{label}.json",
                                     _hash("eval", eval_hash, qhash), (qid,), qdir / "unpacked", bits, seed,
-                                    qpreset, rtn))
+                                    qpreset, rtn, {**heldout, "group_size": recipe.group_size}))
     return jobs
 
 
@@ -207,10 +214,41 @@ def run_job(job: Job, manifest: SuiteManifest) -> None:
         from quantlm.eval.run import evaluate
 
         _require_checkpoint(job)
+        eval_recipe = manifest.eval
+        if job.payload.get("heldout"):
+            eval_recipe = replace(eval_recipe, ppl=(*eval_recipe.ppl, job.payload["heldout"]))
         extra = {"suite": manifest.name, "suite_job": stamp, "family": job.family, "preset": job.preset or None,
-                 "model": job.model, "bits": job.bits, "seed": job.seed, "rtn": job.rtn}
-        record = evaluate(job.source, manifest.eval, results_dir=None, extra=extra, device=manifest.device)
+                 "model": job.model, "bits": job.bits, "seed": job.seed, "rtn": job.rtn, **deployed_sizes(job)}
+        record = evaluate(job.source, eval_recipe, results_dir=None, extra=extra, device=manifest.device)
         write_json(job.out, record)
+
+
+def deployed_sizes(job: Job) -> dict:
+    """Sizes of the model as it would be deployed (not as the evaluated checkpoint stores it): FloatLMs in
+    fp16, QuantLMs packed (compressed-tensors layout), TriLMs packed at 1.6 bits per weight."""
+    from quantlm import accounting as acc
+
+    cfg = job.source / "config.json"
+    if job.family == "quantlm":
+        b = acc.budget(cfg, bits=job.bits, group_size=job.payload.get("group_size"))
+    else:
+        b = acc.budget(cfg)
+    return {"sizes": {c: float(b.total_bits(c)) for c in acc.CONVENTIONS}, "size_layout": b.layout}
+
+
+def _materialize_heldout(jobs: list[Job]) -> None:
+    """Write the held-out corpus split once, as the text file the eval jobs read."""
+    from quantlm.atomic import write_text
+
+    for job in jobs:
+        target = job.payload.get("heldout")
+        if target and not Path(target).is_file():
+            from quantlm import recipes
+            from quantlm.train.data import heldout_text
+            from quantlm.train.recipe import TrainRecipe
+
+            write_text(target, heldout_text(recipes.load(job.payload["heldout_recipe"], expect=TrainRecipe)))
+            return
 
 
 def _require_checkpoint(job: Job) -> None:
@@ -242,6 +280,7 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
     chosen = select(jobs, only)
     root = (base / manifest.output).resolve()
     summary = RunSummary()
+    _materialize_heldout(chosen)
     bar = tqdm(chosen, desc=f"suite {manifest.name}", unit="job", disable=not progress)
     for job in bar:
         bar.set_postfix_str(job.id)

@@ -247,3 +247,10 @@ def test_bits_and_group_size_errors():
         acc.budget("floatlm-99m", bits=9)
     with pytest.raises(QuantlmError, match="group size 100 does not divide the input dimension 128"):
         acc.budget("floatlm-micro", bits=4, group_size=100)
+
+
+def test_paper_vocab_is_50304_for_gpt_neox_only():
+    assert acc.paper_vocab(50277) == acc.paper_vocab(50304) == acc.paper_vocab(50688) == 50304
+    assert acc.paper_vocab(4096) == 4096 and acc.paper_vocab(128256) == 128256
+    b = acc.budget("floatlm-micro")  # own 4096-token BPE: embedding and head counted over their own rows
+    assert b.role_bits("embedding", "paper") == 4096 * 128 * 16
