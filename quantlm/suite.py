@@ -437,5 +437,7 @@ def _plots(df, results: Path) -> list[Path]:
     written = []
     for metric in [c for c in _metric_columns(df) if c.endswith(".ppl")][:2] + (
             ["commonsense_avg"] if "commonsense_avg" in df.columns and df["commonsense_avg"].notna().any() else []):
-        written += plots.plot_size_vs_quality(df, metric=metric, out=results / f"size_vs_{metric.replace('.', '_')}")
+        slug = metric.replace(".", "_")
+        written += plots.plot_quality(df, metric, results / f"size_vs_{slug}", x="size_bits_paper")
+        written += plots.plot_quality(df, metric, results / f"params_vs_{slug}", x="params")
     return written
