@@ -128,19 +128,23 @@ def test_mse_search_matches_loop_and_never_hurts(sym, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ Hessian
 
-def test_hessian_accumulator_is_the_mean_outer_product():
-    X = torch.randn(3, 50, 24, dtype=torch.float64)
-    acc = HessianAccumulator(24)
+@pytest.mark.parametrize("width", [24, 172, 600])  # one panel; several panels, ragged last one
+def test_hessian_accumulator_is_the_mean_outer_product(width):
+    X = torch.randn(3, 50, width, dtype=torch.float64)
+    acc = HessianAccumulator(width)
     acc.add(X[0, :7].float())
     acc.add(X[0, 7:])  # other dtype, 2-D
+    first = acc.H.clone()
     acc.add(X[1:].float())  # 3-D batch
-    acc.add(torch.empty(0, 24))  # empty batch changes nothing
-    flat = X.reshape(-1, 24)
+    assert not torch.equal(acc.H, first)  # the cached full matrix follows new batches
+    acc.add(torch.empty(0, width))  # empty batch changes nothing
+    flat = X.reshape(-1, width)
     assert acc.nsamples == 150
     assert acc.H.dtype == torch.float32
-    torch.testing.assert_close(acc.H.double(), 2 / 150 * flat.T @ flat, rtol=1e-5, atol=1e-6)
+    assert torch.equal(acc.H, acc.H.t())
+    torch.testing.assert_close(acc.H.double(), 2 / 150 * flat.T @ flat, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="features"):
-        acc.add(torch.randn(4, 23))
+        acc.add(torch.randn(4, width - 1))
 
 
 def test_hessian_running_mean_is_stable_over_many_batches():
