@@ -232,6 +232,17 @@ def test_dequantize_matches_codes_scales_and_g_idx():
         assert 0 < res.loss
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(static_groups=False, sym=False), dict(group_size=-1, act_order=False),
+                                dict(group_size=32, static_groups=False, block_size=40)])
+def test_loss_is_the_damped_reconstruction_error(kw):
+    """W - W_hat = Err1 @ Hinv, so the reported loss equals trace((W - W_hat) H_damp (W - W_hat)^T) / 2:
+    a check of the whole error propagation, independent of how the pass is blocked."""
+    W, _, H = correlated_problem(32, 256)
+    res = gptq_quantize(W, H, bits=3, **kw)
+    H_damp = H + res.damp * torch.diag(H).mean() * torch.eye(256)
+    assert res.loss == pytest.approx(reconstruction_error(W, res.dequantize(), H_damp) / 2, rel=1e-5)
+
+
 def test_static_groups_give_contiguous_g_idx_and_dynamic_follow_act_order():
     W, _, H = correlated_problem(16, 256)
     static = gptq_quantize(W, H, bits=4, group_size=64, act_order=True, static_groups=True)

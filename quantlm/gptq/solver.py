@@ -253,11 +253,10 @@ def _gptq(
 
     # Wt [cols, rows]: W transposed into pass order, so column j of W is the contiguous row Wt[j].
     Wd = W.detach()
+    Wt = torch.empty((cols, rows), dtype=torch.float32, device=device)
+    Wt.copy_(Wd.t())  # a private copy: the input is never modified
     if perm is not None:
-        Wt = Wd.t()[perm].to(torch.float32)
-    else:
-        Wt = torch.empty((cols, rows), dtype=torch.float32, device=device)
-        Wt.copy_(Wd.t())
+        Wt = Wt[perm]  # gathering contiguous rows: much faster than gathering strided columns
     if has_dead:
         Wt.masked_fill_(dead_pass.unsqueeze(1), 0.0)
 
@@ -278,8 +277,8 @@ def _gptq(
             col_group = torch.arange(cols, device=device) // group
             if perm is not None:
                 col_group = col_group[perm]
-            col_s = scale_g.t()[col_group].unbind(0)
-            zero_cols = zero_g.t()[col_group]  # [cols, rows], pass order
+            col_s = scale_g.t().contiguous()[col_group].unbind(0)
+            zero_cols = zero_g.t().contiguous()[col_group]  # [cols, rows], pass order
             if not sym:
                 col_lo, col_hi = (-zero_cols).unbind(0), (maxq - zero_cols).unbind(0)
         if sym:  # the symmetric zero is one number: clamp with scalars
