@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -152,9 +153,10 @@ def main() -> None:
 
     print(f"# {args.preset}: {blocks} block(s), {args.bits} bits, group {args.group_size}, "
           f"{'asym' if args.asym else 'sym'}, act-order {not args.no_act_order}, {args.tokens} tokens/Hessian")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    print(f"load average at start {os.getloadavg()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"device {device}")
-    totals = {"hessian": [0.0, 0.0], "solver": [0.0, 0.0], "separate": [0.0, 0.0], "reference": [0.0, 0.0]}
+    totals = {"hessian": [0.0, 0.0], "solver": [0.0, 0.0], "shared (same layers)": [0.0, 0.0],
+              "separate": [0.0, 0.0], "reference": [0.0, 0.0]}
     rows = []
     for blk in range(blocks):
         gen = torch.Generator().manual_seed(1000 + blk)
@@ -181,6 +183,8 @@ def main() -> None:
                 _, w_p, c_p = timed(lambda Ws=Ws, H=H: [gptq_quantize(W, H, **kw) for W in Ws], args.repeat, sync)
                 totals["separate"][0] += w_p
                 totals["separate"][1] += c_p
+                totals["shared (same layers)"][0] += w_s
+                totals["shared (same layers)"][1] += c_s
             for n, W, r in zip(names, Ws, res, strict=True):
                 e = rel_error(W, r.dequantize(), H)
                 e_rtn = rel_error(W, rtn_quantize(W, bits=args.bits, group_size=args.group_size,
@@ -190,14 +194,16 @@ def main() -> None:
                     Q, w_r, c_r = timed(lambda W=W, H=H: original_gptq(W, H, static_groups=True, **kw), 1, sync)
                     totals["reference"][0] += w_r
                     totals["reference"][1] += c_r
-                    row.update(ref=rel_error(W, Q, H), ref_wall=w_r)
+                    row.update(ref=rel_error(W, Q, H), ref_wall=w_r, ref_cpu=c_r)
                 rows.append(row)
             print(f"block {blk} {key:8s} H {w_h:6.3f}s  solver {w_s:6.3f}s (cpu {c_s:6.3f}s)  "
                   + "  ".join(f"{r['layer'].split('.')[-1]} err {r['err']:.4f} rtn {r['rtn']:.4f}"
-                              + (f" ref {r['ref']:.4f} ({r['ref_wall']:.2f}s)" if "ref" in r else "")
+                              + (f" ref {r['ref']:.4f} ({r['ref_wall']:.2f}s, cpu {r['ref_cpu']:.2f}s)"
+                                 if "ref" in r else "")
                               for r in rows if r["block"] == blk and r["layer"] in names), flush=True)
 
     print()
+    print(f"load average at end {os.getloadavg()}")
     print("| part | wall s | process CPU s |")
     print("|---|---|---|")
     for k, (w, c) in totals.items():

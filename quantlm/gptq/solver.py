@@ -273,14 +273,15 @@ def _gptq(
         del W0
         if per_channel:
             s, lo, hi = scale_g[:, 0], -zero_g[:, 0], maxq - zero_g[:, 0]
-        else:
-            col_group = torch.arange(cols, device=device) // group
-            if perm is not None:
-                col_group = col_group[perm]
-            col_s = scale_g.t().contiguous()[col_group].unbind(0)
-            zero_cols = zero_g.t().contiguous()[col_group]  # [cols, rows], pass order
+        else:  # per pass position, views of its group's grid (no [cols, rows] copies)
+            col_group = [c // group for c in (perm.tolist() if perm is not None else range(cols))]
+            zero_t = zero_g.t().contiguous()
+            scale_rows = scale_g.t().contiguous().unbind(0)
+            col_s = [scale_rows[g] for g in col_group]
             if not sym:
-                col_lo, col_hi = (-zero_cols).unbind(0), (maxq - zero_cols).unbind(0)
+                lo_rows, hi_rows = (-zero_t).unbind(0), (maxq - zero_t).unbind(0)
+                col_lo = [lo_rows[g] for g in col_group]
+                col_hi = [hi_rows[g] for g in col_group]
         if sym:  # the symmetric zero is one number: clamp with scalars
             lo, hi = -(maxq + 1) / 2, maxq - (maxq + 1) / 2
     else:
@@ -329,25 +330,26 @@ def _gptq(
     loss = float(row_loss.sum())
     del E
 
+    # Codes: add the zero points back (groups are contiguous runs of columns, in pass order for dynamic
+    # groups and in the original order for static ones), undo the permutation, transpose.
     if dynamic:
         scale = torch.stack(dyn_s, dim=1)
         zero = torch.stack(dyn_z, dim=1)
-        pos_group = torch.arange(cols, device=device) // group  # group of each pass position
-        R += zero.t()[pos_group]
+        R.view(-1, group, rows).add_(zero.t().unsqueeze(1))
         g_idx = torch.empty(cols, dtype=torch.int32, device=device)
-        g_idx[perm if perm is not None else torch.arange(cols, device=device)] = pos_group.to(torch.int32)
-    else:
+        pos_group = (torch.arange(cols, device=device) // group).to(torch.int32)
+        g_idx[perm if perm is not None else torch.arange(cols, device=device)] = pos_group
+    if perm is not None:
+        R = R[torch.argsort(perm)]
+    if not dynamic:
         scale, zero = scale_g, zero_g
         if sym:
             R += (maxq + 1) / 2
-        elif per_channel:
-            R += zero_g[:, 0]
         else:
-            R += zero_cols
+            R.view(-1, group, rows).add_(zero_g.t().unsqueeze(1))
         g_idx = (torch.arange(cols, device=device) // group).to(torch.int32)
-    if perm is not None:
-        R = R[torch.argsort(perm)]
-    q = R.t().to(torch.uint8).contiguous()
+    q = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+    q.copy_(R.t())
     res = GPTQResult(q=q, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx, loss=loss,
                      damp=damp_used, bits=bits, group_size=group_size, sym=sym)
     return res, row_loss
