@@ -325,13 +325,14 @@ def _gptq(
     del Wt, Hs, w_rows, h_rows, e_rows, r_rows
 
     # Loss of the paper's code: sum over weights of (e / Hinv[j, j])^2 / 2.
-    E.mul_(d.reciprocal().unsqueeze(1))
-    row_loss = torch.linalg.vector_norm(E, dim=0).double().square() / 2  # [rows]
+    row_loss = (d.reciprocal().square() @ E.square_()).double() / 2  # [rows]
     loss = float(row_loss.sum())
     del E
 
-    # Codes: add the zero points back (groups are contiguous runs of columns, in pass order for dynamic
-    # groups and in the original order for static ones), undo the permutation, transpose.
+    # Codes: add the zero points back (groups are contiguous runs of columns: in pass order for dynamic
+    # groups, in the original order for static ones), undo the permutation (on uint8 where possible),
+    # transpose to [out, in].
+    unperm = torch.argsort(perm) if perm is not None else None
     if dynamic:
         scale = torch.stack(dyn_s, dim=1)
         zero = torch.stack(dyn_z, dim=1)
@@ -339,17 +340,20 @@ def _gptq(
         g_idx = torch.empty(cols, dtype=torch.int32, device=device)
         pos_group = (torch.arange(cols, device=device) // group).to(torch.int32)
         g_idx[perm if perm is not None else torch.arange(cols, device=device)] = pos_group
-    if perm is not None:
-        R = R[torch.argsort(perm)]
-    if not dynamic:
+    else:
         scale, zero = scale_g, zero_g
         if sym:
             R += (maxq + 1) / 2
         else:
+            if unperm is not None:
+                R, unperm = R[unperm], None
             R.view(-1, group, rows).add_(zero_g.t().unsqueeze(1))
         g_idx = (torch.arange(cols, device=device) // group).to(torch.int32)
-    q = torch.empty((rows, cols), dtype=torch.uint8, device=device)
-    q.copy_(R.t())
+    codes = R.to(torch.uint8)
+    del R
+    if unperm is not None:
+        codes = codes[unperm]
+    q = codes.t().contiguous()
     res = GPTQResult(q=q, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx, loss=loss,
                      damp=damp_used, bits=bits, group_size=group_size, sym=sym)
     return res, row_loss
