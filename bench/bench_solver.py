@@ -124,6 +124,51 @@ def timed(fn, repeat: int, sync):
     return out, min(walls), min(cpus)
 
 
+def breakdown(spec, args, device, kw) -> None:
+    """Per stacked shape: total solver CPU time, its Cholesky/inverse part, and the per-column floor
+    (the same call on 8 rows, minus the factorisation), best of ``args.repeat`` (at least 3) runs."""
+    import quantlm.gptq.solver as solver_mod
+
+    spent = {"inv": 0.0}
+    inner = solver_mod._inverse_cholesky
+
+    def timed_inverse(*a, **k):
+        c0 = time.process_time()
+        out = inner(*a, **k)
+        spent["inv"] += time.process_time() - c0
+        return out
+
+    solver_mod._inverse_cholesky = timed_inverse
+    shapes = spec.linear_shapes()
+    print("| stacked layers | shape | solver CPU ms | of which Cholesky + inverse | per-column floor us |")
+    print("|---|---|---|---|---|")
+    try:
+        for _, names in GROUPS:
+            width = shapes[names[0]][1]
+            rows = sum(shapes[n][0] for n in names)
+            gen = torch.Generator().manual_seed(0)
+            acc = HessianAccumulator(width, device)
+            for x in synthetic_inputs(max(4096, 2 * width), width, gen):
+                acc.add(x.to(device))
+            H = acc.H
+            W = (torch.randn(rows, width, generator=gen) * 0.02).to(device)
+            W8 = W[:8].clone()
+            best, best8 = (math.inf, 0.0), math.inf
+            for _ in range(max(3, args.repeat)):
+                spent["inv"] = 0.0
+                c0 = time.process_time()
+                gptq_quantize(W, H, **kw)
+                best = min(best, (time.process_time() - c0, spent["inv"]))
+                spent["inv"] = 0.0
+                c0 = time.process_time()
+                gptq_quantize(W8, H, **kw)
+                best8 = min(best8, time.process_time() - c0 - spent["inv"])
+            print(f"| {'+'.join(n.split('.')[-1] for n in names)} | {rows}x{width} | {best[0] * 1e3:.1f} | "
+                  f"{best[1] * 1e3:.1f} | {best8 / width * 1e6:.1f} |", flush=True)
+    finally:
+        solver_mod._inverse_cholesky = inner
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="floatlm-99m")
@@ -138,6 +183,7 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="also run the original-style loop")
     ap.add_argument("--separate", action="store_true", help="also quantize shared-input layers one by one")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--breakdown", action="store_true", help="only time each stacked shape, split in parts")
     args = ap.parse_args()
 
     if args.threads:
@@ -148,6 +194,10 @@ def main() -> None:
     shapes = spec.linear_shapes()
     blocks = args.blocks or spec.num_hidden_layers
     kw = dict(bits=args.bits, group_size=args.group_size, sym=not args.asym, act_order=not args.no_act_order)
+    if args.breakdown:
+        print(f"# {args.preset} breakdown, {torch.get_num_threads()} thread(s), load {os.getloadavg()}")
+        breakdown(spec, args, device, kw)
+        return
     widths = {"attn_in": spec.hidden_size, "o_in": spec.hidden_size, "mlp_in": spec.hidden_size,
               "down_in": spec.intermediate_size}
 

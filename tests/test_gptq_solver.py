@@ -34,9 +34,9 @@ def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
     return float(torch.linalg.norm(X @ W.T - X @ Q.T))
 
 
-def reference_gptq(W, H, *, bits, group_size, sym, act_order, static_groups, damp=0.01):
+def reference_gptq(W, H, *, bits, group_size, sym, act_order, static_groups, damp=0.01, mse=False):
     """Straightforward GPTQ in float64: one column at a time, every update applied at once (no blocks)."""
-    spec = GridSpec(bits=bits, sym=sym)
+    spec = GridSpec(bits=bits, sym=sym, mse=mse)
     maxq = spec.maxq
     W = W.double().clone()
     H = H.double().clone()
@@ -192,22 +192,23 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits, sym, group_size,
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,sym,act_order,static_groups,block_size",
+    "bits,group_size,sym,act_order,static_groups,block_size,mse",
     [
-        (4, 32, True, True, True, 128),
-        (3, 32, False, True, False, 128),  # dynamic groups inside a block
-        (4, 64, True, True, False, 48),  # dynamic groups not aligned with the block: solver re-blocks
-        (2, 64, False, False, False, 16),  # groups spanning several blocks
-        (3, -1, True, True, True, 50),  # per-channel, ragged last block
-        (8, 64, False, False, True, 128),
+        (4, 32, True, True, True, 128, False),
+        (3, 32, False, True, False, 128, False),  # dynamic groups inside a block
+        (4, 48, True, True, False, 40, False),  # dynamic groups straddling blocks and sub-blocks
+        (2, 64, False, False, False, 16, False),  # groups spanning several blocks
+        (3, -1, True, True, True, 50, False),  # per-channel, ragged last block
+        (8, 64, False, False, True, 128, False),
+        (3, 32, False, True, False, 64, True),  # MSE clipping on dynamic groups
     ],
 )
-def test_matches_unblocked_reference(bits, group_size, sym, act_order, static_groups, block_size):
+def test_matches_unblocked_reference(bits, group_size, sym, act_order, static_groups, block_size, mse):
     W, X, H = correlated_problem(32, 192, seed=1)
     res = gptq_quantize(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                        static_groups=static_groups, block_size=block_size)
+                        static_groups=static_groups, block_size=block_size, mse=mse)
     codes, Q = reference_gptq(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                              static_groups=static_groups)
+                              static_groups=static_groups, mse=mse)
     agree = float((res.q.double() == codes).double().mean())
     assert agree > 0.99, agree
     e, e_ref = output_error(W, res.dequantize(), X), output_error(W, Q, X)
@@ -228,8 +229,9 @@ def test_dequantize_matches_codes_scales_and_g_idx():
             g = int(res.g_idx[i])
             manual[:, i] = res.scale[:, g] * (res.q[:, i].float() - res.zero[:, g])
         assert torch.equal(res.dequantize(), manual)
-        # the loss is the paper's objective, close to the H-weighted output error it estimates
         assert 0 < res.loss
+        moved = res.to("cpu")
+        assert torch.equal(moved.dequantize(), res.dequantize()) and moved.loss == res.loss
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(static_groups=False, sym=False), dict(group_size=-1, act_order=False),

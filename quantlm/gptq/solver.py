@@ -24,6 +24,7 @@ Pure tensors, torch + stdlib only; no hooks, no prints, no global torch flags.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ class GPTQResult:
         """fp32 [out, in] weights represented by the codes."""
         g = self.g_idx.long()
         return (self.q.to(torch.float32) - self.zero[:, g]) * self.scale[:, g]
+
+    def to(self, device: torch.device | str) -> GPTQResult:
+        """The same result with its tensors on ``device``."""
+        return dataclasses.replace(self, q=self.q.to(device), scale=self.scale.to(device),
+                                   zero=self.zero.to(device), g_idx=self.g_idx.to(device))
 
 
 def _all_finite(x: Tensor) -> bool:
