@@ -392,3 +392,19 @@ def test_other_bad_arguments():
         gptq_quantize(W, H, bits=4, group_size=-1, damp=-0.1)
     with pytest.raises(QuantlmError, match="2-D"):
         gptq_quantize(W[0], H, bits=4, group_size=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(), dict(sym=False, static_groups=False), dict(group_size=-1, mse=True)])
+def test_cuda_matches_cpu(kw):
+    W, X, H = correlated_problem(96, 256)
+    kw = {"group_size": 64, **kw}
+    cpu = gptq_quantize(W, H, bits=4, **kw)
+    gpu = gptq_quantize(W.cuda(), H.cuda(), bits=4, **kw)
+    assert gpu.q.is_cuda and gpu.scale.is_cuda
+    assert float((gpu.q.cpu() == cpu.q).float().mean()) > 0.99
+    e_cpu, e_gpu = output_error(W, cpu.dequantize(), X), output_error(W, gpu.dequantize().cpu(), X)
+    assert abs(e_gpu - e_cpu) < 0.01 * e_cpu
+    acc = HessianAccumulator(256, "cuda")
+    acc.add(X.cuda())
+    torch.testing.assert_close(acc.H.cpu(), H, rtol=1e-4, atol=1e-4)
