@@ -201,7 +201,9 @@ def gptq_quantize(
     act_order: quantize columns in order of decreasing diag(H).
     static_groups: group grids from the original W before the pass (g_idx[i] = i // group_size);
         otherwise a group's grid is taken from the error-updated weights when the pass reaches its first
-        column (in act-order, so g_idx is then arbitrary). Per-channel grids always come from the original W.
+        column (in act-order, so g_idx is then arbitrary), with the errors of every earlier column applied
+        (the original code misses the current block's errors when a group starts inside a block, i.e.
+        when group_size < block_size). Per-channel grids always come from the original W.
     damp: lambda = damp * mean(diag H) is added to diag(H); raised in steps if the Cholesky fails.
     block_size: columns per lazy-update block (changes only float rounding, not the result's meaning).
     mse: search the clipping range of each grid (GridSpec.mse).
