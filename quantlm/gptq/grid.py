@@ -100,12 +100,16 @@ def find_params(W: Tensor, spec: GridSpec) -> tuple[Tensor, Tensor]:
     best = torch.full((rows,), float("inf"), dtype=torch.float32, device=x.device)
     best_scale, best_zero = scale.clone(), zero.clone()
     for start in range(0, steps, chunk):
-        idx = torch.arange(start, min(start + chunk, steps), device=x.device, dtype=torch.float32)
-        p = (1 - idx / spec.mse_grid).unsqueeze(1)  # [k, 1]
+        idx = torch.arange(start, min(start + chunk, steps), device=x.device, dtype=torch.float64)
+        p = (1 - idx / spec.mse_grid).to(torch.float32).unsqueeze(1)  # [k, 1], p rounded once to fp32
         s1, z1 = _scale_zero(p * xmin, p * xmax, maxq, spec.sym)  # [k, rows]
         s1, z1 = s1.unsqueeze(2), z1.unsqueeze(2)
-        q = torch.clamp(torch.round(x / s1) + z1, 0, maxq)
-        err = ((q - z1) * s1 - x).abs_().pow_(spec.mse_norm).sum(dim=2)  # [k, rows]
+        # centred codes round(x / s) clamped to [-zero, maxq - zero]: the same values as
+        # clamp(round(x / s) + zero, 0, maxq) - zero (zero is an integer), in fewer passes
+        r = torch.div(x, s1).round_()
+        r = torch.maximum(r, -z1, out=r) if not spec.sym else r.clamp_(min=-(maxq + 1) / 2)
+        r = torch.minimum(r, maxq - z1, out=r) if not spec.sym else r.clamp_(max=maxq - (maxq + 1) / 2)
+        err = r.mul_(s1).sub_(x).abs_().pow_(spec.mse_norm).sum(dim=2)  # [k, rows]
         val, arg = err.min(dim=0)
         better = val < best
         best = torch.where(better, val, best)
