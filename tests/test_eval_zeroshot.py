@@ -117,3 +117,41 @@ def test_commonsense_average():
     partial = {k: v for k, v in ok.items() if k != "boolq"}
     avg = commonsense_average(partial)
     assert avg["value"] is None and avg["missing"] == ["boolq"]
+
+
+def test_hellaswag_context_capitalises_ctx_b():
+    from quantlm.eval.tasks import hellaswag_context
+
+    assert hellaswag_context("Clean and jerk: A lady walks. She bends down. the lady") == \
+        "Clean and jerk: A lady walks. She bends down. The lady"
+    assert hellaswag_context("Home: How to clean. Do This.") == "Home: How to clean. Do This."
+    docs, _ = load_docs(TASKS["hellaswag"], 2)
+    assert docs[0].contexts[0].startswith("Roof shingle removal: A man is sitting on a roof. He")
+
+
+def test_mmlu_from_extra_data_root(tmp_path, monkeypatch, lm):
+    folder = tmp_path / "mmlu" / "test"
+    folder.mkdir(parents=True)
+    rows = "What is 1+1?,1,2,3,4,B\n\"Pick, one\",w,x,y,z,D\nThird?,a,b,c,d,A\n"
+    (folder / "college_math_test.csv").write_text(rows)
+    (folder / "anatomy_test.csv").write_text(rows)
+    monkeypatch.setenv("QUANTLM_EVAL_DATA", str(tmp_path))
+    docs, files = load_docs(TASKS["mmlu"], limit=2)
+    assert len(docs) == 4 and len(files) == 2  # --limit applies per subject, as in lm-eval
+    assert docs[0].contexts[0] == ("The following are multiple choice questions (with answers) about anatomy.\n\n"
+                                   "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert docs[0].continuations == (" A", " B", " C", " D") and docs[0].gold == 1 and docs[1].gold == 3
+    model, tok = lm
+    r = evaluate_task(model, tok, "mmlu", limit=1, progress=False)
+    assert r["n"] == 2 and r["acc"] in (0.0, 0.5, 1.0)
+
+
+def test_missing_task_data_is_a_clear_error(tmp_path, monkeypatch):
+    import quantlm.eval.datasets as ds
+
+    monkeypatch.setenv("QUANTLM_EVAL_DATA", str(tmp_path))
+    monkeypatch.setattr(ds, "data_dir", lambda: tmp_path / "nothing")
+    with pytest.raises(QuantlmError, match="QUANTLM_EVAL_DATA"):
+        load_docs(TASKS["mmlu"])
+    with pytest.raises(QuantlmError, match="arc/arc_easy_test_llmfoundry.jsonl not found"):
+        load_docs(TASKS["arc_easy"])
