@@ -20,6 +20,7 @@ import logging
 import math
 
 from quantlm.errors import QuantlmError
+from quantlm.eval.perplexity import device_of, logits_of
 from quantlm.eval.tasks import COMMONSENSE, TASKS, UNAVAILABLE, Doc, expand_tasks, load_docs
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, max_len
         full = (c + k)[-(max_length + 1):]
         encoded.append((full[:-1], len(k), k))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    device = next(model.parameters()).device
+    device = device_of(model)
     out: list[tuple[float, bool] | None] = [None] * len(encoded)
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", unit="batch",
@@ -73,7 +74,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, max_len
             for row, i in enumerate(idx):
                 inp = encoded[i][0]
                 batch[row, : len(inp)] = torch.tensor(inp)
-            logits = model(input_ids=batch.to(device)).logits  # (B, T, V)
+            logits = logits_of(model, batch.to(device))  # (B, T, V)
             for row, i in enumerate(idx):
                 inp, n, cont = encoded[i]
                 # only the n positions predicting the continuation: a full (B, T, V) fp32 copy is GBs
