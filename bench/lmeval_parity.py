@@ -94,7 +94,7 @@ def main() -> int:
                                progress=False)
         # each sample's "resps" holds one [(loglik, is_greedy)] per request, in request order
         their_ll = [float(r[0][0]) for sample in out["samples"][theirs] for r in sample["resps"]]
-        diff = max(abs(a - b[0]) for a, b in zip(their_ll, my_ll, strict=True))
+        diff = max(abs(a - b.ll) for a, b in zip(their_ll, my_ll, strict=True))
         same_split = all(encode_request(tok, c, k)[1] for c, k in reqs)
         worst = max(worst, diff)
         res = out["results"][theirs]

@@ -50,9 +50,21 @@ def test_loglikelihoods_match_independent(lm):
     reqs = [("The cat sat on the", " mat"), ("Once upon a time", " there was a princess"),
             ("Anne", " Elliot"), ("It was a truth universally", " acknowledged, that")]
     got = loglikelihoods(model, tok, reqs, max_length=256, batch_size=3, progress=False)
-    for (ctx, cont), (ll, greedy) in zip(reqs, got, strict=True):
-        assert ll == pytest.approx(_independent_ll(model, tok, ctx, cont), abs=1e-4)
-        assert isinstance(greedy, bool)
+    for (ctx, cont), r in zip(reqs, got, strict=True):
+        assert r.ll == pytest.approx(_independent_ll(model, tok, ctx, cont), abs=1e-4)
+        assert isinstance(r.greedy, bool) and not r.truncated
+
+
+def test_continuation_longer_than_context_is_truncated_and_flagged(lm, corpus_text):
+    model, tok = lm
+    long_cont = " " + corpus_text[5000:9000]
+    [r] = loglikelihoods(model, tok, [("Start", long_cont)], max_length=32, progress=False)
+    k = encode_request(tok, "Start", long_cont)[1]
+    ids = torch.tensor([k[-33:-1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    ref = sum(float(logp[j, t]) for j, t in enumerate(k[-32:]))
+    assert r.truncated and r.ll == pytest.approx(ref, abs=1e-4)
 
 
 @pytest.mark.parametrize("task", ["arc_easy", "piqa", "winogrande"])
