@@ -64,7 +64,7 @@ def curves(df, metric: str, x: str):
             known = ", ".join(c for c in df.columns if "." in c or c.startswith("size_bits") or c in
                               ("params", "commonsense_avg"))
             raise QuantlmError(f"the records have no column {col!r}; available: {known or 'none'} "
-                               "(sizes in bits need the accounting module or --sizes when evaluating)")
+                               "(sizes in bits come from quantlm.accounting, or extra={'sizes': ...} in evaluate())")
     cols = ["label", "model", x, metric] + [c for c in ("seed", "created") if c in df.columns]
     data = df[cols].dropna(subset=["label", "model", x, metric])
     if "created" in data.columns:  # a rerun of the same model and seed replaces the older record
