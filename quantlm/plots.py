@@ -3,8 +3,9 @@ model size in bits (log axis) and against parameters, plus scaling-law fits L(N)
 
 Inputs are the records DataFrame of :func:`quantlm.eval.records.load_records`; the columns used are
 ``model``, ``label`` (the curve), ``params``, ``size_bits_<convention>`` and the metric column (e.g.
-``wikitext2.ppl``, ``arc_easy.acc_norm``, ``commonsense_avg``). Several records of one model on one curve
-(calibration seeds, reruns) are averaged and drawn with their standard deviation as error bars.
+``wikitext2.ppl``, ``arc_easy.acc_norm``, ``commonsense_avg``). Records of one model with different ``seed``
+(QuantLM calibration seeds) are averaged and drawn with their standard deviation as error bars; of several
+records with the same model and seed, the newest is used (a rerun replaces the older result).
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def curves(df, metric: str, x: str):
             known = ", ".join(c for c in df.columns if "." in c or c.startswith("size_bits") or c in
                               ("params", "commonsense_avg"))
             raise QuantlmError(f"the records have no column {col!r}; available: {known or 'none'} "
-                               "(sizes in bits need the accounting module or --sizes when evaluating)")
-    data = df[["label", "model", x, metric]].dropna()
+                               "(sizes in bits come from quantlm.accounting, or extra={'sizes': ...} in evaluate())")
+    cols = ["label", "model", x, metric] + [c for c in ("seed", "created") if c in df.columns]
+    data = df[cols].dropna(subset=["label", "model", x, metric])
+    if "created" in data.columns:  # a rerun of the same model and seed replaces the older record
+        data = data.sort_values("created", kind="stable")
+    data = data.drop_duplicates(subset=[c for c in ("label", "model", "seed") if c in data.columns], keep="last")
     if data.empty:
         raise QuantlmError(f"no record has both {x!r} and {metric!r}; evaluate models with that metric first")
     g = data.groupby(["label", "model"], sort=False)

@@ -95,3 +95,25 @@ def test_errors(lm, tmp_path):
         perplexity(model, tok, TextSource.from_text("just a few words"), window=64, progress=False)
     with pytest.raises(QuantlmError, match="neither a known name"):
         load_text_source("wikitext3")
+
+
+class _BareLM(torch.nn.Module):
+    """A torch module returning logits directly, with no config (like a packed-format loader may build)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids):
+        return self.inner(input_ids=input_ids).logits
+
+
+def test_loaded_torch_module_without_config(lm, corpus_text):
+    model, tok = lm
+    bare = _BareLM(model)
+    text = TextSource.from_text(corpus_text[:6000])
+    ref = perplexity(model, tok, text, window=64, progress=False)
+    got = perplexity(bare, tok, text, window=64, batch_size=2, progress=False)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    with pytest.raises(QuantlmError, match="pass --window"):
+        perplexity(bare, tok, text, progress=False)

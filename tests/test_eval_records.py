@@ -105,3 +105,28 @@ def test_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown task 'nope'" in err and "longer than the model context" in err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_custom_loader(tiny_model_dir, small_text):
+    from quantlm.checkpoint import load_causal_lm
+
+    calls = []
+
+    def loader(model_dir, dtype, device):
+        calls.append((str(model_dir), dtype, device))
+        return load_causal_lm(model_dir, dtype=dtype, device=device)
+
+    rec = evaluate(tiny_model_dir, EvalRecipe(ppl=(str(small_text),), window=32, ppl_limit_windows=1),
+                   loader=loader, progress=False)
+    assert len(calls) == 1 and calls[0][2] == "cpu" and rec["metrics"]["sample"]["windows"] == 1
+
+
+def test_curve_labels():
+    from quantlm.eval.records import flatten
+
+    def label(**kw):
+        return flatten({"schema": "quantlm.eval/1", **kw})["label"]
+
+    assert label(family="floatlm", bits=16) == "FloatLM" and label(family="trilm", bits=1.58) == "TriLM"
+    assert label(family="quantlm", bits=3) == "QuantLM 3-bit"
+    assert label(family="quantlm", bits=4, rtn=True) == "QuantLM 4-bit RTN"

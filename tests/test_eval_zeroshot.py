@@ -50,9 +50,21 @@ def test_loglikelihoods_match_independent(lm):
     reqs = [("The cat sat on the", " mat"), ("Once upon a time", " there was a princess"),
             ("Anne", " Elliot"), ("It was a truth universally", " acknowledged, that")]
     got = loglikelihoods(model, tok, reqs, max_length=256, batch_size=3, progress=False)
-    for (ctx, cont), (ll, greedy) in zip(reqs, got, strict=True):
-        assert ll == pytest.approx(_independent_ll(model, tok, ctx, cont), abs=1e-4)
-        assert isinstance(greedy, bool)
+    for (ctx, cont), r in zip(reqs, got, strict=True):
+        assert r.ll == pytest.approx(_independent_ll(model, tok, ctx, cont), abs=1e-4)
+        assert isinstance(r.greedy, bool) and not r.truncated
+
+
+def test_continuation_longer_than_context_is_truncated_and_flagged(lm, corpus_text):
+    model, tok = lm
+    long_cont = " " + corpus_text[5000:9000]
+    [r] = loglikelihoods(model, tok, [("Start", long_cont)], max_length=32, progress=False)
+    k = encode_request(tok, "Start", long_cont)[1]
+    ids = torch.tensor([k[-33:-1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    ref = sum(float(logp[j, t]) for j, t in enumerate(k[-32:]))
+    assert r.truncated and r.ll == pytest.approx(ref, abs=1e-4)
 
 
 @pytest.mark.parametrize("task", ["arc_easy", "piqa", "winogrande"])
@@ -117,3 +129,41 @@ def test_commonsense_average():
     partial = {k: v for k, v in ok.items() if k != "boolq"}
     avg = commonsense_average(partial)
     assert avg["value"] is None and avg["missing"] == ["boolq"]
+
+
+def test_hellaswag_context_capitalises_ctx_b():
+    from quantlm.eval.tasks import hellaswag_context
+
+    assert hellaswag_context("Clean and jerk: A lady walks. She bends down. the lady") == \
+        "Clean and jerk: A lady walks. She bends down. The lady"
+    assert hellaswag_context("Home: How to clean. Do This.") == "Home: How to clean. Do This."
+    docs, _ = load_docs(TASKS["hellaswag"], 2)
+    assert docs[0].contexts[0].startswith("Roof shingle removal: A man is sitting on a roof. He")
+
+
+def test_mmlu_from_extra_data_root(tmp_path, monkeypatch, lm):
+    folder = tmp_path / "mmlu" / "test"
+    folder.mkdir(parents=True)
+    rows = "What is 1+1?,1,2,3,4,B\n\"Pick, one\",w,x,y,z,D\nThird?,a,b,c,d,A\n"
+    (folder / "college_math_test.csv").write_text(rows)
+    (folder / "anatomy_test.csv").write_text(rows)
+    monkeypatch.setenv("QUANTLM_EVAL_DATA", str(tmp_path))
+    docs, files = load_docs(TASKS["mmlu"], limit=2)
+    assert len(docs) == 4 and len(files) == 2  # --limit applies per subject, as in lm-eval
+    assert docs[0].contexts[0] == ("The following are multiple choice questions (with answers) about anatomy.\n\n"
+                                   "What is 1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert docs[0].continuations == (" A", " B", " C", " D") and docs[0].gold == 1 and docs[1].gold == 3
+    model, tok = lm
+    r = evaluate_task(model, tok, "mmlu", limit=1, progress=False)
+    assert r["n"] == 2 and r["acc"] in (0.0, 0.5, 1.0)
+
+
+def test_missing_task_data_is_a_clear_error(tmp_path, monkeypatch):
+    import quantlm.eval.datasets as ds
+
+    monkeypatch.setenv("QUANTLM_EVAL_DATA", str(tmp_path))
+    monkeypatch.setattr(ds, "data_dir", lambda: tmp_path / "nothing")
+    with pytest.raises(QuantlmError, match="QUANTLM_EVAL_DATA"):
+        load_docs(TASKS["mmlu"])
+    with pytest.raises(QuantlmError, match="arc/arc_easy_test_llmfoundry.jsonl not found"):
+        load_docs(TASKS["arc_easy"])

@@ -57,6 +57,13 @@ def test_curves_average_seeds(tmp_path):
     q = pts[pts["label"] == "QuantLM 4-bit"]
     assert len(q) == 5 and (q["n"] == 2).all() and (q["std"] > 0).all()
     assert list(pts["label"].drop_duplicates()) == ["FloatLM", "QuantLM 4-bit", "TriLM"]
+    # a rerun (same model, same seed, newer) replaces the older record instead of being averaged in
+    rerun = df[df["model"] == "floatlm-99000000"].copy()
+    rerun["created"] = "2027-01-01"
+    rerun["wikitext2.nll"] += 1.0
+    pts2 = curves(pd.concat([df, rerun]), "wikitext2.nll", "params")
+    first = pts2[pts2["model"] == "floatlm-99000000"]["mean"].item()
+    assert first == pytest.approx(pts[pts["model"] == "floatlm-99000000"]["mean"].item() + 1.0)
     fits = fit_families(df, "wikitext2.nll")
     f = fits.set_index("label").loc["FloatLM"]
     assert f["alpha"] == pytest.approx(0.34, rel=1e-4) and f["eps"] == pytest.approx(1.69, rel=1e-4)

@@ -59,7 +59,13 @@ def _as_source(data: str | os.PathLike | TextSource) -> TextSource:
     return TextSource.from_text(text)
 
 
-def _device_of(model):
+def logits_of(model, input_ids):
+    """(B, T, V) logits of a transformers model (``.logits``) or of a module that returns the tensor itself."""
+    out = model(input_ids=input_ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def device_of(model):
     import torch
 
     try:
@@ -92,7 +98,7 @@ def perplexity(model, tokenizer, data: str | os.PathLike | TextSource, *, window
                            f"{window}; pass a smaller --window or a longer text")
     used = n_windows if limit_windows is None else min(n_windows, limit_windows)
     windows = ids[: used * window].view(used, window)
-    device = _device_of(model)
+    device = device_of(model)
     log.info("perplexity on %s: %d tokens, %d windows of %d", source.name, ids.numel(), used, window)
 
     nll_sum = 0.0  # float64 accumulator: the sum over up to millions of tokens
@@ -100,7 +106,7 @@ def perplexity(model, tokenizer, data: str | os.PathLike | TextSource, *, window
         for start in tqdm(range(0, used, batch_size), desc=f"ppl {source.name}", unit="batch",
                           disable=not progress, leave=False):
             batch = windows[start: start + batch_size].to(device)
-            logits = model(input_ids=batch).logits  # (B, T, V)
+            logits = logits_of(model, batch)  # (B, T, V)
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             nll_sum += float(nll.double())

@@ -62,6 +62,8 @@ def flatten(record: dict) -> dict:
     """One DataFrame row of a record (see the module doc for the columns)."""
     row = {k: record.get(k) for k in IDENTITY}
     row["label"] = curve_label(record.get("family"), record.get("bits"))
+    if record.get("rtn"):  # round-to-nearest baselines are their own curve, not GPTQ's
+        row["label"] += " RTN"
     for conv, bits in (record.get("sizes") or {}).items():
         row[f"size_bits_{conv}"] = bits
     for name, metrics in (record.get("metrics") or {}).items():

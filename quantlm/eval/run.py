@@ -147,9 +147,10 @@ def evaluate_loaded(model, tokenizer, recipe: EvalRecipe, *, model_name: str, so
 
 
 def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: str | os.PathLike | None = None,
-             extra: dict | None = None, device: str = "cpu", progress: bool = True) -> dict:
+             extra: dict | None = None, device: str = "cpu", progress: bool = True, loader=None) -> dict:
     """Evaluate a checkpoint directory per ``recipe``; the record is returned and, with ``results_dir``,
-    written there. ``extra`` (family, preset, bits, seed, sizes, ...) overrides what is inferred."""
+    written there. ``extra`` (family, preset, bits, seed, sizes, ...) overrides what is inferred.
+    ``loader(model_dir, dtype=, device=)`` loads formats transformers cannot (packed QuantLM/TriLM)."""
     import torch
 
     from quantlm.checkpoint import load_causal_lm, load_tokenizer
@@ -158,7 +159,7 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     config, sources, tasks = _preflight(model_dir, recipe)
     start = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, dtype=getattr(torch, recipe.dtype), device=device)
+    model = (loader or load_causal_lm)(model_dir, dtype=getattr(torch, recipe.dtype), device=device)
     info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config)}
     sizes = accounted_sizes(model_dir)
     if sizes:

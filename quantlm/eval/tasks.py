@@ -6,7 +6,7 @@ gold index. Prompts, target delimiter (" ") and preprocessing follow lm-eval's t
 
 - arc_easy / arc_challenge: "Question: {q}\\nAnswer:" -> " {choice}"            (acc, acc_norm)
 - piqa: "Question: {goal}\\nAnswer:" -> " {sol}"                                 (acc, acc_norm)
-- hellaswag: preprocess("{activity}: {ctx}") -> " {preprocess(ending)}"          (acc, acc_norm)
+- hellaswag: preprocess("{activity}: {ctx_a} {ctx_b.capitalize()}") -> " {preprocess(ending)}" (acc, acc_norm)
 - boolq: "{passage}\\nQuestion: {question}?\\nAnswer:" -> " no" / " yes"         (acc)
 - winogrande: partial scoring, context "{sentence up to _}{option}" -> " {rest}" (acc)
 - lambada_openai: context = text minus its last word -> " {last word}"          (acc = greedy match, ppl)
@@ -91,12 +91,27 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?]) ")
+
+
+def hellaswag_context(line: str) -> str:
+    """Undo the pre-joined ``ctx`` of the text layout as far as possible: lm-eval builds
+    ``ctx_a + " " + ctx_b.capitalize()``; ctx_b is the trailing fragment, and when it starts in lower case
+    (about 3,200 of the 10,042 items) it cannot belong to ctx_a, whose sentences start in upper case."""
+    label, sep, body = line.partition(": ")
+    parts = _SENTENCE_END.split(body)
+    if parts[-1][:1].islower():
+        parts[-1] = parts[-1].capitalize()
+    return label + sep + " ".join(parts)
+
+
 def _hellaswag(files, limit):
     lines = bz2.decompress(files[0].read_bytes()).decode("utf-8").split("\n")
     docs = []
     for i in range(0, len(lines) - 5, 6):  # 6 lines per item: context, gold, 4 endings
         ctx, gold, endings = lines[i], int(lines[i + 1]), lines[i + 2: i + 6]
-        docs.append(_mc(hellaswag_preprocess(ctx), [hellaswag_preprocess(e) for e in endings], gold))
+        docs.append(_mc(hellaswag_preprocess(hellaswag_context(ctx)), [hellaswag_preprocess(e) for e in endings],
+                        gold))
         if limit is not None and len(docs) >= limit:
             break
     return docs

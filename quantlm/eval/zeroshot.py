@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 from quantlm.errors import QuantlmError
+from quantlm.eval.perplexity import device_of, logits_of
 from quantlm.eval.tasks import COMMONSENSE, TASKS, UNAVAILABLE, Doc, expand_tasks, load_docs
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,20 @@ def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int
     return whole[: len(ctx)], whole[len(ctx):]
 
 
+class LogLik(NamedTuple):
+    """Score of one request: summed log-prob of the continuation and whether every token was the argmax."""
+
+    ll: float
+    greedy: bool
+    truncated: bool  # continuation longer than the model context: only its last max_length tokens scored
+
+
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, max_length: int,
-                   batch_size: int = 8, progress: bool = True) -> list[tuple[float, bool]]:
-    """(summed log-prob of the continuation, greedy?) for each (context, continuation) request.
+                   batch_size: int = 8, progress: bool = True) -> list[LogLik]:
+    """A :class:`LogLik` for each (context, continuation) request.
+
+    A continuation longer than ``max_length`` (only seen with tiny-context models) cannot fit in one window;
+    its last ``max_length`` tokens are scored and the request is flagged ``truncated`` (lm-eval fails there).
 
     Batches right-pad with token 0: causal attention never lets a real token see a later pad, so padded
     and unpadded scores agree. Requests run longest first (less padding) and come back in input order.
@@ -60,10 +73,10 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, max_len
         if not k:
             raise QuantlmError(f"continuation {cont!r} encodes to no tokens; the task data is malformed")
         full = (c + k)[-(max_length + 1):]
-        encoded.append((full[:-1], len(k), k))
+        encoded.append((full[:-1], k[-max_length:], len(k) > max_length))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    device = next(model.parameters()).device
-    out: list[tuple[float, bool] | None] = [None] * len(encoded)
+    device = device_of(model)
+    out: list[LogLik | None] = [None] * len(encoded)
     with torch.inference_mode():
         for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", unit="batch",
                           disable=not progress, leave=False):
@@ -73,14 +86,15 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, max_len
             for row, i in enumerate(idx):
                 inp = encoded[i][0]
                 batch[row, : len(inp)] = torch.tensor(inp)
-            logits = model(input_ids=batch.to(device)).logits  # (B, T, V)
+            logits = logits_of(model, batch.to(device))  # (B, T, V)
             for row, i in enumerate(idx):
-                inp, n, cont = encoded[i]
+                inp, cont, truncated = encoded[i]
+                n = len(cont)
                 # only the n positions predicting the continuation: a full (B, T, V) fp32 copy is GBs
                 lp = torch.log_softmax(logits[row, len(inp) - n: len(inp)].float(), dim=-1).cpu()
                 target = torch.tensor(cont)
                 ll = float(lp.gather(1, target[:, None]).sum().double())
-                out[i] = (ll, bool((lp.argmax(-1) == target).all()))
+                out[i] = LogLik(ll, bool((lp.argmax(-1) == target).all()), truncated)
     return out  # type: ignore[return-value]
 
 
@@ -93,15 +107,15 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def score_docs(docs: list[Doc], lls: list[tuple[float, bool]], kind: str) -> dict:
+def score_docs(docs: list[Doc], lls: list[LogLik], kind: str) -> dict:
     """acc / acc_norm (multiple choice) or acc / ppl (lambada) from per-request log-likelihoods."""
     if kind == "lambada":
-        acc, acc_se = _mean_stderr([float(g) for _, g in lls])
-        mean_ll = sum(ll for ll, _ in lls) / len(lls)
+        acc, acc_se = _mean_stderr([float(r.greedy) for r in lls])
+        mean_ll = sum(r.ll for r in lls) / len(lls)
         return {"acc": acc, "acc_stderr": acc_se, "ppl": math.exp(-mean_ll)}
     accs, norms, pos = [], [], 0
     for d in docs:
-        scores = [ll for ll, _ in lls[pos: pos + len(d.choices)]]
+        scores = [r.ll for r in lls[pos: pos + len(d.choices)]]
         pos += len(d.choices)
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # first maximum, as numpy.argmax
         normed = [s / len(c) for s, c in zip(scores, d.choices, strict=True)]
@@ -129,7 +143,12 @@ def evaluate_task(model, tokenizer, name: str, *, limit: int | None = None, batc
     scored = score_docs(docs, lls, task.kind)
     # report what lm-eval reports for the task (e.g. BoolQ and WinoGrande: acc only)
     metrics = {k: v for k, v in scored.items() if k.removesuffix("_stderr") in task.metrics}
+    truncated = sum(r.truncated for r in lls)
+    if truncated:
+        log.warning("%s: %d continuations longer than the context (%d tokens) scored on their last tokens only",
+                    name, truncated, max_length)
     return {"status": "ok", **metrics, "n": len(docs), "limit": limit, "split": task.split,
+            "requests": len(requests), "truncated_requests": truncated, "max_length": max_length,
             "headline": task.metrics[0], "files": files, "protocol": PROTOCOL}
 
 
@@ -148,8 +167,8 @@ def zeroshot(model, tokenizer, tasks, *, limit: int | None = None, batch_size: i
     if limit is not None and limit < 1:
         raise QuantlmError(f"limit={limit} must be at least 1")
     names = expand_tasks(tasks)
-    if max_length is None:
+    if max_length is None:  # as lm-eval's HFLM: the model's context, else 2048
         ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        max_length = min(int(ctx), 2048) if ctx else 2048
+        max_length = int(ctx) if ctx else 2048
     return {n: evaluate_task(model, tokenizer, n, limit=limit, batch_size=batch_size, max_length=max_length,
                              progress=progress) for n in names}
