@@ -203,12 +203,16 @@ def _write_token_file(docs: Iterator[str], tokenizer, out: Path) -> tuple[int, s
     with open(out, "wb") as f:
         def flush():
             nonlocal n
+            if not batch:
+                return
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 arr = np.asarray(ids + [eos], dtype=dtype)
                 f.write(arr.tobytes())
                 n += arr.size
             batch.clear()
         for d in docs:
+            if not d.strip():
+                continue  # an empty document adds nothing, not even a separator
             batch.append(d)
             if len(batch) >= 256:
                 flush()
