@@ -133,3 +133,53 @@ def test_export_refuses_a_floatlm(tmp_path, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(QuantlmError, match="needs a TriLM"):
         export_unpacked(model, tmp_path)
+
+
+@pytest.mark.parametrize("scheme,bits", [("2bit", 2.0), ("base3", 1.6)])
+def test_pack_codes_round_trip_and_density(scheme, bits):
+    from quantlm.formats.ternary import pack_codes, unpack_codes
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-1, 2, (37, 23), generator=g, dtype=torch.int8)
+    packed = pack_codes(codes, scheme)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-codes.numel() * bits // 8)
+    assert torch.equal(unpack_codes(packed, codes.numel(), scheme).view(37, 23), codes)
+    if scheme == "base3":
+        assert int(packed.max()) <= 242
+
+
+@pytest.mark.parametrize("scheme", ["2bit", "base3"])
+def test_packed_checkpoint_round_trip_is_lossless(tmp_path, scheme):
+    from quantlm.formats.ternary import pack_checkpoint, unpack_checkpoint
+
+    torch.manual_seed(0)
+    model = build_trilm(_spec(3))
+    _train_a_little(model, steps=1)
+    export_unpacked(model, tmp_path / "unpacked")
+    pack_checkpoint(tmp_path / "unpacked", tmp_path / "packed", scheme)
+    unpack_checkpoint(tmp_path / "packed", tmp_path / "back")
+    a = load_file(tmp_path / "unpacked" / "model.safetensors")
+    b = load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    packed = load_file(tmp_path / "packed" / "model.safetensors")
+    codes = packed["model.layers.0.mlp.down_proj.tcodes"]
+    assert codes.numel() == -(-96 * 192 * {"2bit": 2, "base3": 1.6}[scheme] // 8)
+    assert packed["model.layers.0.mlp.down_proj.tscales"].shape == (3,)
+    LlamaForCausalLM.from_pretrained(tmp_path / "back")  # loads as a plain LLaMA again
+
+
+def test_packing_a_non_ternary_weight_is_an_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    from quantlm.formats.ternary import pack_checkpoint
+
+    d = tmp_path / "fake"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    with pytest.raises(QuantlmError, match="pretraining_model_parallel"):
+        pack_checkpoint(d, tmp_path / "out")
+    cfg["pretraining_model_parallel"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(QuantlmError, match="distinct magnitudes"):
+        pack_checkpoint(d, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
