@@ -44,7 +44,7 @@ def test_two_processes_match_one_process(tmp_path, strategy, corpus_text, tiny_t
     recipe = TrainRecipe(model=f"{family}-micro", model_overrides=SMALL, corpus=(str(corpus),),
                          tokenizer=str(tiny_tokenizer_dir), cache_dir=str(tmp_path / "cache"), seq_len=32,
                          batch_tokens=256, micro_batch=4, steps=4, warmup_steps=1, checkpoint_interval=2,
-                         eval_tokens=256, lr=(6e-3, 4e-3), distributed=strategy)
+                         eval_tokens=256, lr=(6e-3, 4e-3), distributed=strategy, threads=1)
     train(recipe, tmp_path / "single")  # also fills the token cache the two processes read
     path = tmp_path / "recipe.yaml"
     recipes.dump(recipe, path)

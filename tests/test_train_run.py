@@ -36,7 +36,7 @@ def cache(tmp_path_factory) -> Path:
 def small_recipe(family: str, corpus: Path, tokenizer: Path, cache: Path, **kw) -> TrainRecipe:
     base = dict(model=f"{family}-micro", model_overrides=SMALL, corpus=(str(corpus),), tokenizer=str(tokenizer),
                 cache_dir=str(cache), seq_len=32, batch_tokens=256, micro_batch=4, steps=8, warmup_steps=2,
-                checkpoint_interval=3, eval_tokens=512, lr=(3e-3,) if family == "floatlm" else (6e-3, 4e-3))
+                checkpoint_interval=3, eval_tokens=512, threads=1, lr=(3e-3,) if family == "floatlm" else (6e-3, 4e-3))
     base.update(kw)
     return TrainRecipe(**base)
 
