@@ -69,7 +69,7 @@ def main() -> None:
     sets = dict(s.split("=", 1) for s in args.set)
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "default_threads": torch.get_num_threads(), "recipe_overrides": sets, "cpu": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "loadavg_start": os.getloadavg()}
     rows = [bench_one(p, args.steps, args.skip, sets) for p in (args.recipe or DEFAULT)]
