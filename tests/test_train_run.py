@@ -199,3 +199,19 @@ def test_shipped_recipes_load():
     for name in ("floatlm-micro", "trilm-micro", "floatlm-tiny", "trilm-tiny"):
         r = recipes.load(recipes_dir() / f"{name}.yaml", expect=TrainRecipe)
         assert r.spec().name == name and r.spec().vocab_size == 4096
+
+
+def test_corpus_inputs_parquet_jsonl_and_datasets_dir(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from quantlm.train.data import corpus_sources, iter_documents
+
+    pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"body": "three"}\n\n{"body": "four"}\n')
+    datasets.Dataset.from_dict({"body": ["five", "six"]}).save_to_disk(str(tmp_path / "ds"))
+    sources = corpus_sources([str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl"), str(tmp_path / "ds")])
+    assert list(iter_documents(sources, "body")) == ["one", "two", "three", "four", "five", "six"]
+    with pytest.raises(QuantlmError, match="text_field"):
+        list(iter_documents(sources, "text"))

@@ -105,6 +105,9 @@ def iter_documents(sources: list[Path], text_field: str = "text") -> Iterator[st
         elif src.suffix == ".parquet":
             import pyarrow.parquet as pq
 
+            names = pq.read_schema(src).names
+            if text_field not in names:
+                raise QuantlmError(f"{src}: no column {text_field!r} (has {names}); set text_field in the recipe")
             table = pq.read_table(src, columns=[text_field])
             yield from (str(t) for t in table.column(text_field).to_pylist())
 
