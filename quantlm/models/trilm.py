@@ -43,17 +43,26 @@ def _check_shards(weight: torch.Tensor, mp: int, kind: str) -> int:
     return dim
 
 
+def _shard_view(w: torch.Tensor, mp: int, dim: int) -> torch.Tensor:
+    """A view of ``w`` (out, in) with the shard index on axis 0 (COLUMN) or axis 1 (ROW) of a 3-D view."""
+    return w.view(mp, -1, w.shape[1]) if dim == 0 else w.view(w.shape[0], mp, -1)
+
+
+def _scales_and_ratio(weight: torch.Tensor, mp: int, kind: str, eps: float):
+    """(gamma (mp,), clip(W / gamma, -1, 1) rounded, in the 3-D shard view, and the broadcastable gamma)."""
+    dim = _check_shards(weight, mp, kind)
+    w = _shard_view(weight.detach().float().contiguous(), mp, dim)
+    reduce = (1, 2) if dim == 0 else (0, 2)
+    gamma = w.abs().mean(dim=reduce) + eps
+    g = gamma.view(mp, 1, 1) if dim == 0 else gamma.view(1, mp, 1)
+    return gamma, (w / g).clamp_(-1, 1).round_(), g
+
+
 def ternarize(weight: torch.Tensor, mp: int = 1, kind: str = COLUMN, eps: float = EPS
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary codes and scales of ``weight`` (out, in): (W_t int8 in {-1, 0, 1} same shape, gamma (mp,) fp32)."""
-    dim = _check_shards(weight, mp, kind)
-    w = weight.detach().float()
-    # (mp, n/mp, ...) view with the shard index first, whichever axis is sharded.
-    shards = w.reshape(mp, -1, w.shape[1]) if dim == 0 else w.reshape(w.shape[0], mp, -1).transpose(0, 1)
-    gamma = shards.abs().mean(dim=(1, 2)) + eps
-    codes = (shards / gamma[:, None, None]).clamp(-1, 1).round()
-    codes = codes.reshape_as(w) if dim == 0 else codes.transpose(0, 1).reshape_as(w)
-    return codes.to(torch.int8), gamma
+    gamma, codes, _ = _scales_and_ratio(weight, mp, kind, eps)
+    return codes.reshape(weight.shape).to(torch.int8), gamma
 
 
 def expand_scales(gamma: torch.Tensor, shape: tuple[int, int], kind: str) -> torch.Tensor:
@@ -81,8 +90,8 @@ class _StraightThrough(torch.autograd.Function):
     # therefore bit-identical to the exported unpacked checkpoint.
     @staticmethod
     def forward(ctx, weight, mp, kind, eps):
-        codes, gamma = ternarize(weight, mp, kind, eps)
-        return dequantize(codes, gamma, kind, weight.dtype)
+        _, codes, g = _scales_and_ratio(weight, mp, kind, eps)
+        return codes.mul_(g).reshape(weight.shape).to(weight.dtype)  # == dequantize(ternarize(weight))
 
     @staticmethod
     def backward(ctx, grad):

@@ -8,6 +8,7 @@ taken under DDP or FSDP resumes on one process and the other way round.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from quantlm.atomic import output_dir, write_json, write_text
 from quantlm.errors import QuantlmError
+
+log = logging.getLogger(__name__)
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -67,14 +70,19 @@ def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, e
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "state.pt").is_file():
-        raise QuantlmError(f"{pointer} names {path.name}, which has no state.pt; delete {pointer} to resume from "
-                           "scratch or restore the checkpoint")
-    return path
+    """The checkpoint ``latest`` names; if that folder was deleted (e.g. because it was corrupt), the newest
+    remaining one; None for a run without checkpoints."""
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "state.pt").is_file():
+            return path
+    found = sorted(p for p in root.glob("step-*") if (p / "state.pt").is_file())
+    if found:
+        log.warning("%s names no complete checkpoint; resuming from %s", pointer, found[-1].name)
+        return found[-1]
+    return None
 
 
 def load_training_state(path: Path, model: nn.Module, optimizer) -> dict:
@@ -87,7 +95,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer) -> dict:
         raise
     except Exception as e:  # a truncated or foreign file: name it and the fix
         raise QuantlmError(f"checkpoint {path} is corrupt or does not match this model ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); delete that folder and its "
-                           "'latest' pointer to resume from an earlier checkpoint, or start a new --out") from None
+                           f"{str(e).splitlines()[0] if str(e) else ''}); delete that folder to "
+                           "resume from the checkpoint before it, or start a new --out") from None
     set_rng_state(state["rng"])
     return state

@@ -105,6 +105,9 @@ def iter_documents(sources: list[Path], text_field: str = "text") -> Iterator[st
         elif src.suffix == ".parquet":
             import pyarrow.parquet as pq
 
+            names = pq.read_schema(src).names
+            if text_field not in names:
+                raise QuantlmError(f"{src}: no column {text_field!r} (has {names}); set text_field in the recipe")
             table = pq.read_table(src, columns=[text_field])
             yield from (str(t) for t in table.column(text_field).to_pylist())
 
@@ -203,12 +206,16 @@ def _write_token_file(docs: Iterator[str], tokenizer, out: Path) -> tuple[int, s
     with open(out, "wb") as f:
         def flush():
             nonlocal n
+            if not batch:
+                return
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 arr = np.asarray(ids + [eos], dtype=dtype)
                 f.write(arr.tobytes())
                 n += arr.size
             batch.clear()
         for d in docs:
+            if not d.strip():
+                continue  # an empty document adds nothing, not even a separator
             batch.append(d)
             if len(batch) >= 256:
                 flush()

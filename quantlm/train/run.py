@@ -144,13 +144,17 @@ def train(recipe: TrainRecipe, out_dir: str | os.PathLike, *, resume: bool = Fal
     out = Path(out_dir)
     final = out / "final"
     ctx = init_distributed()
+    threads = torch.get_num_threads()
     try:
         _prepare_run_dir(out, recipe, resume, ctx)
         if final.is_dir() and (final / "config.json").is_file():
             log.info("%s is already complete", final)
             return final
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
         return _train(recipe, out, resume, ctx, on_step)
     finally:
+        torch.set_num_threads(threads)  # the caller's setting, not the recipe's, outlives the run
         ctx.close()
 
 
@@ -158,8 +162,6 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
            on_step: Callable[[dict], None] | None) -> Path:
     from tqdm.auto import tqdm
 
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
     spec = recipe.spec()
     # Main process first: it trains/tokenizes into the shared cache, the others then read it.
     if ctx.is_main:

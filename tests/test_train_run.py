@@ -1,0 +1,217 @@
+"""The trainer end to end on a very small model: checkpoints, exact resume, bad input, data order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantlm import recipes
+from quantlm.errors import QuantlmError
+from quantlm.train.data import PackedSequences, heldout_text, heldout_token_ids, load_token_corpus
+from quantlm.train.recipe import TrainRecipe
+from quantlm.train.run import train
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+         "vocab_size": 512, "max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, corpus_text) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.txt").write_text(corpus_text[:60_000], encoding="utf-8")
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": corpus_text[i:i + 5000]}) + "\n"
+                                       for i in range(60_000, 80_000, 5000)), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def small_recipe(family: str, corpus: Path, tokenizer: Path, cache: Path, **kw) -> TrainRecipe:
+    base = dict(model=f"{family}-micro", model_overrides=SMALL, corpus=(str(corpus),), tokenizer=str(tokenizer),
+                cache_dir=str(cache), seq_len=32, batch_tokens=256, micro_batch=4, steps=8, warmup_steps=2,
+                checkpoint_interval=3, eval_tokens=512, threads=1, lr=(3e-3,) if family == "floatlm" else (6e-3, 4e-3))
+    base.update(kw)
+    return TrainRecipe(**base)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("family", ["floatlm", "trilm"])
+def test_train_then_load_with_plain_transformers_and_generate(tmp_path, family, small_corpus, tiny_tokenizer_dir,
+                                                              cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = small_recipe(family, small_corpus, tiny_tokenizer_dir, cache, steps=10, hf_interval=5)
+    final = train(recipe, tmp_path / "run")
+    assert final == tmp_path / "run" / "final"
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.3  # it learns
+    config = json.loads((final / "config.json").read_text())
+    assert config["quantlm_family"] == family
+    assert ("pretraining_model_parallel" in config) == (family == "trilm")
+    assert (tmp_path / "run" / "hf" / "step-0000005" / "tokenizer.json").is_file()
+    if family == "trilm":  # the final checkpoint is the unpacked export
+        w = load_file(final / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+        assert w.abs().unique().numel() <= 2
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("It was", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    assert isinstance(tok.decode(out[0]), str)
+
+
+@pytest.mark.parametrize("family", ["floatlm", "trilm"])
+def test_killed_and_resumed_run_repeats_the_uninterrupted_loss_curve(tmp_path, family, small_corpus,
+                                                                     tiny_tokenizer_dir, cache):
+    recipe = small_recipe(family, small_corpus, tiny_tokenizer_dir, cache)
+    train(recipe, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(record):  # dies after step 5; the newest checkpoint is step 3
+        if record["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(recipe, tmp_path / "split", on_step=kill_at_5)
+    assert not (tmp_path / "split" / "final").exists()
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+    train(recipe, tmp_path / "split", resume=True)
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")  # bit-identical, steps 1..8 once each
+    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs_are_clear_errors_and_overwrite_nothing(tmp_path, small_corpus, tiny_tokenizer_dir, cache):
+    recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=3, checkpoint_interval=1)
+    run = tmp_path / "run"
+    train(recipe, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(QuantlmError, match="already holds a training run"):
+        train(recipe, run)
+    with pytest.raises(QuantlmError, match="different recipe"):
+        train(recipe, run, resume=True, overrides={"seed": 1})
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(QuantlmError, match="not empty"):
+        train(recipe, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    # a corrupt checkpoint on resume: named, with the fix; nothing rewritten
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyError):
+        train(recipe, broken, on_step=lambda r: (_ for _ in ()).throw(KeyError("stop")) if r["step"] == 2 else None)
+    state = broken / "checkpoints" / "step-0000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(QuantlmError, match="corrupt"):
+        train(recipe, broken, resume=True)
+    assert len(state.read_bytes()) == 1000 and not (broken / "final").exists()
+    # the fix the message names: drop the corrupt checkpoint, resume from the one before it
+    import shutil
+
+    shutil.rmtree(state.parent)
+    train(recipe, broken, resume=True)
+    assert _losses(broken) == _losses(run)
+
+
+def test_recipe_shape_and_corpus_errors(tmp_path, small_corpus, tiny_tokenizer_dir, cache):
+    with pytest.raises(QuantlmError, match="does not divide hidden_size"):
+        small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache,
+                     model_overrides={**SMALL, "num_attention_heads": 5})
+    with pytest.raises(QuantlmError, match="model_parallel=3 does not divide"):
+        small_recipe("trilm", small_corpus, tiny_tokenizer_dir, cache, model_overrides={**SMALL, "model_parallel": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: train\nmodel: trilm-tiny\nlearning_rate: 0.1\n")
+    with pytest.raises(QuantlmError, match="unknown key 'learning_rate'"):
+        recipes.load(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "e.txt").write_text("")
+    with pytest.raises(QuantlmError, match="empty"):
+        train(small_recipe("floatlm", empty, tiny_tokenizer_dir, cache), tmp_path / "r1")
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "s.txt").write_text("a few words only. " * 20)
+    with pytest.raises(QuantlmError, match="fewer than one batch"):
+        train(small_recipe("floatlm", small, tiny_tokenizer_dir, cache), tmp_path / "r2")
+    with pytest.raises(QuantlmError, match="does not exist"):
+        train(small_recipe("floatlm", tmp_path / "nowhere", tiny_tokenizer_dir, cache), tmp_path / "r3")
+    assert not (tmp_path / "r3" / "final").exists()
+
+
+def test_data_order_and_heldout_split(small_corpus, tiny_tokenizer_dir, cache):
+    fl = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache)
+    tr = small_recipe("trilm", small_corpus, tiny_tokenizer_dir, cache)
+    corpus = load_token_corpus(fl)
+    assert corpus.path == load_token_corpus(tr).path  # one cached token file for the whole suite
+    a = PackedSequences(corpus.train_tokens, 32, seed=0)
+    b = PackedSequences(corpus.train_tokens, 32, seed=0)
+    c = PackedSequences(corpus.train_tokens, 32, seed=1)
+    assert torch.equal(a.batch(0, 40), b.batch(0, 40))
+    assert not torch.equal(a.batch(0, 40), c.batch(0, 40))
+    # one epoch visits every training sequence once
+    epoch = a.batch(0, a.num_sequences)
+    assert torch.equal(epoch.flatten().sort().values,
+                       torch.as_tensor(corpus.train_tokens[: a.num_sequences * 32].astype("int64")).sort().values)
+    held = heldout_token_ids(fl)
+    n = len(corpus.tokens)
+    assert len(held) == round(n * 0.05) and torch.equal(held, torch.as_tensor(corpus.tokens[-len(held):]
+                                                                              .astype("int64")))
+    text = heldout_text(fl)
+    pieces = [p for p in text.split("<|endoftext|>") if p]
+    last_doc = json.loads((small_corpus / "b.jsonl").read_text().splitlines()[-1])["text"]
+    assert len(text) > 1000 and last_doc.endswith(pieces[-1])
+
+
+def test_cli_trains_and_lists_keys(tmp_path, small_corpus, tiny_tokenizer_dir, cache, capsys):
+    from quantlm.cli import main
+
+    recipe = small_recipe("trilm", small_corpus, tiny_tokenizer_dir, cache, steps=2)
+    path = tmp_path / "r.yaml"
+    recipes.dump(recipe, path)
+    assert main(["train", str(path), "--steps", "3", "--out", str(tmp_path / "run")]) == 0
+    assert len(_losses(tmp_path / "run")) == 3
+    assert main(["train", str(path), "--stepz", "3", "--out", str(tmp_path / "run2")]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
+
+
+def test_shipped_recipes_load():
+    from quantlm.paths import recipes_dir
+
+    names = {p.stem for p in recipes_dir().glob("*.yaml")}
+    assert {"floatlm-micro", "trilm-micro", "floatlm-tiny", "trilm-tiny"} <= names
+    for name in ("floatlm-micro", "trilm-micro", "floatlm-tiny", "trilm-tiny"):
+        r = recipes.load(recipes_dir() / f"{name}.yaml", expect=TrainRecipe)
+        assert r.spec().name == name and r.spec().vocab_size == 4096
+
+
+def test_corpus_inputs_parquet_jsonl_and_datasets_dir(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from quantlm.train.data import corpus_sources, iter_documents
+
+    pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"body": "three"}\n\n{"body": "four"}\n')
+    datasets.Dataset.from_dict({"body": ["five", "six"]}).save_to_disk(str(tmp_path / "ds"))
+    sources = corpus_sources([str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl"), str(tmp_path / "ds")])
+    assert list(iter_documents(sources, "body")) == ["one", "two", "three", "four", "five", "six"]
+    with pytest.raises(QuantlmError, match="text_field"):
+        list(iter_documents(sources, "text"))
