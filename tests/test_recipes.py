@@ -79,3 +79,14 @@ def test_override_is_type_checked():
 def test_recipe_hash_changes_with_settings():
     assert recipes.recipe_hash(QuantRecipe()) == recipes.recipe_hash(QuantRecipe())
     assert recipes.recipe_hash(QuantRecipe()) != recipes.recipe_hash(QuantRecipe(bits=3))
+
+
+def test_fixed_length_tuples_check_each_position():
+    from quantlm.recipes import _coerce
+
+    assert _coerce([1, 2.5], tuple[float, float], "x") == (1.0, 2.5)
+    assert _coerce([1, "a"], tuple[int, str], "x") == (1, "a")
+    with pytest.raises(QuantlmError, match=r"x\[1\]: expected a string"):
+        _coerce([1, 2], tuple[int, str], "x")
+    with pytest.raises(QuantlmError, match="expected 2 items"):
+        _coerce([1], tuple[int, str], "x")
