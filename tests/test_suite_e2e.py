@@ -51,7 +51,7 @@ def test_suite_runs_orders_and_resumes(tmp_path, trained_micro, monkeypatch):
                                     "quantlm-micro-4bit", "quantlm-micro-3bit"]
     assert {"paper_Mbit", "exact_Mbit", "entropy_Mbit", "corpus-heldout.ppl", "seeds"} <= set(table.columns)
     ppl = list(table["corpus-heldout.ppl"])
-    for better, worse in zip(ppl, ppl[1:]):
+    for better, worse in zip(ppl[:-1], ppl[1:], strict=True):
         assert better <= worse * 1.02  # FloatLM <= 8-bit <= 6-bit <= 4-bit <= 3-bit, up to noise
     # 3 bits moves the model further from the FloatLM than 8 bits does (a briefly trained model is robust to
     # quantization, so the gap is small in absolute terms)
