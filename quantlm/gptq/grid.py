@@ -100,8 +100,8 @@ def find_params(W: Tensor, spec: GridSpec) -> tuple[Tensor, Tensor]:
     best = torch.full((rows,), float("inf"), dtype=torch.float32, device=x.device)
     best_scale, best_zero = scale.clone(), zero.clone()
     for start in range(0, steps, chunk):
-        idx = torch.arange(start, min(start + chunk, steps), device=x.device, dtype=torch.float32)
-        p = (1 - idx / spec.mse_grid).unsqueeze(1)  # [k, 1]
+        idx = torch.arange(start, min(start + chunk, steps), device=x.device, dtype=torch.float64)
+        p = (1 - idx / spec.mse_grid).to(torch.float32).unsqueeze(1)  # [k, 1], p rounded once to fp32
         s1, z1 = _scale_zero(p * xmin, p * xmax, maxq, spec.sym)  # [k, rows]
         s1, z1 = s1.unsqueeze(2), z1.unsqueeze(2)
         q = torch.clamp(torch.round(x / s1) + z1, 0, maxq)
