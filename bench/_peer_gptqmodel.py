@@ -5,13 +5,20 @@ Usage: python _peer_gptqmodel.py MODEL_DIR TOKENS.pt OUT_DIR RESULT.json  (run i
 
 import json
 import os
-import resource
 import sys
 import time
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork + exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main():
@@ -33,7 +40,7 @@ def main():
     model.save(out_dir)
     json.dump({"tool": "gptqmodel", "version": gptqmodel.__version__, "torch": torch.__version__,
                "quantize_s": t_quant, "load_s": t_load, "total_s": time.perf_counter() - t0,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mb": peak_rss_mb(),
                "out_dir": out_dir, "format": "gptq"}, open(result_path, "w"))
 
 

@@ -4,11 +4,18 @@ Usage: python _peer_llmcompressor.py MODEL_DIR TOKENS.pt OUT_DIR RESULT.json  (r
 """
 
 import json
-import resource
 import sys
 import time
 
 import torch
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork + exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main():
@@ -34,7 +41,7 @@ def main():
     model.save_pretrained(out_dir, save_compressed=True)
     json.dump({"tool": "llm-compressor", "version": llmcompressor.__version__, "torch": torch.__version__,
                "quantize_s": t_quant, "load_s": t_load, "total_s": time.perf_counter() - t0,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mb": peak_rss_mb(),
                "out_dir": out_dir, "format": "compressed-tensors"}, open(result_path, "w"))
 
 

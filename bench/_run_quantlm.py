@@ -6,11 +6,18 @@ tool sees exactly the same windows.
 """
 
 import json
-import resource
 import sys
 import time
 
 import torch
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork + exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main():
@@ -41,7 +48,7 @@ def main():
                "torch": torch.__version__, "quantize_s": t_quant, "load_s": t_load,
                "total_s": time.perf_counter() - t0,
                "solve_s": sum(m.seconds for m in run.modules),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mb": peak_rss_mb(),
                "out_dir": out_dir, "format": "gptq"}, open(result_path, "w"))
 
 
