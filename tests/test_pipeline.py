@@ -131,3 +131,15 @@ def test_errors(fresh, tokens):
     model.get_submodule("model.layers.1.mlp.up_proj").weight.data[3, 5] = float("nan")
     with pytest.raises(QuantlmError, match="NaN or Inf"):
         quantize_blocks(model, LLAMA, tokens, _recipe(), progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(fresh, tokens):
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = fresh()
+        runs[device] = quantize_blocks(model, LLAMA, tokens, _recipe(bits=4), device=device, progress=False)
+        assert all(p.device.type == "cpu" for p in model.parameters())  # the model ends on the CPU
+    cpu = sum(m.error for m in runs["cpu"].modules)
+    gpu = sum(m.error for m in runs["cuda"].modules)
+    assert gpu == pytest.approx(cpu, rel=0.05)

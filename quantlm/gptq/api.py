@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -34,7 +35,8 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwrite: bool) -> dict:
+def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwrite: bool,
+                     device: str = "cpu") -> dict:
     """Every check that needs no compute, so bad input fails in a second with nothing written."""
     from quantlm.checkpoint import block_map_for, read_config
     from quantlm.formats.common import check_format_bits
@@ -51,7 +53,45 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
         raise QuantlmError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
     if out_dir.resolve() == model_dir.resolve():
         raise QuantlmError(f"output directory {out_dir} is the model directory; choose another --out")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    _check_group_size(model_dir, block_map_for(config, str(model_dir)), recipe.group_size)
     return config
+
+
+def _check_group_size(model_dir: Path, block_map, group_size: int) -> None:
+    """Group size against every block linear's input width, from the safetensors headers (no tensor read)."""
+    if group_size == -1:
+        return
+    from safetensors import safe_open
+
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.endswith(".weight") and block_map.block_linear_of(key):
+                    width = st.get_slice(key).get_shape()[-1]
+                    if width % group_size:
+                        raise QuantlmError(
+                            f"group size {group_size} does not divide the input width {width} of "
+                            f"{key[: -len('.weight')]}; choose a divisor of every layer's input width or "
+                            "--group-size -1 (per channel)")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No transformers loading bars: the per-block bar is quantlm's progress, and errors stay one line."""
+    import transformers.utils.logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
 
 
 def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: str | os.PathLike, *,
@@ -74,13 +114,14 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
 
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = validate_request(model_dir, recipe, out_dir, overwrite)
+    config = validate_request(model_dir, recipe, out_dir, overwrite, device)
     block_map = block_map_for(config, str(model_dir))
-    tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir, dtype=torch.float32)
+    with _quiet_transformers():
+        tokenizer = load_tokenizer(model_dir)
+        calib_source = recipe.calibration or str(default_calibration_path())
+        tokens = calibration_tokens(tokenizer, recipe.calibration or None, recipe.nsamples, recipe.seqlen, seed)
+        model = load_causal_lm(model_dir, dtype=torch.float32)
     check_quantizable(model, block_map, recipe)
-    calib_source = recipe.calibration or str(default_calibration_path())
-    tokens = calibration_tokens(tokenizer, recipe.calibration or None, recipe.nsamples, recipe.seqlen, seed)
     t_load = time.perf_counter() - t0
 
     run = quantize_blocks(model, block_map, tokens, recipe, device=device, rtn=rtn, progress=progress)

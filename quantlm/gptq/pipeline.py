@@ -240,7 +240,7 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
                 Q = res.dequantize().to(W.device)
                 err = float(reconstruction_error(W, Q, H))
                 lin.weight.data.copy_(Q.to(lin.weight.dtype))
-                results[full] = res
+                results[full] = res.to("cpu")  # codes leave the device with their block
                 # a shared solve's time is split over the group's layers by their share of rows
                 reports.append(ModuleReport(full, tuple(W.shape), float(res.loss), err, float(res.damp),
                                             seconds * W.shape[0] / rows, ntokens))

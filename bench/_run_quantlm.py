@@ -1,0 +1,56 @@
+"""Child process of bench_quantize_cpu.py: quantlm's quantize_model on MODEL_DIR with the bench tokens.
+
+Usage: python _run_quantlm.py MODEL_DIR TOKENS.pt OUT_DIR RESULT.json [--rtn]
+The tokens are passed straight to the pipeline (no re-tokenization), so that every
+tool sees exactly the same windows.
+"""
+
+import json
+import sys
+import time
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork + exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    model_dir, tokens_path, out_dir, result_path = sys.argv[1:5]
+    rtn = "--rtn" in sys.argv
+    t0 = time.perf_counter()
+    import quantlm
+    from quantlm.checkpoint import load_causal_lm
+    from quantlm.formats.common import stored_linear
+    from quantlm.formats.gptq import write_gptq
+    from quantlm.gptq.pipeline import quantize_blocks
+    from quantlm.models.blocks import LLAMA
+    from quantlm.recipes import QuantRecipe, to_dict
+
+    tokens = torch.load(tokens_path)
+    recipe = QuantRecipe(bits=4, group_size=128, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
+                         formats=("gptq",))
+    model = load_causal_lm(model_dir, dtype=torch.float32)
+    t_load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    run = quantize_blocks(model, LLAMA, tokens, recipe, rtn=rtn, progress=False)
+    t_quant = time.perf_counter() - t1
+    from pathlib import Path
+
+    linears = {n: stored_linear(n, r) for n, r in run.results.items()}
+    write_gptq(Path(out_dir), model, linears, {"recipe": to_dict(recipe)})
+    json.dump({"tool": "quantlm-rtn" if rtn else "quantlm", "version": quantlm.__version__,
+               "torch": torch.__version__, "quantize_s": t_quant, "load_s": t_load,
+               "total_s": time.perf_counter() - t0,
+               "solve_s": sum(m.seconds for m in run.modules),
+               "peak_rss_mb": peak_rss_mb(),
+               "out_dir": out_dir, "format": "gptq"}, open(result_path, "w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Quantize the Spectra 99M shape at 4 bits (group 128) with 32 x 512 calibration tokens on the CPU:
+quantlm next to GPTQModel and llm-compressor on the same weights and the same token windows.
+
+Each tool runs in its own child process (peers in their own virtualenvs, so their pins never meet
+quantlm's), reporting wall time of the quantization call, total process time and peak RSS. Every output
+is then read back (GPTQ v1 or compressed-tensors layout) and scored with the SAME per-layer Hessians,
+collected from the float model on the calibration windows: error = tr((W - Q) H (W - Q)^T), and relative
+error = error / tr(W H W^T). Round-to-nearest (quantlm --rtn) is the floor every GPTQ should beat.
+
+Usage: python bench/bench_quantize_cpu.py [--work DIR] [--gptqmodel-python PY] [--llmcompressor-python PY]
+Results: DIR/results.json and a markdown table on stdout (copied into bench/quantize_cpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from quantlm.calibration import calibration_tokens  # noqa: E402
+from quantlm.formats.compressed_tensors import read_ct_tensors  # noqa: E402
+from quantlm.formats.loader import _read_tensors  # noqa: E402
+from quantlm.gptq.hessian import HessianAccumulator  # noqa: E402
+from quantlm.gptq.packing import unpack_bits  # noqa: E402
+from quantlm.gptq.solver import reconstruction_error  # noqa: E402
+from quantlm.models.blocks import LLAMA  # noqa: E402
+from quantlm.specs import get_preset  # noqa: E402
+
+BITS = 4
+
+
+def build_model(work: Path, seed: int) -> Path:
+    """The floatlm-99m shape, random init (seeded), fp32, with a BPE tokenizer trained on the shipped corpus."""
+    from transformers import LlamaForCausalLM
+
+    from quantlm.tokenizer import train_bpe_tokenizer
+
+    model_dir = work / "floatlm-99m-random"
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(get_preset("floatlm-99m").to_hf_config())
+    model.save_pretrained(model_dir)
+    text = (REPO / "data" / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
+    train_bpe_tokenizer([text], vocab_size=8192, out_dir=model_dir)
+    return model_dir
+
+
+@torch.no_grad()
+def float_hessians(model_dir: Path, tokens: torch.Tensor) -> tuple[dict, dict]:
+    from quantlm.checkpoint import load_causal_lm
+
+    model = load_causal_lm(model_dir)
+    accs, handles = {}, []
+    for i, block in enumerate(model.get_submodule(LLAMA.layers_path)):
+        for group in LLAMA.sequential:
+            lin = block.get_submodule(group[0])
+            acc = HessianAccumulator(lin.in_features, "cpu")
+            for name in group:
+                accs[f"{LLAMA.layers_path}.{i}.{name}"] = acc
+            handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0].float())))
+    for b in range(0, tokens.shape[0], 4):
+        model(input_ids=tokens[b : b + 4], use_cache=False)
+    for h in handles:
+        h.remove()
+    weights = {n: model.get_submodule(n).weight.detach().float().clone() for n in accs}
+    return {n: acc.H for n, acc in accs.items()}, weights
+
+
+def dequantized_weights(out_dir: Path, fmt: str, names) -> dict[str, torch.Tensor]:
+    tensors = _read_tensors(out_dir)
+    out = {}
+    for name in names:
+        if fmt == "gptq":
+            qweight, qzeros, scales = (tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales"))
+            n_in = tensors[f"{name}.g_idx"].numel()
+            n_out = scales.shape[1]
+            g = tensors[f"{name}.g_idx"].long()  # general g_idx: whatever the tool wrote
+            q = unpack_bits(qweight, BITS, n_in, dim=0).T.float()
+            zeros = unpack_bits(qzeros, BITS, n_out, dim=1).T.float() + 1
+            s = scales.T.float()
+            out[name] = (q - zeros[:, g]) * s[:, g]
+        else:
+            q, s, z = read_ct_tensors(tensors, name, BITS, sym=f"{name}.weight_zero_point" not in tensors)
+            gs = q.shape[1] // s.shape[1]
+            g = torch.arange(q.shape[1]) // gs
+            if f"{name}.weight_g_idx" in tensors:
+                g = tensors[f"{name}.weight_g_idx"].long()
+            out[name] = (q.float() - z.float()[:, g]) * s.float()[:, g]
+    return out
+
+
+def run_child(python: str, script: str, args: list[str], env_extra: dict | None = None, timeout: int = 1800):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    t0 = time.perf_counter()
+    p = subprocess.run([python, str(REPO / "bench" / script), *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    wall = time.perf_counter() - t0
+    return p.returncode, wall, (p.stdout + p.stderr)[-3000:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/quantlm-bench")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gptqmodel-python", default="/work/venvs/interop/bin/python")
+    ap.add_argument("--llmcompressor-python", default="/work/venvs/llmc/bin/python")
+    ap.add_argument("--tools", default="quantlm,quantlm-rtn,gptqmodel,llm-compressor")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model(work, args.seed)
+    from quantlm.checkpoint import load_tokenizer
+
+    tokens = calibration_tokens(load_tokenizer(model_dir), None, args.nsamples, args.seqlen, seed=args.seed)
+    tokens_path = work / "tokens.pt"
+    torch.save(tokens, tokens_path)
+    H, W = float_hessians(model_dir, tokens)
+    names = list(H)
+
+    tools = {
+        "quantlm": (sys.executable, "_run_quantlm.py", [], {}),
+        "quantlm-rtn": (sys.executable, "_run_quantlm.py", ["--rtn"], {}),
+        "gptqmodel": (args.gptqmodel_python, "_peer_gptqmodel.py", [], {"GPTQMODEL_CPU_WORKERS": "2"}),
+        "llm-compressor": (args.llmcompressor_python, "_peer_llmcompressor.py", [], {}),
+    }
+    results = {}
+    for tool in args.tools.split(","):
+        python, script, extra, env = tools[tool]
+        if not Path(python).exists():
+            results[tool] = {"tool": tool, "error": f"{python} not found (peer not installed)"}
+            continue
+        out_dir, res_path = work / f"out-{tool}", work / f"result-{tool}.json"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        res_path.unlink(missing_ok=True)
+        rc, wall, log = run_child(python, script, [str(model_dir), str(tokens_path), str(out_dir), str(res_path),
+                                                  *extra], env)
+        if rc != 0 or not res_path.is_file():
+            results[tool] = {"tool": tool, "error": f"exit {rc}", "log_tail": log}
+            print(f"{tool}: FAILED (exit {rc})\n{log}", file=sys.stderr)
+            continue
+        r = json.load(open(res_path))
+        r["process_wall_s"] = wall
+        Q = dequantized_weights(Path(r["out_dir"]), r["format"], names)
+        per_layer = {}
+        for n in names:
+            err = reconstruction_error(W[n], Q[n], H[n])
+            ref = float(((W[n] @ H[n]) * W[n]).double().sum())
+            per_layer[n] = {"error": err, "relative": err / ref}
+        r["per_layer"] = per_layer
+        r["total_error"] = sum(v["error"] for v in per_layer.values())
+        r["mean_relative_error"] = sum(v["relative"] for v in per_layer.values()) / len(per_layer)
+        results[tool] = r
+        print(f"{tool}: quantize {r['quantize_s']:.1f}s, process {wall:.1f}s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+              f"total error {r['total_error']:.4g}, mean relative {r['mean_relative_error']:.4g}", file=sys.stderr)
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+            "loadavg_after": os.getloadavg(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "model": f"floatlm-99m shape, random init seed {args.seed}, fp32"}
+    json.dump({"meta": meta, "results": results}, open(work / "results.json", "w"), indent=1)
+    print(markdown(meta, results, names))
+
+
+def markdown(meta, results, names) -> str:
+    lines = [f"Run {meta['date']}, torch {meta['torch']}, {meta['threads']} threads, "
+             f"{meta['nsamples']} x {meta['seqlen']} tokens, load average after {meta['loadavg_after']}", "",
+             "| tool | version | quantize call (s) | process (s) | peak RSS (MB) | total error | mean rel. error |",
+             "|---|---|---|---|---|---|---|"]
+    for tool, r in results.items():
+        if "error" in r and "quantize_s" not in r:
+            lines.append(f"| {tool} | - | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {tool} | {r['version']} | {r['quantize_s']:.1f} | {r['process_wall_s']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['total_error']:.4g} | {r['mean_relative_error']:.4g} |")
+    ok = [t for t, r in results.items() if "per_layer" in r]
+    lines += ["", "Relative error per linear (mean over the 16 blocks):", "",
+              "| linear | " + " | ".join(ok) + " |", "|---|" + "---|" * len(ok)]
+    for lin in LLAMA.linears:
+        row = [sum(results[t]["per_layer"][n]["relative"] for n in names if n.endswith(lin)) / 16 for t in ok]
+        lines.append(f"| {lin} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
