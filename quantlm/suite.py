@@ -370,7 +370,7 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
         raise QuantlmError(f"no result records under {results}; run the suite first")
     table = comparison_table(df)
     csv_path = write_text(results / "suite_table.csv", table.to_csv(index=False))
-    md_path = write_text(results / "suite_table.md", _markdown(table, manifest))
+    md_path = write_text(results / "suite_table.md", _markdown(table, manifest, _provenance(results, df)))
     out = {"table": table, "csv": csv_path, "markdown": md_path, "plots": []}
     if plots:
         out["plots"] = _plots(df, results)
@@ -378,13 +378,14 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
 
 
 def _metric_columns(df) -> list[str]:
-    keep = []
-    for c in df.columns:
-        if c == "commonsense_avg" or c.endswith((".ppl", ".acc_norm")) or (
-                c.endswith(".acc") and f"{c[:-4]}.acc_norm" not in df.columns):
-            if df[c].notna().any():
-                keep.append(c)
-    return keep
+    """Perplexities of the corpora, then acc_norm (or acc) of the tasks, then the commonsense average."""
+    tasks = {c[: -len(".acc")] for c in df.columns if c.endswith(".acc")}
+    keep = [c for c in df.columns if c.endswith(".ppl") and c[: -len(".ppl")] not in tasks]
+    for t in sorted(tasks):
+        keep.append(f"{t}.acc_norm" if f"{t}.acc_norm" in df.columns else f"{t}.acc")
+    if "commonsense_avg" in df.columns:
+        keep.append("commonsense_avg")
+    return [c for c in keep if df[c].notna().any()]
 
 
 def comparison_table(df):
@@ -403,7 +404,7 @@ def comparison_table(df):
             row[c.replace("size_bits_", "") + "_Mbit"] = g[c].mean() / 1e6
         for c in metrics:
             row[c] = g[c].mean()
-            if len(g) > 1:
+            if len(g) > 1 and c.endswith(".ppl"):  # spread over calibration seeds
                 row[c + "_std"] = g[c].std(ddof=1)
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -412,10 +413,23 @@ def comparison_table(df):
     return table.sort_values(["_f", "params", "_b", "model"]).drop(columns=["_f", "_b"]).reset_index(drop=True)
 
 
-def _markdown(table, manifest: SuiteManifest) -> str:
+def _provenance(results: Path, df) -> dict:
+    """Device, library versions and evaluation wall time, from the records themselves."""
+    newest = df.sort_values("created").iloc[-1]
+    record = next((json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+                   if json.loads(p.read_text()).get("id") == newest["id"]), {})
+    return {"device": record.get("device"), "versions": record.get("versions"),
+            "records": len(df), "eval_wall_s": float(df["wall_time_s"].fillna(0).sum())}
+
+
+def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in (provenance.get("versions") or {}).items())
     lines = [f"# Suite `{manifest.name}`", "",
-             "Sizes in Mbit under the paper and exact conventions (`quantlm size`); QuantLM metrics are the mean "
-             "over calibration seeds (`_std`: their standard deviation).", ""]
+             "Sizes in Mbit under the paper, exact and entropy conventions (`quantlm size`; QuantLMs packed in "
+             "the compressed-tensors layout, TriLMs at 1.6 bits per weight). QuantLM metrics are the mean over "
+             "calibration seeds (`_std`: their standard deviation over seeds).", "",
+             f"Produced by `quantlm suite` ({provenance.get('records')} result records, "
+             f"{provenance.get('eval_wall_s', 0):.0f} s of evaluation) on {provenance.get('device')}; {versions}.", ""]
     cols = list(table.columns)
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")
