@@ -10,11 +10,9 @@ records with the same model and seed, the newest is used (a rerun replaces the o
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,16 +166,10 @@ def fit_families(df, metric: str, x: str = "params"):
 
 def _save(fig, path: Path) -> Path:
     """savefig to a temp sibling, then rename: a crash never leaves half an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    from quantlm.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
