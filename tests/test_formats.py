@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +169,27 @@ def test_unpacked_is_a_plain_checkpoint_with_tokenizer_and_meta(exports):
     assert {"quantlm", "torch", "transformers"} <= set(meta["versions"])
     report = json.load(open(f"{exports[4]['out_dir']}/report.json"))
     assert report["paths"] == exports[4]["paths"] and report["seconds"]["total"] > 0
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_exact_accounting_of_real_exports_equals_payload(exports, bits):
+    """quantlm size of every packed export = 8 x its safetensors payload = the layout predicted from config."""
+    import struct
+
+    from quantlm import accounting as acc
+
+    root = Path(exports[bits]["paths"]["compressed-tensors"]).parent
+    g = 4 if bits % 2 == 0 else -1
+    for fmt in ("gptq", "compressed-tensors"):
+        d = root / fmt
+        if not d.is_dir():
+            continue
+        payload = sum(f.stat().st_size - 8 - struct.unpack("<Q", f.read_bytes()[:8])[0]
+                      for f in d.glob("*.safetensors"))
+        measured = acc.budget(d)
+        assert measured.family == "quantlm" and measured.bits == bits
+        assert measured.total_bits("exact") == 8 * payload
+        predicted = acc.budget(d / "config.json", quant=acc.QuantLayout(format=fmt, group_size=g))
+        assert predicted.total_bits("exact") == measured.total_bits("exact"), fmt
+        meta = json.loads((d / "quantlm.json").read_text())
+        assert meta["accounting"]["as_stored"]["exact"] == 8 * payload

@@ -107,9 +107,25 @@ def copy_tokenizer(src: Path | None, out: Path) -> list[str]:
 
 
 def write_meta(out: Path, meta: dict) -> Path:
+    """quantlm.json: the recipe, per-module losses and the bit accounting of this checkpoint (call it last,
+    once the weights and config.json are written: the accounting reads their headers)."""
     path = out / "quantlm.json"
-    path.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    path.write_text(json.dumps({**meta, "accounting": accounting_summary(out, meta)}, indent=2, default=str)
+                    + "\n", encoding="utf-8")
     return path
+
+
+def accounting_summary(out: Path, meta: dict) -> dict:
+    """Total bits of the checkpoint as stored, and of the same QuantLM packed (compressed-tensors layout)."""
+    from quantlm import accounting as acc
+
+    recipe = meta.get("recipe") or {}
+    stored = acc.budget(out)
+    summary = {"as_stored": {c: stored.total_bits(c) for c in acc.CONVENTIONS}}
+    if recipe.get("bits"):
+        packed = acc.budget(out / "config.json", bits=int(recipe["bits"]), group_size=int(recipe.get("group_size", -1)))
+        summary["packed"] = {"layout": packed.layout, **{c: packed.total_bits(c) for c in acc.CONVENTIONS}}
+    return summary
 
 
 def check_format_bits(fmt: str, bits: int) -> None:
