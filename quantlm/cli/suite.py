@@ -21,8 +21,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    import logging
-
     from quantlm import suite
     from quantlm.paths import recipes_dir
 
@@ -35,21 +33,22 @@ def _run(args) -> int:
     if args.dry_run:
         _print_plan(suite.describe_plan(manifest, base), args.only, manifest)
         return 0
+    failed = False
     if not args.report:
         summary = suite.run(manifest, base, only=args.only, progress=not args.no_progress)
+        failed = bool(summary.failed)
         print(f"suite {manifest.name}: {len(summary.done)} jobs done, {len(summary.skipped)} already done, "
               f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
         for job_id, err in {**summary.failed, **summary.blocked}.items():
             print(f"  {job_id}: {err}", file=sys.stderr)
-        if args.only:
-            return 1 if summary.failed else 0
+        if args.only:  # one job of a scheduler's array: the report is built once all have run
+            return 1 if failed else 0
     out = suite.report(manifest, base)
     print(out["table"].to_string(index=False))
     print(f"\ntable: {out['csv']}\n       {out['markdown']}")
     for p in out["plots"]:
         print(f"plot:  {p}")
-    logging.getLogger(__name__).debug("report done")
-    return 1 if not args.report and summary.failed else 0
+    return 1 if failed else 0
 
 
 def _print_plan(rows, only, manifest) -> None:
