@@ -39,24 +39,38 @@ def test_replay_gives_the_same_codes_as_recomputing(model_and_tokens):
     assert [m.error for m in replayed.modules] == [m.error for m in recomputed.modules]
 
 
+def _llama_passes(block, hidden, kwargs, tails):
+    """The true-sequential passes over ``block`` with unchanged weights: what each pass left to replay."""
+    passes = BlockPasses(block, LLAMA.linears, hidden, kwargs, torch.device("cpu"), torch.device("cpu"), 2**30, tails)
+    seen = []
+    for group in LLAMA.sequential:
+        passes.collect([block.get_submodule(group[0])], [lambda x: None], stop=True)
+        seen.append(passes.cached)
+    return passes, seen
+
+
 def test_llama_passes_replay_the_finished_submodules(model_and_tokens):
     model, tokens = model_and_tokens
     hidden, kwargs = capture_block_inputs(model, LLAMA, tokens, 4, torch.device("cpu"))
-    block = model.get_submodule(LLAMA.layers_path)[0]
-    passes = BlockPasses(block, LLAMA.linears, hidden, kwargs, torch.device("cpu"), torch.device("cpu"), 2**30)
+    blocks = model.get_submodule(LLAMA.layers_path)
     with torch.no_grad():
-        reference = [block(h, **kwargs[h.shape[0]]) for h in hidden]
-    reference = [r[0] if isinstance(r, tuple) else r for r in reference]
-    seen = []
-    for group in LLAMA.sequential:  # weights unchanged: only the replay is exercised
-        passes.collect([block.get_submodule(group[0])], [lambda x: None], stop=True)
-        seen.append(passes.cached)
-    assert seen == [[], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn"],
-                    ["self_attn", "mlp.gate_proj", "mlp.up_proj"]]
-    for out, ref in zip(passes.outputs(), reference, strict=True):
-        assert torch.equal(out, ref.float())
-    assert passes.cached == []
-    assert "forward" not in block.self_attn.__dict__  # the replay overrides are gone
+        passes, seen = _llama_passes(blocks[0], hidden, kwargs, None)
+        assert seen == [[], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn"],
+                        ["self_attn", "mlp.gate_proj", "mlp.up_proj"]]
+        hidden1 = passes.outputs()
+        reference = [blocks[0](h, **kwargs[h.shape[0]]) for h in hidden]
+        for out, ref in zip(hidden1, reference, strict=True):
+            assert torch.equal(out, (ref[0] if isinstance(ref, tuple) else ref).float())
+        assert passes.cached == [] and "forward" not in blocks[0].self_attn.__dict__  # overrides are gone
+        # the passes learned which submodules end in a linear; the next block uses that: the attention is
+        # finished (o_proj's output left as a slot) in the pass for o_proj, the MLP in the pass for down_proj
+        assert passes.tails == {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+        passes1, seen1 = _llama_passes(blocks[1], hidden1, kwargs, passes.tails)
+        assert seen1 == [[], ["self_attn"], ["self_attn"], ["self_attn", "mlp"]]
+        reference = [blocks[1](h, **kwargs[h.shape[0]]) for h in hidden1]
+        for out, ref in zip(passes1.outputs(), reference, strict=True):
+            assert torch.equal(out, (ref[0] if isinstance(ref, tuple) else ref).float())
+        assert "forward" not in blocks[1].self_attn.o_proj.__dict__
 
 
 class _Toy(nn.Module):
@@ -117,3 +131,49 @@ def test_onednn_products_match_torch():
     with override_forward(lin, lambda x: x):
         assert lin(x) is x
     assert lin.forward is marker
+
+
+class _Inner(nn.Module):
+    def __init__(self, ends_in_linear: bool):
+        super().__init__()
+        self.l1, self.l = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.ends_in_linear = ends_in_linear
+
+    def forward(self, x):
+        y = self.l(torch.tanh(self.l1(x)))
+        return y if self.ends_in_linear else y * 2
+
+
+class _TailToy(nn.Module):
+    def __init__(self, ends_in_linear: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p, self.b = _Inner(ends_in_linear), nn.Linear(8, 4)
+
+    def forward(self, h):
+        return self.b(self.p(h) + h)
+
+
+@pytest.mark.parametrize("ends_in_linear", [True, False])
+@pytest.mark.parametrize("told", [True, False])
+def test_tails_are_learned_used_and_dropped_when_wrong(ends_in_linear, told):
+    toy = _TailToy(ends_in_linear)
+    hidden = [torch.randn(3, 5, 8), torch.randn(2, 5, 8)]
+    tails = {"p": "p.l"} if told else None  # told: as if an earlier block had taught it (wrongly, if not ends)
+    passes = BlockPasses(toy, ["p.l1", "p.l", "b"], hidden, {3: {}, 2: {}}, torch.device("cpu"),
+                         torch.device("cpu"), 2**20, tails)
+    with torch.no_grad():
+        cached = []
+        for name in ("p.l1", "p.l", "b"):
+            lin = toy.get_submodule(name)
+            passes.collect([lin], [lambda x: None], stop=True)
+            lin.weight.mul_(-0.5)  # "quantize" the group: later passes must see the new weight
+            cached.append(passes.cached)
+        outs = passes.outputs()
+        expected = [toy(h) for h in hidden]
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    used = told and ends_in_linear
+    assert cached[1] == (["p"] if used else ["p.l1"])
+    assert passes.tails == ({"p": "p.l"} if ends_in_linear else {})
+    assert "forward" not in toy.p.l.__dict__

@@ -204,12 +204,13 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
     results: dict[str, GPTQResult] = {}
     reports: list[ModuleReport] = []
     method = "rtn" if rtn else "gptq"
+    tails: dict[str, str] = {}  # submodule -> the linear it ends in, learned by the passes of earlier blocks
     for i, block in enumerate(layers):
         block.to(device)
         bar = tqdm(total=len(block_map.linears), desc=f"{method} block {i + 1}/{len(layers)}",
                    disable=not progress, leave=False)
         passes = BlockPasses(block, block_map.linears, hidden, kwargs_by_size, device, keep_on,
-                             int(replay_cache_gb * 2**30))
+                             int(replay_cache_gb * 2**30), tails)
         firsts = [get_submodule(block, group[0]) for group in block_map.sequential]
         accs = [HessianAccumulator(lin.weight.shape[1], device) for lin in firsts]
         with onednn_linears(block, enabled=device.type == "cpu"):
@@ -226,6 +227,7 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
                     bar.update(1)
                 accs[k] = None  # free the Hessian
             hidden = passes.outputs()
+            tails = passes.tails
         bar.close()
         block.to("cpu")
         if device.type == "cuda":
