@@ -7,7 +7,8 @@
    the earlier groups already quantized in place (true-sequential), accumulate one Hessian for the group,
    then quantize each of its linears. Finally recompute the block's outputs with all its weights quantized:
    they are the next block's inputs. Each pass replays the outputs of the submodules an earlier pass
-   already finished (``block_passes``), so a block costs about one forward plus one attention, not ~2.7.
+   already finished (``block_passes``), so a block costs about one forward, not ~2.7 (the first block
+   about one forward plus one attention, while the passes learn where submodules end in a linear).
 Only one block is on the compute device at a time; the rest of the model stays on the CPU. On the CPU the
 block linears and Hessian products run through oneDNN (``cpu_linear``) and the solves on one thread.
 """
