@@ -12,6 +12,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from quantlm.gptq.cpu_linear import gram_panels
+
 
 @contextlib.contextmanager
 def _tf32_matmul(enabled: bool):
@@ -38,9 +40,9 @@ class HessianAccumulator:
 
     Kept as a running mean (H <- n/(n+m) * H + 2/(n+m) * x^T x), so its magnitude stays that of one
     sample's outer product however many batches arrive. Only the upper triangle is computed, by row
-    panels (one matrix product per panel, ~56% of the multiply-adds of the full product), and mirrored
-    when ``H`` is read, so H is exactly symmetric. ``allow_tf32`` (CUDA only) runs the products in TF32,
-    several times faster on recent GPUs at ~1e-3 relative error of H; off by default.
+    panels (one matrix product per panel, ~56% of the multiply-adds of the full product; through oneDNN on
+    the CPU, see ``cpu_linear``), and mirrored when ``H`` is read, so H is exactly symmetric.
+    ``allow_tf32`` (CUDA only) runs the products in TF32, several times faster on recent GPUs at ~1e-3 relative error of H; off by default.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None, *, allow_tf32: bool = False):
@@ -64,11 +66,14 @@ class HessianAccumulator:
             return
         total = self.nsamples + m
         beta, alpha = self.nsamples / total, 2.0 / total
-        ends = self._panels[1:] + [self.in_features]
-        with _tf32_matmul(self.allow_tf32):
-            for a, b in zip(self._panels, ends, strict=True):
-                # rows a..b of the upper triangle: columns a.. of x^T x
-                self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=beta, alpha=alpha)
+        if self.device.type == "cpu":
+            for a, b, panel in gram_panels(x, self._panels):  # rows a..b of the upper triangle
+                self._upper[a:b, a:].mul_(beta).add_(panel, alpha=alpha)
+        else:
+            ends = self._panels[1:] + [self.in_features]
+            with _tf32_matmul(self.allow_tf32):
+                for a, b in zip(self._panels, ends, strict=True):
+                    self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=beta, alpha=alpha)
         self.nsamples = total
         self._full = None
 

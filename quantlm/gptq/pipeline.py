@@ -6,12 +6,16 @@
    [down]) run the block forward just far enough to see the group's input (the forward stops there), with
    the earlier groups already quantized in place (true-sequential), accumulate one Hessian for the group,
    then quantize each of its linears. Finally recompute the block's outputs with all its weights quantized:
-   they are the next block's inputs.
-Only one block is on the compute device at a time; the rest of the model stays on the CPU.
+   they are the next block's inputs. Each pass replays the outputs of the submodules an earlier pass
+   already finished (``block_passes``), so a block costs about one forward, not ~2.7 (the first block
+   about one forward plus one attention, while the passes learn where submodules end in a linear).
+Only one block is on the compute device at a time; the rest of the model stays on the CPU. On the CPU the
+block linears and Hessian products run through oneDNN (``cpu_linear``) and the solves on one thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -21,16 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import QuantlmError
+from quantlm.gptq.block_passes import BlockPasses, StopForward, to_device
+from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
 from quantlm.gptq.solver import GPTQResult, gptq_quantize_shared, reconstruction_error, rtn_quantize
 from quantlm.models.blocks import BlockMap
 from quantlm.recipes import QuantRecipe
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by a hook once it has what it needs, so the rest of the forward pass is skipped."""
 
 
 @dataclass
@@ -88,18 +90,6 @@ def _move_outside_blocks(model: nn.Module, layers: nn.Module, device: torch.devi
                 module._buffers[key] = b.to(device)
 
 
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, batch_size: int,
                          device: torch.device) -> tuple[list[torch.Tensor], dict[int, dict]]:
@@ -111,7 +101,7 @@ def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Te
     def hook(_module, args, kwargs):
         captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+        raise StopForward
 
     _move_outside_blocks(model, layers, device)
     first.to(device)  # some models check the first block's device; it is moved back below
@@ -123,7 +113,7 @@ def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Te
             batch = tokens[start : start + batch_size].to(device)
             try:
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             hidden.append(captured["hidden"].float())
             kwargs_by_size.setdefault(batch.shape[0], captured["kwargs"])
@@ -138,116 +128,107 @@ def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Te
     return hidden, kwargs_by_size
 
 
-def _group_input_hessian(block: nn.Module, first_linear: nn.Module, hidden: list[torch.Tensor],
-                         kwargs_by_size: dict[int, dict], device: torch.device) -> HessianAccumulator:
-    """Run ``block`` on every batch up to ``first_linear`` and accumulate the Hessian of its input."""
-    acc = HessianAccumulator(first_linear.weight.shape[1], device)
-
-    def hook(_module, args):
-        acc.add(args[0].float())
-        raise _StopForward
-
-    handle = first_linear.register_forward_pre_hook(hook)
+@contextlib.contextmanager
+def _solver_threads(device: torch.device):
+    """One CPU thread for the solves: their per-column steps are tiny ops that a second thread only slows
+    down (10x on a busy 2-core machine, bench/solver.md), and one thread makes the codes independent of
+    the thread count. Restores the caller's setting."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        for h in hidden:
-            try:
-                block(h.to(device), **kwargs_by_size[h.shape[0]])
-            except _StopForward:
-                pass
+        yield
     finally:
-        handle.remove()
-    return acc
+        torch.set_num_threads(previous)
 
 
-def _all_group_hessians(block: nn.Module, block_map: BlockMap, hidden: list[torch.Tensor],
-                        kwargs_by_size: dict[int, dict], device: torch.device) -> dict[str, HessianAccumulator]:
-    """Without true-sequential: every group's Hessian from one forward pass of the unquantized block."""
-    accs, handles = {}, []
-    for group in block_map.sequential:
-        lin = get_submodule(block, group[0])
-        acc = accs[group[0]] = HessianAccumulator(lin.weight.shape[1], device)
-        handles.append(lin.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0].float())))
-    try:
-        for h in hidden:
-            block(h.to(device), **kwargs_by_size[h.shape[0]])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return accs
-
-
-def _block_outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs_by_size: dict[int, dict],
-                   device: torch.device, keep_on: torch.device) -> list[torch.Tensor]:
-    outs = []
-    for h in hidden:
-        out = block(h.to(device), **kwargs_by_size[h.shape[0]])
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        outs.append(out.float().to(keep_on))
-    return outs
+def _quantize_group(names: list[str], linears: list[nn.Module], H: torch.Tensor, recipe: QuantRecipe, rtn: bool,
+                    device: torch.device, ntokens: int) -> list[tuple[GPTQResult, ModuleReport]]:
+    """Quantize the linears of one group (sharing the Hessian ``H``) and write the dequantized weights back."""
+    Ws = [lin.weight.data.float() for lin in linears]
+    t0 = time.perf_counter()
+    with _solver_threads(device):
+        if rtn:
+            group_results = [rtn_quantize(W, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
+                                          mse=recipe.mse_grid) for W in Ws]
+        else:  # the linears of a group share H: one solve over their stacked rows
+            group_results = gptq_quantize_shared(
+                Ws, H, names=names, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
+                act_order=recipe.act_order, static_groups=recipe.static_groups, damp=recipe.damp,
+                block_size=recipe.block_size, mse=recipe.mse_grid)
+    seconds = time.perf_counter() - t0
+    rows = sum(W.shape[0] for W in Ws)
+    out = []
+    for full, lin, W, res in zip(names, linears, Ws, group_results, strict=True):
+        Q = res.dequantize().to(W.device)
+        err = float(reconstruction_error(W, Q, H))  # before the copy: W may be the weight tensor itself
+        lin.weight.data.copy_(Q.to(lin.weight.dtype))
+        # a shared solve's time is split over the group's layers by their share of rows
+        report = ModuleReport(full, tuple(W.shape), float(res.loss), err, float(res.damp),
+                              seconds * W.shape[0] / rows, ntokens)
+        log.debug("%s: loss %.4g error %.4g damp %.3g", full, res.loss, err, res.damp)
+        out.append((res.to("cpu"), report))  # codes leave the device with their block
+    return out
 
 
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: QuantRecipe, *,
                     device: str | torch.device = "cpu", rtn: bool = False, batch_size: int = 8,
-                    offload: bool | None = None, progress: bool = True) -> PipelineResult:
+                    offload: bool | None = None, replay_cache_gb: float | None = None,
+                    progress: bool = True) -> PipelineResult:
     """Quantize every block linear of ``model`` in place (weights replaced by their dequantized values).
 
     ``tokens``: ``[nsamples, seqlen]`` calibration windows. ``rtn``: round to nearest instead of GPTQ (the
     Hessians are still collected, to report the same reconstruction error). ``offload``: keep the hidden
-    states on the CPU between blocks (default: when the compute device is not the CPU). Returns the
-    per-module results and reports; ``model`` ends on the CPU.
+    states on the CPU between blocks (default: when the compute device is not the CPU).
+    ``replay_cache_gb``: memory (on the device holding the hidden states) for submodule outputs replayed
+    between a block's true-sequential passes (default 4 on the CPU; 0 on a GPU, where recomputing is
+    cheaper than moving them; 0 recomputes). Returns the per-module results and reports; ``model`` ends
+    on the CPU.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     keep_on = torch.device("cpu") if (offload if offload is not None else device.type != "cpu") else device
+    if replay_cache_gb is None:
+        replay_cache_gb = 4.0 if device.type == "cpu" else 0.0
     check_quantizable(model, block_map, recipe)
     model.eval()
     t_start = time.perf_counter()
     hidden, kwargs_by_size = capture_block_inputs(model, block_map, tokens, batch_size, device)
     hidden = [h.to(keep_on) for h in hidden]
-    kwargs_by_size = {b: _to_device(kw, device) for b, kw in kwargs_by_size.items()}
+    kwargs_by_size = {b: to_device(kw, device) for b, kw in kwargs_by_size.items()}
     ntokens = tokens.numel()
     layers = get_submodule(model, block_map.layers_path)
     results: dict[str, GPTQResult] = {}
     reports: list[ModuleReport] = []
     method = "rtn" if rtn else "gptq"
+    tails: dict[str, str] = {}  # submodule -> the linear it ends in, learned by the passes of earlier blocks
     for i, block in enumerate(layers):
         block.to(device)
         bar = tqdm(total=len(block_map.linears), desc=f"{method} block {i + 1}/{len(layers)}",
                    disable=not progress, leave=False)
-        hessians = {} if recipe.true_sequential else _all_group_hessians(
-            block, block_map, hidden, kwargs_by_size, device)
-        for group in block_map.sequential:
-            linears = [get_submodule(block, name) for name in group]
-            acc = hessians.pop(group[0], None) or _group_input_hessian(
-                block, linears[0], hidden, kwargs_by_size, device)
-            H = acc.H
-            names = [f"{block_map.layers_path}.{i}.{name}" for name in group]
-            Ws = [lin.weight.data.float() for lin in linears]
-            t0 = time.perf_counter()
-            if rtn:
-                group_results = [rtn_quantize(W, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                                              mse=recipe.mse_grid) for W in Ws]
-            else:  # the linears of a group share H: one solve over their stacked rows
-                group_results = gptq_quantize_shared(
-                    Ws, H, names=names, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                    act_order=recipe.act_order, static_groups=recipe.static_groups, damp=recipe.damp,
-                    block_size=recipe.block_size, mse=recipe.mse_grid)
-            seconds = time.perf_counter() - t0
-            rows = sum(W.shape[0] for W in Ws)
-            for full, lin, W, res in zip(names, linears, Ws, group_results, strict=True):
-                Q = res.dequantize().to(W.device)
-                err = float(reconstruction_error(W, Q, H))
-                lin.weight.data.copy_(Q.to(lin.weight.dtype))
-                results[full] = res.to("cpu")  # codes leave the device with their block
-                # a shared solve's time is split over the group's layers by their share of rows
-                reports.append(ModuleReport(full, tuple(W.shape), float(res.loss), err, float(res.damp),
-                                            seconds * W.shape[0] / rows, ntokens))
-                log.debug("%s: loss %.4g error %.4g damp %.3g", full, res.loss, err, res.damp)
-                bar.update(1)
-            del acc, H
-        hidden = _block_outputs(block, hidden, kwargs_by_size, device, keep_on)
+        passes = BlockPasses(block, block_map.linears, hidden, kwargs_by_size, device, keep_on,
+                             int(replay_cache_gb * 2**30), tails)
+        firsts = [get_submodule(block, group[0]) for group in block_map.sequential]
+        accs = [HessianAccumulator(lin.weight.shape[1], device) for lin in firsts]
+        with onednn_linears(block, enabled=device.type == "cpu"):
+            if not recipe.true_sequential:  # every group's Hessian from the unquantized block, one pass
+                passes.collect(firsts, [acc.add for acc in accs], stop=False)
+            for k, group in enumerate(block_map.sequential):
+                if recipe.true_sequential:  # up to this group's input, earlier groups already quantized
+                    passes.collect([firsts[k]], [accs[k].add], stop=True)
+                names = [f"{block_map.layers_path}.{i}.{name}" for name in group]
+                linears = [get_submodule(block, name) for name in group]
+                for res, report in _quantize_group(names, linears, accs[k].H, recipe, rtn, device, ntokens):
+                    results[report.name] = res
+                    reports.append(report)
+                    bar.update(1)
+                accs[k] = None  # free the Hessian
+            hidden = passes.outputs()
+            tails = passes.tails
         bar.close()
         block.to("cpu")
         if device.type == "cuda":

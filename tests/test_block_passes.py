@@ -1,0 +1,179 @@
+"""Replayed block passes and the oneDNN CPU products: same numbers as recomputing, safe fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantlm.checkpoint import load_causal_lm, load_tokenizer
+from quantlm.gptq.block_passes import BlockPasses
+from quantlm.gptq.cpu_linear import gram_panels, linear, onednn_available, onednn_linears, override_forward
+from quantlm.gptq.pipeline import capture_block_inputs, quantize_blocks
+from quantlm.models.blocks import LLAMA
+from quantlm.recipes import QuantRecipe
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens(tiny_model_dir):
+    from quantlm.calibration import calibration_tokens
+
+    tokens = calibration_tokens(load_tokenizer(tiny_model_dir), None, 6, 40, seed=1)
+    return load_causal_lm(tiny_model_dir), tokens
+
+
+def _run(model, tokens, **kw):
+    import copy
+
+    recipe = QuantRecipe(bits=3, group_size=4, nsamples=tokens.shape[0], seqlen=tokens.shape[1])
+    return quantize_blocks(copy.deepcopy(model), LLAMA, tokens, recipe, batch_size=4, progress=False, **kw)
+
+
+def test_replay_gives_the_same_codes_as_recomputing(model_and_tokens):
+    model, tokens = model_and_tokens
+    replayed, recomputed = _run(model, tokens), _run(model, tokens, replay_cache_gb=0)
+    for name, res in replayed.results.items():
+        other = recomputed.results[name]
+        assert torch.equal(res.q, other.q) and torch.equal(res.scale, other.scale), name
+    assert [m.error for m in replayed.modules] == [m.error for m in recomputed.modules]
+
+
+def _llama_passes(block, hidden, kwargs, tails):
+    """The true-sequential passes over ``block`` with unchanged weights: what each pass left to replay."""
+    passes = BlockPasses(block, LLAMA.linears, hidden, kwargs, torch.device("cpu"), torch.device("cpu"), 2**30, tails)
+    seen = []
+    for group in LLAMA.sequential:
+        passes.collect([block.get_submodule(group[0])], [lambda x: None], stop=True)
+        seen.append(passes.cached)
+    return passes, seen
+
+
+def test_llama_passes_replay_the_finished_submodules(model_and_tokens):
+    model, tokens = model_and_tokens
+    hidden, kwargs = capture_block_inputs(model, LLAMA, tokens, 4, torch.device("cpu"))
+    blocks = model.get_submodule(LLAMA.layers_path)
+    with torch.no_grad():
+        passes, seen = _llama_passes(blocks[0], hidden, kwargs, None)
+        assert seen == [[], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn"],
+                        ["self_attn", "mlp.gate_proj", "mlp.up_proj"]]
+        hidden1 = passes.outputs()
+        reference = [blocks[0](h, **kwargs[h.shape[0]]) for h in hidden]
+        for out, ref in zip(hidden1, reference, strict=True):
+            assert torch.equal(out, (ref[0] if isinstance(ref, tuple) else ref).float())
+        assert passes.cached == [] and "forward" not in blocks[0].self_attn.__dict__  # overrides are gone
+        # the passes learned which submodules end in a linear; the next block uses that: the attention is
+        # finished (o_proj's output left as a slot) in the pass for o_proj, the MLP in the pass for down_proj
+        assert passes.tails == {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+        passes1, seen1 = _llama_passes(blocks[1], hidden1, kwargs, passes.tails)
+        assert seen1 == [[], ["self_attn"], ["self_attn"], ["self_attn", "mlp"]]
+        reference = [blocks[1](h, **kwargs[h.shape[0]]) for h in hidden1]
+        for out, ref in zip(passes1.outputs(), reference, strict=True):
+            assert torch.equal(out, (ref[0] if isinstance(ref, tuple) else ref).float())
+        assert "forward" not in blocks[1].self_attn.o_proj.__dict__
+
+
+class _Toy(nn.Module):
+    """a -> (edited in place) -> b; ``twice`` calls ``a`` two times per forward."""
+
+    def __init__(self, twice: bool = False, in_place: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.twice, self.in_place = twice, in_place
+
+    def forward(self, h):
+        y = self.a(h)
+        if self.in_place:
+            y.mul_(2.0)  # corrupts a's recorded output after the fact
+        if self.twice:
+            y = y + self.a(h * 0.5)
+        return self.b(torch.relu(y))
+
+
+@pytest.mark.parametrize("kind", ["plain", "in_place", "twice", "over_budget"])
+def test_replay_falls_back_to_recomputing_when_unsafe(kind):
+    toy = _Toy(twice=kind == "twice", in_place=kind == "in_place")
+    hidden = [torch.randn(3, 5, 8), torch.randn(2, 5, 8)]
+    budget = 16 if kind == "over_budget" else 2**20
+    passes = BlockPasses(toy, ["a", "b"], hidden, {3: {}, 2: {}}, torch.device("cpu"), torch.device("cpu"), budget)
+    inputs = []
+    passes.collect([toy.a], [inputs.append], stop=True)
+    passes.collect([toy.b], [inputs.append], stop=True)
+    assert passes.cached == (["a"] if kind == "plain" else [])
+    with torch.no_grad():
+        toy.b.weight.mul_(-1)  # "quantize" b: the outputs must use the new weight and a's true output
+        expected = [toy(h) for h in hidden]
+        outs = passes.outputs()
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert len(inputs) == 4
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch without oneDNN")
+def test_onednn_products_match_torch():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 7, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(x.double(), w.double()), F.linear(x.double(), w.double()))  # fallback
+    flat = x.reshape(-1, 40)
+    upper = torch.zeros(40, 40)
+    for a, e, panel in gram_panels(flat, [0, 16, 32]):
+        upper[a:e, a:] = panel
+    torch.testing.assert_close(torch.triu(upper), torch.triu(flat.T @ flat), rtol=1e-5, atol=1e-4)
+    lin = nn.Linear(40, 24)
+    with torch.no_grad(), onednn_linears(nn.Sequential(lin)) as n:
+        assert n == 1 and "forward" in lin.__dict__
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert "forward" not in lin.__dict__
+    marker = lin.forward
+    lin.forward = marker  # an existing instance override survives a nested override
+    with override_forward(lin, lambda x: x):
+        assert lin(x) is x
+    assert lin.forward is marker
+
+
+class _Inner(nn.Module):
+    def __init__(self, ends_in_linear: bool):
+        super().__init__()
+        self.l1, self.l = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.ends_in_linear = ends_in_linear
+
+    def forward(self, x):
+        y = self.l(torch.tanh(self.l1(x)))
+        return y if self.ends_in_linear else y * 2
+
+
+class _TailToy(nn.Module):
+    def __init__(self, ends_in_linear: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p, self.b = _Inner(ends_in_linear), nn.Linear(8, 4)
+
+    def forward(self, h):
+        return self.b(self.p(h) + h)
+
+
+@pytest.mark.parametrize("ends_in_linear", [True, False])
+@pytest.mark.parametrize("told", [True, False])
+def test_tails_are_learned_used_and_dropped_when_wrong(ends_in_linear, told):
+    toy = _TailToy(ends_in_linear)
+    hidden = [torch.randn(3, 5, 8), torch.randn(2, 5, 8)]
+    tails = {"p": "p.l"} if told else None  # told: as if an earlier block had taught it (wrongly, if not ends)
+    passes = BlockPasses(toy, ["p.l1", "p.l", "b"], hidden, {3: {}, 2: {}}, torch.device("cpu"),
+                         torch.device("cpu"), 2**20, tails)
+    with torch.no_grad():
+        cached = []
+        for name in ("p.l1", "p.l", "b"):
+            lin = toy.get_submodule(name)
+            passes.collect([lin], [lambda x: None], stop=True)
+            lin.weight.mul_(-0.5)  # "quantize" the group: later passes must see the new weight
+            cached.append(passes.cached)
+        outs = passes.outputs()
+        expected = [toy(h) for h in hidden]
+    for out, ref in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    used = told and ends_in_linear
+    assert cached[1] == (["p"] if used else ["p.l1"])
+    assert passes.tails == ({"p": "p.l"} if ends_in_linear else {})
+    assert "forward" not in toy.p.l.__dict__
