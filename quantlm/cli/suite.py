@@ -69,7 +69,7 @@ def _print_plan(rows, only, manifest) -> None:
         show["seed"] = show["seed"].astype("Int64")
     print(show.to_string(index=False))
     counts = df["kind"].value_counts().to_dict()
-    disk = df["disk_GB"].fillna(0).sum() if "disk_GB" in df else 0.0
+    disk = df.loc[~df["done"], "disk_GB"].fillna(0).sum() if "disk_GB" in df else 0.0  # only jobs still to run
     print(f"\nsuite {manifest.name}: {len(df)} jobs ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
           f"{int(df['done'].sum())} already done; expected new disk usage {disk:.2f} GB "
           "(unpacked QuantLM checkpoints and trained models)")
