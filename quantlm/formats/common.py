@@ -106,6 +106,24 @@ def copy_tokenizer(src: Path | None, out: Path) -> list[str]:
     return copied
 
 
+def write_checkpoint(out: Path, model, linears: dict, meta: dict, tokenizer_dir: Path | None, *, fmt: str,
+                     linear_tensors, quantization_config: dict | None = None) -> Path:
+    """The shared writer of every format: dense tensors, each quantized linear as ``linear_tensors(name, lin)``
+    (plus its fp16 bias), config.json, tokenizer and quantlm.json (last: it accounts the written files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = dense_state_dict(model, skip=set(linears))
+    for name, lin in linears.items():
+        tensors.update(linear_tensors(name, lin))
+        bias = model.get_submodule(name).bias
+        if bias is not None:
+            tensors[name + ".bias"] = bias.detach().half().cpu().clone()
+    save_safetensors(tensors, out)
+    write_config(model, out, quantization_config)
+    copy_tokenizer(tokenizer_dir, out)
+    write_meta(out, {**meta, "format": fmt})
+    return out
+
+
 def write_meta(out: Path, meta: dict) -> Path:
     """quantlm.json: the recipe, per-module losses and the bit accounting of this checkpoint (call it last,
     once the weights and config.json are written: the accounting reads their headers)."""

@@ -16,11 +16,7 @@ import torch
 
 from quantlm.formats.common import (
     StoredLinear,
-    copy_tokenizer,
-    dense_state_dict,
-    save_safetensors,
-    write_config,
-    write_meta,
+    write_checkpoint,
 )
 from quantlm.gptq.packing import pack_bits, unpack_bits
 
@@ -80,16 +76,7 @@ def quantization_config(bits: int, group_size: int, sym: bool, act_order: bool) 
 def write_compressed_tensors(out: Path, model, linears: dict[str, StoredLinear], meta: dict,
                              tokenizer_dir: Path | None = None) -> Path:
     first = next(iter(linears.values()))
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = dense_state_dict(model, skip=set(linears))
-    for name, lin in linears.items():
-        tensors.update(ct_tensors(name, lin))
-        bias = model.get_submodule(name).bias
-        if bias is not None:
-            tensors[name + ".bias"] = bias.detach().half().cpu().clone()
-    save_safetensors(tensors, out)
     act_order = bool(meta.get("recipe", {}).get("act_order"))
-    write_config(model, out, quantization_config(first.bits, first.group_size, first.sym, act_order))
-    copy_tokenizer(tokenizer_dir, out)
-    write_meta(out, {**meta, "format": "compressed-tensors"})
-    return out
+    return write_checkpoint(out, model, linears, meta, tokenizer_dir, fmt="compressed-tensors",
+                            linear_tensors=ct_tensors,
+                            quantization_config=quantization_config(first.bits, first.group_size, first.sym, act_order))

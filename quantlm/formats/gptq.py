@@ -20,11 +20,7 @@ from quantlm.errors import QuantlmError
 from quantlm.formats.common import (
     StoredLinear,
     check_format_bits,
-    copy_tokenizer,
-    dense_state_dict,
-    save_safetensors,
-    write_config,
-    write_meta,
+    write_checkpoint,
 )
 from quantlm.gptq.packing import pack_bits, unpack_bits
 
@@ -71,15 +67,6 @@ def write_gptq(out: Path, model, linears: dict[str, StoredLinear], meta: dict,
                tokenizer_dir: Path | None = None) -> Path:
     first = next(iter(linears.values()))
     check_format_bits("gptq", first.bits)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = dense_state_dict(model, skip=set(linears))
-    for name, lin in linears.items():
-        tensors.update(gptq_tensors(name, lin))
-        bias = model.get_submodule(name).bias
-        if bias is not None:
-            tensors[name + ".bias"] = bias.detach().half().cpu().clone()
-    save_safetensors(tensors, out)
-    write_config(model, out, quantization_config(first.bits, first.group_size, first.sym, meta.get("recipe", {})))
-    copy_tokenizer(tokenizer_dir, out)
-    write_meta(out, {**meta, "format": "gptq"})
-    return out
+    return write_checkpoint(out, model, linears, meta, tokenizer_dir, fmt="gptq", linear_tensors=gptq_tensors,
+                            quantization_config=quantization_config(first.bits, first.group_size, first.sym,
+                                                                    meta.get("recipe", {})))
