@@ -11,14 +11,7 @@ import time
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 import torch  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork + exec."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from _rss import peak_rss_mb  # noqa: E402 - beside this script
 
 
 def main():

@@ -8,14 +8,7 @@ import sys
 import time
 
 import torch
-
-
-def peak_rss_mb() -> float:
-    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork + exec."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from _rss import peak_rss_mb  # noqa: E402 - beside this script
 
 
 def main():
