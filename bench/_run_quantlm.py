@@ -1,6 +1,7 @@
 """Child process of bench_quantize_cpu.py: quantlm's quantize_model on MODEL_DIR with the bench tokens.
 
-Usage: python _run_quantlm.py MODEL_DIR TOKENS.pt OUT_DIR RESULT.json [--rtn]
+Usage: python _run_quantlm.py MODEL_DIR TOKENS.pt OUT_DIR RESULT.json [--rtn | --layerwise]
+(--layerwise: true_sequential off, every group's Hessian from the block input in one pass, as llm-compressor)
 The tokens are passed straight to the pipeline (no re-tokenization), so that every
 tool sees exactly the same windows.
 """
@@ -15,7 +16,7 @@ from _rss import peak_rss_mb  # noqa: E402 - beside this script
 
 def main():
     model_dir, tokens_path, out_dir, result_path = sys.argv[1:5]
-    rtn = "--rtn" in sys.argv
+    rtn, layerwise = "--rtn" in sys.argv, "--layerwise" in sys.argv
     t0 = time.perf_counter()
     import quantlm
     from quantlm.checkpoint import load_causal_lm
@@ -27,7 +28,7 @@ def main():
 
     tokens = torch.load(tokens_path)
     recipe = QuantRecipe(bits=4, group_size=128, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
-                         formats=("gptq",))
+                         formats=("gptq",), true_sequential=not layerwise)
     model = load_causal_lm(model_dir, dtype=torch.float32)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -37,7 +38,8 @@ def main():
 
     linears = {n: stored_linear(n, r) for n, r in run.results.items()}
     write_gptq(Path(out_dir), model, linears, {"recipe": to_dict(recipe)})
-    json.dump({"tool": "quantlm-rtn" if rtn else "quantlm", "version": quantlm.__version__,
+    tool = "quantlm-rtn" if rtn else "quantlm-layerwise" if layerwise else "quantlm"
+    json.dump({"tool": tool, "version": quantlm.__version__,
                "torch": torch.__version__, "quantize_s": t_quant, "load_s": t_load,
                "total_s": time.perf_counter() - t0,
                "solve_s": sum(m.seconds for m in run.modules),

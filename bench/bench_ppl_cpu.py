@@ -15,7 +15,7 @@ calibration sample does not contain, so WikiText-2 is less far out of domain).
 
 Every step is skipped when its output already exists, so an interrupted run resumes.
 
-Usage: python bench/bench_ppl_cpu.py [--work /work/runs/ppl] [--steps 300] [--seeds 0,1]
+Usage: python bench/bench_ppl_cpu.py [--work /work/runs/ppl] [--steps 300] [--seeds 0,1] [--variants 8:-1,4:128,3:128]
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ((8, -1), (4, 128), (3, 128))
+VARIANTS = ((8, -1), (4, 128), (3, 128))  # the Spectra QuantLM recipes (recipes/quantlm-*bit.yaml)
+
+
+def variant_label(bits: int, group_size: int) -> str:
+    if (bits, group_size) in VARIANTS:
+        return f"{bits}bit"
+    return f"{bits}bit-" + ("pc" if group_size == -1 else f"g{group_size}")
 CLEARLY = 0.02  # "clearly better": at least 2% lower perplexity
 
 
@@ -71,6 +77,36 @@ def layer_error(report: Path) -> float:
     return float(json.loads(report.read_text())["total_error"])
 
 
+def temperature_scan(model: Path, corpora: list[str], window: int, windows: int = 120,
+                     temps=(0.9, 1.0, 1.1, 1.2)) -> dict:
+    """Perplexity of the float model with its logits divided by T, on the first ``windows`` windows of each
+    corpus. A model that is calibrated on a corpus has its minimum near T = 1; an over-confident one (out of
+    domain) improves with T > 1, and then quantization noise can *lower* its perplexity there."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from quantlm.checkpoint import load_causal_lm, load_tokenizer
+    from quantlm.eval.datasets import load_text_source
+
+    lm, tok = load_causal_lm(model), load_tokenizer(model)
+    out = {}
+    for name in corpora:
+        ids = tok(load_text_source(name).text, return_tensors="pt").input_ids[0]
+        n = min(windows, ids.numel() // window)
+        batch = ids[: n * window].view(n, window)
+        nll = {t: 0.0 for t in temps}
+        with torch.no_grad():
+            for b in range(0, n, 8):
+                x = batch[b : b + 8]
+                logits = lm(input_ids=x, use_cache=False).logits[:, :-1].float()
+                for t in temps:
+                    nll[t] += float(torch.nn.functional.cross_entropy(
+                        (logits / t).reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        out[Path(name).stem] = {str(t): round(float(torch.tensor(v / (n * (window - 1))).exp()), 3)
+                                for t, v in nll.items()}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/quantlm-ppl", help="run folder (outside the checkout)")
@@ -81,7 +117,10 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--calib", default="", help="calibration text for quantize --calib (default: the shipped C4 sample)")
     ap.add_argument("--seeds", default="0,1", help="GPTQ calibration seeds")
+    ap.add_argument("--variants", default=",".join(f"{b}:{g}" for b, g in VARIANTS),
+                    help="bits:group_size list (group -1 = per channel; labelled '-pc' outside the recipes)")
     ap.add_argument("--window", type=int, default=256, help="perplexity window")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -105,14 +144,16 @@ def main() -> int:
     rows: dict[str, dict] = {"float": evaluate(model, "float", corpora, args.window, records,
                                                evals / "float.json", env)}
     seeds = [int(s) for s in args.seeds.split(",")]
-    for bits, gs in VARIANTS:
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    for bits, gs in variants:
         for method, seed in [("gptq", s) for s in seeds] + [("rtn", 0)]:
-            name = f"{bits}bit-{method}" + (f"-s{seed}" if method == "gptq" else "")
+            name = f"{variant_label(bits, gs)}-{method}" + (f"-s{seed}" if method == "gptq" else "")
             out = work / name
             if not (out / "report.json").is_file():
                 sh(quantlm("quantize", str(model), "--bits", str(bits), "--group-size", str(gs),
                            "--nsamples", str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--seed",
                            str(seed), "--format", "unpacked", "--out", str(out), "--no-progress",
+                           *(["--calib", args.calib] if args.calib else []),
                            *(["--rtn"] if method == "rtn" else [])), env)
             rows[name] = evaluate(out / "unpacked", name, corpora, args.window, records, evals / f"{name}.json",
                                   env)
@@ -129,19 +170,25 @@ def main() -> int:
     verdict = {}
     for k in corpus_keys:
         f = rows["float"][k]
-        g = {b: [rows[f"{b}bit-gptq-s{s}"][k] for s in seeds] for b, _ in VARIANTS}
-        verdict[k] = {
-            "8bit_within_1pct": all(abs(v / f - 1) <= 0.01 for v in g[8] + [rows["8bit-rtn"][k]]),
-            "4bit_gptq_beats_rtn": all(v < rows["4bit-rtn"][k] for v in g[4]),
-            "3bit_gptq_clearly_beats_rtn": all(v <= (1 - CLEARLY) * rows["3bit-rtn"][k] for v in g[3]),
-            # how much of RTN's perplexity increase over float GPTQ leaves (1 = none removed, 0 = all)
-            "gap_ratio_gptq_over_rtn": {b: [round((v - f) / (rows[f"{b}bit-rtn"][k] - f), 3)
-                                            for v in g[b]] for b in (4, 3)},
-        }
+        verdict[k] = {}
+        for bits, gs in variants:
+            label = variant_label(bits, gs)
+            gptq, rtn = [rows[f"{label}-gptq-s{s}"][k] for s in seeds], rows[f"{label}-rtn"][k]
+            v = {"gptq_beats_rtn": all(x < rtn for x in gptq),
+                 "gptq_clearly_beats_rtn": all(x <= (1 - CLEARLY) * rtn for x in gptq),
+                 # how much of RTN's perplexity increase over float GPTQ leaves (1 = none removed, 0 = all)
+                 "gap_ratio_gptq_over_rtn": [round((x - f) / (rtn - f), 3) for x in gptq]}
+            if bits == 8:
+                v["within_1pct"] = all(abs(x / f - 1) <= 0.01 for x in [*gptq, rtn])
+            verdict[k][label] = v
+    temps = temperature_scan(model, ["wikitext2", str(heldout)], args.window)
+    print("\nfloat model, ppl with logits / T (first 120 windows):", json.dumps(temps))
     print("\n" + json.dumps(verdict, indent=1))
     (work / "ppl.json").write_text(json.dumps({"args": vars(args), "model": str(model), "ppl": rows,
-                                               "criteria": verdict}, indent=1))
-    return 0 if all(all(x for x in v.values() if isinstance(x, bool)) for v in verdict.values()) else 1
+                                               "criteria": verdict, "temperature_scan": temps}, indent=1))
+    # the issue's criteria: 8-bit within 1%, 4-bit GPTQ < RTN, 3-bit GPTQ clearly < RTN (recipe variants)
+    needed = {"8bit": "within_1pct", "4bit": "gptq_beats_rtn", "3bit": "gptq_clearly_beats_rtn"}
+    return 0 if all(verdict[k][lab][c] for k in verdict for lab, c in needed.items() if lab in verdict[k]) else 1
 
 
 if __name__ == "__main__":

@@ -183,8 +183,9 @@ def select(jobs: list[Job], only: list[str] | None) -> list[Job]:
 
 # ----------------------------------------------------------------------------------------------- running
 
-def run_job(job: Job, manifest: SuiteManifest) -> None:
-    """Run one job; its output appears atomically (temp path, then rename) with the job's hash inside."""
+def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
+    """Run one job; its output appears atomically (temp path, then rename) with the job's hash inside.
+    ``progress`` shows the job's own progress bars (training steps, blocks, evaluation batches)."""
     from quantlm.atomic import write_json
 
     stamp = {"id": job.id, "hash": job.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -195,7 +196,7 @@ def run_job(job: Job, manifest: SuiteManifest) -> None:
 
         recipe = recipes.load(job.source, expect=TrainRecipe)
         work = job.out.parent / f".{job.out.name}.train"
-        final = train(recipe, work, resume=work.exists())
+        final = train(recipe, work, resume=work.exists(), progress=progress)
         write_json(Path(final) / JOB_FILE, {"suite_job": stamp})
         if job.out.exists():
             import shutil
@@ -208,7 +209,7 @@ def run_job(job: Job, manifest: SuiteManifest) -> None:
         _require_checkpoint(job)
         recipe = replace(job.payload["recipe"], formats=("unpacked",))
         report = quantize_model(job.source, recipe, job.out, seed=job.seed, device=manifest.device,
-                                overwrite=True, rtn=job.rtn)
+                                overwrite=True, rtn=job.rtn, progress=progress)
         write_json(job.out / JOB_FILE, {"suite_job": stamp, "report_summary": _brief(report)})
     else:
         from quantlm.eval.run import evaluate
@@ -219,7 +220,8 @@ def run_job(job: Job, manifest: SuiteManifest) -> None:
             eval_recipe = replace(eval_recipe, ppl=(*eval_recipe.ppl, job.payload["heldout"]))
         extra = {"suite": manifest.name, "suite_job": stamp, "family": job.family, "preset": job.preset or None,
                  "model": job.model, "bits": job.bits, "seed": job.seed, "rtn": job.rtn, **deployed_sizes(job)}
-        record = evaluate(job.source, eval_recipe, results_dir=None, extra=extra, device=manifest.device)
+        record = evaluate(job.source, eval_recipe, results_dir=None, extra=extra, device=manifest.device,
+                          progress=progress)
         write_json(job.out, record)
 
 
@@ -293,7 +295,7 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
             continue
         t0 = time.perf_counter()
         try:
-            run_job(job, manifest)
+            run_job(job, manifest, progress)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite

@@ -54,6 +54,27 @@ def test_identify_family_from_checkpoint(tiny_model_dir, small_text, tmp_path):
     assert rec["family"] == "trilm" and rec["bits"] == 1.58 and "path" not in rec
 
 
+def test_unpacked_quantlm_export_is_recorded_as_quantlm_at_its_packed_size(tiny_model_dir, small_text, tmp_path):
+    from quantlm.gptq.api import quantize_model
+    from quantlm.recipes import QuantRecipe
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    src = tmp_path / "float"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "config.json").write_text(json.dumps({**cfg, "quantlm_family": "floatlm"}))  # as our trainer writes
+    recipe = QuantRecipe(bits=3, group_size=4, nsamples=4, seqlen=32, formats=("unpacked",),
+                         calibration=str(small_text))
+    quantize_model(src, recipe, tmp_path / "q", progress=False)
+    rec = evaluate(tmp_path / "q" / "unpacked", EvalRecipe(ppl=(str(small_text),), window=32, ppl_limit_windows=1),
+                   progress=False)
+    packed = json.loads((tmp_path / "q" / "unpacked" / "quantlm.json").read_text())["accounting"]["packed"]
+    assert rec["family"] == "quantlm" and rec["bits"] == 3
+    assert rec["sizes"] == {c: float(packed[c]) for c in ("paper", "exact", "entropy")}
+    assert "3-bit" in rec["size_layout"]
+    floatrec = evaluate(src, EvalRecipe(ppl=(str(small_text),), window=32, ppl_limit_windows=1), progress=False)
+    assert floatrec["family"] == "floatlm" and floatrec["sizes"]["exact"] > 2 * rec["sizes"]["exact"]  # fp32 vs 3-bit blocks
+
+
 def test_bad_input_writes_no_record(tiny_model_dir, small_text, tmp_path):
     out = tmp_path / "results"
     ok = EvalRecipe(ppl=(str(small_text),), window=32)

@@ -41,10 +41,12 @@ def _stable(table: pd.DataFrame) -> pd.DataFrame:
     return table[[c for c in table.columns if not c.startswith("wall")]].reset_index(drop=True)
 
 
-def test_suite_runs_orders_and_resumes(tmp_path, trained_micro, monkeypatch):
+def test_suite_runs_orders_and_resumes(tmp_path, trained_micro, monkeypatch, capfd):
     # uninterrupted run
     full = _manifest(tmp_path / "a", trained_micro)
+    capfd.readouterr()  # drop what the fixtures printed
     assert main(["suite", str(full), "--no-progress"]) == 0
+    assert "%|" not in capfd.readouterr().err  # no job shows a progress bar (quantize blocks, eval batches)
     manifest, base = suite.load_manifest(full)
     table = suite.report(manifest, base, plots=False)["table"]
     assert list(table["model"]) == ["floatlm-micro", "quantlm-micro-8bit", "quantlm-micro-6bit",
@@ -67,11 +69,11 @@ def test_suite_runs_orders_and_resumes(tmp_path, trained_micro, monkeypatch):
     real = suite.run_job
     count = {"n": 0}
 
-    def dies_after_three(job, manifest):
+    def dies_after_three(job, manifest, progress=True):
         if count["n"] == 3:
             raise KeyboardInterrupt
         count["n"] += 1
-        real(job, manifest)
+        real(job, manifest, progress)
 
     monkeypatch.setattr(suite, "run_job", dies_after_three)
     with pytest.raises(KeyboardInterrupt):

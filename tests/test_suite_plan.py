@@ -80,7 +80,7 @@ def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
     manifest, base = suite.load_manifest(_manifest(tmp_path))
     ran = []
 
-    def fake(job, manifest):
+    def fake(job, manifest, progress=True):
         ran.append(job.id)
         if job.id == "quantize/quantlm-a-3bit-s0":
             raise RuntimeError("boom")
@@ -99,7 +99,7 @@ def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
     ran.clear()
     failing = fake
 
-    def fixed(job, m):
+    def fixed(job, m, progress=True):
         if job.id == "quantize/quantlm-a-3bit-s0":
             job.out.mkdir(parents=True, exist_ok=True)
             (job.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": job.hash}}))

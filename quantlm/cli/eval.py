@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--bits", type=float, help="override the recorded bitwidth (QuantLM)")
     p.add_argument("--seed", type=int, help="calibration seed recorded with the result (QuantLM)")
     p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default table)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide progress bars (default: shown when stderr is a terminal)")
     p.set_defaults(func=_run)
 
 
@@ -86,7 +88,7 @@ def _run(args) -> int:
     extra = {k: getattr(args, k) for k in ("family", "preset", "bits", "seed") if getattr(args, k) is not None}
     out = None if args.no_record else (args.results or results_dir() / "records")
     record = evaluate(args.model_dir, recipe, results_dir=out, extra=extra, device=args.device,
-                      progress=sys.stderr.isatty())
+                      progress=args.progress and sys.stderr.isatty())
     if args.format == "json":
         print(json.dumps(record, indent=2, default=str))
     else:

@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan with sizes and disk usage; run nothing")
     p.add_argument("--list-jobs", action="store_true", help="print one job id per line (for a scheduler)")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plots from the records")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=_run)
 
 
@@ -35,7 +35,7 @@ def _run(args) -> int:
         return 0
     failed = False
     if not args.report:
-        summary = suite.run(manifest, base, only=args.only, progress=not args.no_progress)
+        summary = suite.run(manifest, base, only=args.only, progress=args.progress)
         failed = bool(summary.failed)
         print(f"suite {manifest.name}: {len(summary.done)} jobs done, {len(summary.skipped)} already done, "
               f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")

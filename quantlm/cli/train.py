@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--keys", action="store_true", help="list the recipe keys with their help and exit")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide progress bars (metrics still go to the log)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="recipe overrides: --key value ...")
     p.set_defaults(func=_run)
 
@@ -61,9 +63,11 @@ def _run(args) -> int:
     tail = argparse.ArgumentParser(add_help=False)
     tail.add_argument("--out")
     tail.add_argument("--resume", action="store_true")
+    tail.add_argument("--no-progress", dest="progress", action="store_false")
     known, rest = tail.parse_known_args(args.overrides or [])
     args.out = known.out or args.out
     args.resume = known.resume or args.resume
+    args.progress = known.progress and args.progress
     overrides = _parse_overrides(rest)
     recipe = recipes.load(args.recipe, expect=TrainRecipe)
     if overrides:
@@ -72,6 +76,6 @@ def _run(args) -> int:
 
     from quantlm.train.run import train
 
-    final = train(recipe, out, resume=args.resume)
+    final = train(recipe, out, resume=args.resume, progress=args.progress)
     print(final)
     return 0

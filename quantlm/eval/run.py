@@ -45,20 +45,27 @@ def device_description(device: str) -> str:
     return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def identify(model_dir: Path, config: dict) -> dict:
-    """Family and nominal bits of a checkpoint from what it records about itself (quantlm.json, config)."""
-    from quantlm.checkpoint import is_trilm
-
-    meta = {}
+def _quantize_record(model_dir: Path) -> dict:
+    """``quantlm.json`` as ``quantlm quantize`` wrote it beside an export, or {}."""
     qfile = model_dir / "quantlm.json"
     if qfile.is_file():
         try:
             meta = json.loads(qfile.read_text(encoding="utf-8"))
+            return meta if isinstance(meta, dict) else {}
         except json.JSONDecodeError:
-            meta = {}
-    qbits = (meta.get("bits") or (meta.get("recipe") or {}).get("bits")
-             or (config.get("quantization_config") or {}).get("bits"))
-    family = meta.get("family") or config.get("quantlm_family")
+            return {}
+    return {}
+
+
+def identify(model_dir: Path, config: dict) -> dict:
+    """Family and nominal bits of a checkpoint from what it records about itself (quantlm.json, config)."""
+    from quantlm.checkpoint import is_trilm
+
+    meta = _quantize_record(model_dir)
+    recipe_bits = (meta.get("recipe") or {}).get("bits")
+    qbits = meta.get("bits") or recipe_bits or (config.get("quantization_config") or {}).get("bits")
+    # a quantization record beats config.json, which an unpacked export inherits from its FloatLM
+    family = meta.get("family") or ("quantlm" if recipe_bits else None) or config.get("quantlm_family")
     if family is None:
         family = "trilm" if is_trilm(config) else "quantlm" if qbits else "floatlm"
     family = str(family).lower()
@@ -67,24 +74,19 @@ def identify(model_dir: Path, config: dict) -> dict:
 
 
 def accounted_sizes(model_dir: Path) -> dict:
-    """Total bits under each accounting convention, from ``quantlm.accounting`` when it is installed.
+    """``sizes`` (total bits per accounting convention) and ``size_layout`` for the record.
 
-    HOOK (accounting issue): uses ``accounting.budget(dir).total_bits(convention)``; falls back to
-    ``accounting.account(dir)`` returning a DataFrame with ``convention`` and ``bits`` columns. Until the
-    module lands, returns {} and callers pass ``extra={"sizes": {...}}`` instead.
+    An export with a quantization record counts as deployed, packed (its ``accounting.packed``), even when the
+    evaluated files are the dequantized fp16 ones; any other checkpoint counts as stored.
     """
+    from quantlm import accounting
+
+    packed = (_quantize_record(model_dir).get("accounting") or {}).get("packed")
+    if isinstance(packed, dict) and all(c in packed for c in accounting.CONVENTIONS):
+        return {"sizes": {c: float(packed[c]) for c in accounting.CONVENTIONS}, "size_layout": packed.get("layout")}
     try:
-        from quantlm import accounting
-    except ImportError:
-        return {}
-    conventions = getattr(accounting, "CONVENTIONS", ("paper", "exact", "entropy"))
-    try:
-        if hasattr(accounting, "budget"):
-            b = accounting.budget(model_dir)
-            return {c: float(b.total_bits(c)) for c in conventions}
-        if hasattr(accounting, "account"):
-            df = accounting.account(model_dir)
-            return {str(c): float(v) for c, v in df.groupby("convention")["bits"].sum().items()}
+        b = accounting.budget(model_dir)
+        return {"sizes": {c: float(b.total_bits(c)) for c in accounting.CONVENTIONS}, "size_layout": b.layout}
     except Exception as e:  # noqa: BLE001 - sizes are optional; a failing accountant must not stop the eval
         log.warning("size accounting skipped for %s: %s: %s", model_dir, type(e).__name__, e)
     return {}
@@ -160,10 +162,7 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     start = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
     model = (loader or load_causal_lm)(model_dir, dtype=getattr(torch, recipe.dtype), device=device)
-    info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config)}
-    sizes = accounted_sizes(model_dir)
-    if sizes:
-        info["sizes"] = sizes
+    info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config), **accounted_sizes(model_dir)}
     record = evaluate_loaded(model, tokenizer, recipe, model_name=model_dir.name, sources=sources, tasks=tasks,
                              extra={**info, **(extra or {})}, device=device, progress=progress)
     record["wall_time_s"] = round(time.perf_counter() - start, 3)  # model loading included

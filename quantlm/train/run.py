@@ -132,12 +132,13 @@ def _validation_loss(model, windows: torch.Tensor, micro_batch: int, device, aut
 
 
 def train(recipe: TrainRecipe, out_dir: str | os.PathLike, *, resume: bool = False,
-          overrides: dict | None = None, on_step: Callable[[dict], None] | None = None) -> Path:
+          overrides: dict | None = None, on_step: Callable[[dict], None] | None = None,
+          progress: bool = True) -> Path:
     """Train the recipe's model into ``out_dir``; returns the final HF checkpoint folder (``out_dir/final``).
 
     ``resume`` continues the run in ``out_dir`` from its newest checkpoint (or starts it if there is none) and
     reproduces the uninterrupted run exactly. ``overrides`` change recipe keys (``{"steps": 20}``).
-    ``on_step`` receives each step's metric record (for tests and notebooks).
+    ``on_step`` receives each step's metric record (for tests and notebooks); ``progress`` shows the step bar.
     """
     if overrides:
         recipe = recipes.override(recipe, dict(overrides))
@@ -152,14 +153,14 @@ def train(recipe: TrainRecipe, out_dir: str | os.PathLike, *, resume: bool = Fal
             return final
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
-        return _train(recipe, out, resume, ctx, on_step)
+        return _train(recipe, out, resume, ctx, on_step, progress)
     finally:
         torch.set_num_threads(threads)  # the caller's setting, not the recipe's, outlives the run
         ctx.close()
 
 
 def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
-           on_step: Callable[[dict], None] | None) -> Path:
+           on_step: Callable[[dict], None] | None, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     spec = recipe.spec()
@@ -218,7 +219,8 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
     log.info("training %s (%s, %.2fM parameters) for %d steps of %d tokens on %d %s process(es), %d micro-steps",
              spec.name, spec.family, spec.num_params() / 1e6, total, recipe.batch_tokens, ctx.world_size,
              ctx.device.type, accum)
-    bar = tqdm(total=total, initial=step, disable=not ctx.is_main, desc=f"train {spec.name}", unit="step")
+    bar = tqdm(total=total, initial=step, disable=not (ctx.is_main and progress), desc=f"train {spec.name}",
+               unit="step")
     ddp = hasattr(wrapped, "no_sync")
     while step < total:
         t0 = time.perf_counter()
