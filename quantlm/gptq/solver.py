@@ -56,6 +56,7 @@ class GPTQResult:
         H_damp the damped Hessian (dead inputs excluded): about ||X W^T - X W_hat^T||^2 / n.
         For ``rtn_quantize`` it is sum (w - q)^2 / 2 (the same with H = I).
     damp: damping fraction of mean(diag H) actually used (after retries; 0 for round-to-nearest).
+    row_loss: float64 [out], each output row's part of ``loss`` (GPTQ only; splits a stacked solve).
     """
 
     q: Tensor
@@ -67,6 +68,7 @@ class GPTQResult:
     bits: int
     group_size: int
     sym: bool
+    row_loss: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def maxq(self) -> int:
@@ -210,25 +212,6 @@ def gptq_quantize(
     name: the layer's name, used in error messages.
     Inputs are not modified; the result lives on W's device. Same inputs -> bit-identical result.
     """
-    return _gptq(W, H, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                 static_groups=static_groups, damp=damp, block_size=block_size, mse=mse, name=name)[0]
-
-
-def _gptq(
-    W: Tensor,
-    H: Tensor,
-    *,
-    bits: int,
-    group_size: int = 128,
-    sym: bool = True,
-    act_order: bool = True,
-    static_groups: bool = True,
-    damp: float = 0.01,
-    block_size: int = 128,
-    mse: bool = False,
-    name: str = "layer",
-) -> tuple[GPTQResult, Tensor]:
-    """gptq_quantize, also returning the loss of each row [out] (float64)."""
     _check_inputs(W, H, bits, group_size, block_size, damp, name)
     spec = GridSpec(bits=bits, sym=sym, mse=mse)
     maxq = spec.maxq
@@ -362,9 +345,8 @@ def _gptq(
     if unperm is not None:
         codes = codes[unperm]
     q = codes.t().contiguous()
-    res = GPTQResult(q=q, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx, loss=loss,
-                     damp=damp_used, bits=bits, group_size=group_size, sym=sym)
-    return res, row_loss
+    return GPTQResult(q=q, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx, loss=loss,
+                      damp=damp_used, bits=bits, group_size=group_size, sym=sym, row_loss=row_loss)
 
 
 def _current_columns(Wt: Tensor, Hs: Tensor, E: Tensor, j0: int, j1: int, i1: int, i2: int, k1: int,
@@ -399,14 +381,14 @@ def gptq_quantize_shared(Ws: Sequence[Tensor], H: Tensor, *, names: Sequence[str
         raise QuantlmError(f"{', '.join(names)}: layers sharing a Hessian must have one input width, got {widths}")
     sizes = [w.shape[0] for w in Ws]
     stacked = torch.cat([w.detach().to(torch.float32) for w in Ws], dim=0)
-    res, row_loss = _gptq(stacked, H, name="+".join(names), **kwargs)
+    res = gptq_quantize(stacked, H, name="+".join(names), **kwargs)
     out, start = [], 0
     for size in sizes:
         sl = slice(start, start + size)
         out.append(GPTQResult(q=res.q[sl].contiguous(), scale=res.scale[sl].contiguous(),
                               zero=res.zero[sl].contiguous(), g_idx=res.g_idx.clone(),
-                              loss=float(row_loss[sl].sum()), damp=res.damp, bits=res.bits,
-                              group_size=res.group_size, sym=res.sym))
+                              loss=float(res.row_loss[sl].sum()), damp=res.damp, bits=res.bits,
+                              group_size=res.group_size, sym=res.sym, row_loss=res.row_loss[sl].clone()))
         start += size
     return out
 
