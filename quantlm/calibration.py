@@ -1,15 +1,18 @@
 """Calibration windows for GPTQ: seeded samples of N windows of L tokens from local text.
 
-Sources (local only): a ``.txt`` file (paragraphs separated by blank lines are the documents), a ``.jsonl``
+Sources (local only): a ``.txt`` file (paragraphs separated by blank or whitespace-only lines are the
+documents), a ``.jsonl``
 file with a ``text`` field, a ``.parquet`` file with a ``text`` column, or a directory written by
 ``datasets.Dataset.save_to_disk`` (a ``text`` column). Without a source, the C4 sample shipped in
 ``calibration/`` is used.
 
 Sampling: the documents are shuffled with the seed and tokenized in that order with the model's own
 tokenizer (documents joined by the EOS token when the tokenizer has one) until N*L tokens are collected;
-the stream is cut into N windows of exactly L tokens, so every window weighs the same. A text with fewer
-than N*L tokens (but at least L) gives N windows at seeded random offsets, which then overlap. The same
-seed, source and tokenizer always give the same tensor.
+the stream is cut into N windows of exactly L tokens, so every window weighs the same. A single document
+(e.g. a text without paragraph breaks), or a text with fewer than N*L tokens (but at least L), gives N
+windows at seeded random offsets, which may overlap: that is how GPTQ samples WikiText-2, and it keeps
+different seeds from giving the same windows. The same seed, source and tokenizer always give the same
+tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -88,8 +92,8 @@ def load_documents(source: str | os.PathLike | None = None) -> list[str]:
         texts = _read_jsonl(path)
     elif path.suffix == ".parquet":
         texts = _read_parquet(path)
-    elif path.suffix in (".txt", ".text", ".raw", ""):
-        texts = path.read_text(encoding="utf-8").split("\n\n")
+    elif path.suffix in (".txt", ".text", ".raw", ".tokens", ""):  # .raw/.tokens: WikiText's file names
+        texts = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
     else:
         raise QuantlmError(f"{path}: unknown calibration file type {path.suffix!r}; use .txt, .jsonl or .parquet")
     return [t for t in texts if t.strip()]
@@ -115,10 +119,11 @@ def sample_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, 
         raise QuantlmError(f"calibration text has {len(stream)} tokens, shorter than one window of {seqlen}; "
                            "use a longer text (--calib) or a smaller --seqlen")
     tokens = torch.tensor(stream, dtype=torch.int64)
-    if len(stream) >= need:
+    if len(stream) >= need and len(documents) > 1:
         return tokens[:need].view(nsamples, seqlen).clone()
-    log.warning("calibration text has %d tokens < %d x %d: drawing overlapping windows",
-                len(stream), nsamples, seqlen)
+    if len(stream) < need:
+        log.warning("calibration text has %d tokens < %d x %d: drawing overlapping windows",
+                    len(stream), nsamples, seqlen)
     starts = torch.randint(0, len(stream) - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 

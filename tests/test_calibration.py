@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -40,6 +41,19 @@ def test_windows_are_seeded_and_deterministic(tok, docs):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert int(a.max()) < len(tok)
+
+
+def test_one_document_or_wikitext_layout_still_depends_on_the_seed(tmp_path, tok, corpus_text):
+    # a text without paragraph breaks is one document: the seed must still move the windows
+    one = tmp_path / "one.txt"
+    one.write_text(re.sub(r"\n\s*\n", "\n", corpus_text[:40_000]))
+    assert len(load_documents(one)) == 1
+    a, b = (calibration_tokens(tok, one, 4, 32, seed=s) for s in (0, 1))
+    assert not torch.equal(a, b) and torch.equal(a, calibration_tokens(tok, one, 4, 32, seed=0))
+    # WikiText's files separate paragraphs by lines holding one space: those are documents too
+    wiki = tmp_path / "wiki.tokens"
+    wiki.write_text(" \n = Title = \n \n First paragraph . \n \n Second paragraph . \n")
+    assert load_documents(wiki) == [" \n = Title = ", " First paragraph . ", " Second paragraph . \n"]
 
 
 def test_windows_come_from_the_tokenized_text(tok):
