@@ -10,10 +10,12 @@ error = error / tr(W H W^T). Round-to-nearest (quantlm --rtn) is the floor every
 The per-layer score uses the float model's Hessians, which favours a tool whose Hessians are closer to float:
 llm-compressor calibrates every linear of a decoder layer from the layer's (quantized-path) input in one pass,
 so its o_proj/gate/up/down Hessians see float q/k/v/attention outputs, while true-sequential GPTQ (quantlm's
-and GPTQModel's default) gives each group the outputs of the groups already quantized. So two more columns:
-``quantlm-layerwise`` runs quantlm in llm-compressor's mode (``true_sequential: false``), and the *output*
-error scores every tool end to end: relative squared error of the final hidden states (after the last norm)
-against the float model on held-out WikiText-2 windows that no tool calibrated on.
+and GPTQModel's default) gives each group the outputs of the groups already quantized. So
+``quantlm-layerwise`` runs quantlm in llm-compressor's mode (``true_sequential: false``), and two more scores
+judge every tool alike: the *output* error, the relative squared error of the final hidden states (after the
+last norm) against the float model on held-out WikiText-2 windows that no tool calibrated on, and the
+*own-path* error, each tool's layers scored with the Hessians of its own quantized model's activations.
+``--rescore`` recomputes every score from the outputs already in --work, without re-running the tools.
 
 Usage: python bench/bench_quantize_cpu.py [--work DIR] [--gptqmodel-python PY] [--llmcompressor-python PY]
 Results: DIR/results.json and a markdown table on stdout (copied into bench/quantize_cpu.md).

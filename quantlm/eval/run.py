@@ -57,11 +57,11 @@ def _quantize_record(model_dir: Path) -> dict:
     return {}
 
 
-def identify(model_dir: Path, config: dict) -> dict:
-    """Family and nominal bits of a checkpoint from what it records about itself (quantlm.json, config)."""
+def identify(config: dict, meta: dict) -> dict:
+    """Family and nominal bits of a checkpoint from what it records about itself: its config.json and the
+    ``quantlm.json`` a quantization writes (``meta``, {} when there is none)."""
     from quantlm.checkpoint import is_trilm
 
-    meta = _quantize_record(model_dir)
     recipe_bits = (meta.get("recipe") or {}).get("bits")
     qbits = meta.get("bits") or recipe_bits or (config.get("quantization_config") or {}).get("bits")
     # a quantization record beats config.json, which an unpacked export inherits from its FloatLM
@@ -73,7 +73,7 @@ def identify(model_dir: Path, config: dict) -> dict:
     return {"family": family, "bits": bits, "preset": meta.get("preset") or config.get("quantlm_preset")}
 
 
-def accounted_sizes(model_dir: Path) -> dict:
+def accounted_sizes(model_dir: Path, meta: dict) -> dict:
     """``sizes`` (total bits per accounting convention) and ``size_layout`` for the record.
 
     An export with a quantization record counts as deployed, packed (its ``accounting.packed``), even when the
@@ -81,7 +81,7 @@ def accounted_sizes(model_dir: Path) -> dict:
     """
     from quantlm import accounting
 
-    packed = (_quantize_record(model_dir).get("accounting") or {}).get("packed")
+    packed = (meta.get("accounting") or {}).get("packed")
     if isinstance(packed, dict) and all(c in packed for c in accounting.CONVENTIONS):
         return {"sizes": {c: float(packed[c]) for c in accounting.CONVENTIONS}, "size_layout": packed.get("layout")}
     try:
@@ -162,7 +162,8 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     start = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
     model = (loader or load_causal_lm)(model_dir, dtype=getattr(torch, recipe.dtype), device=device)
-    info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config), **accounted_sizes(model_dir)}
+    meta = _quantize_record(model_dir)
+    info = {"model_dir": str(model_dir.resolve()), **identify(config, meta), **accounted_sizes(model_dir, meta)}
     record = evaluate_loaded(model, tokenizer, recipe, model_name=model_dir.name, sources=sources, tasks=tasks,
                              extra={**info, **(extra or {})}, device=device, progress=progress)
     record["wall_time_s"] = round(time.perf_counter() - start, 3)  # model loading included
