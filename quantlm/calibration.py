@@ -8,11 +8,11 @@ file with a ``text`` field, a ``.parquet`` file with a ``text`` column, or a dir
 
 Sampling: the documents are shuffled with the seed and tokenized in that order with the model's own
 tokenizer (documents joined by the EOS token when the tokenizer has one) until N*L tokens are collected;
-the stream is cut into N windows of exactly L tokens, so every window weighs the same. A single document
-(e.g. a text without paragraph breaks), or a text with fewer than N*L tokens (but at least L), gives N
-windows at seeded random offsets, which may overlap: that is how GPTQ samples WikiText-2, and it keeps
-different seeds from giving the same windows. The same seed, source and tokenizer always give the same
-tensor.
+the stream is cut into N windows of exactly L tokens, so every window weighs the same. When the first
+document alone holds N*L tokens (e.g. a text without paragraph breaks), or the text has fewer than N*L
+tokens (but at least L), the N windows are drawn at seeded random offsets instead, which may overlap:
+that is how GPTQ samples WikiText-2, and it keeps different seeds from giving the same windows. The same
+seed, source and tokenizer always give the same tensor.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def sample_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, 
     eos = getattr(tokenizer, "eos_token_id", None)
     need = nsamples * seqlen
     stream: list[int] = []
+    used = 0
     for i in order:
+        used += 1
         ids = tokenizer(documents[i], add_special_tokens=False)["input_ids"]
         if stream and eos is not None:
             stream.append(eos)
@@ -119,8 +121,10 @@ def sample_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, 
         raise QuantlmError(f"calibration text has {len(stream)} tokens, shorter than one window of {seqlen}; "
                            "use a longer text (--calib) or a smaller --seqlen")
     tokens = torch.tensor(stream, dtype=torch.int64)
-    if len(stream) >= need and len(documents) > 1:
+    if len(stream) >= need and used > 1:
         return tokens[:need].view(nsamples, seqlen).clone()
+    # one document filled every window (or the text is short): cutting from its start would make the seed
+    # choose only which document, so the windows start at seeded offsets instead
     if len(stream) < need:
         log.warning("calibration text has %d tokens < %d x %d: drawing overlapping windows",
                     len(stream), nsamples, seqlen)

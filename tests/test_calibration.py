@@ -50,6 +50,10 @@ def test_one_document_or_wikitext_layout_still_depends_on_the_seed(tmp_path, tok
     assert len(load_documents(one)) == 1
     a, b = (calibration_tokens(tok, one, 4, 32, seed=s) for s in (0, 1))
     assert not torch.equal(a, b) and torch.equal(a, calibration_tokens(tok, one, 4, 32, seed=0))
+    # two documents that each fill every window: the seed must do more than pick one of two starts
+    two = [corpus_text[:20_000], corpus_text[20_000:40_000]]
+    windows = {tuple(sample_windows(tok, two, 4, 32, seed=s)[0].tolist()) for s in range(4)}
+    assert len(windows) > 2
     # WikiText's files separate paragraphs by lines holding one space: those are documents too
     wiki = tmp_path / "wiki.tokens"
     wiki.write_text(" \n = Title = \n \n First paragraph . \n \n Second paragraph . \n")
