@@ -20,15 +20,16 @@ def main():
     t0 = time.perf_counter()
     import quantlm
     from quantlm.checkpoint import load_causal_lm
-    from quantlm.formats.common import stored_linear
-    from quantlm.formats.gptq import write_gptq
+    from quantlm.formats.registry import Layout
+    from quantlm.formats.writer import dense_state_dict, write_checkpoint
     from quantlm.gptq.pipeline import quantize_blocks
+    from quantlm.gptq.settings import GPTQSettings
+    from quantlm.metadata import ModelMeta
     from quantlm.models.blocks import LLAMA
-    from quantlm.recipes import QuantRecipe, to_dict
+    from quantlm.recipes import to_dict
 
     tokens = torch.load(tokens_path)
-    recipe = QuantRecipe(bits=4, group_size=128, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
-                         formats=("gptq",), true_sequential=not layerwise)
+    recipe = GPTQSettings(bits=4, group_size=128, true_sequential=not layerwise)
     model = load_causal_lm(model_dir, dtype=torch.float32)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -36,8 +37,11 @@ def main():
     t_quant = time.perf_counter() - t1
     from pathlib import Path
 
-    linears = {n: stored_linear(n, r) for n, r in run.results.items()}
-    write_gptq(Path(out_dir), model, linears, {"recipe": to_dict(recipe)})
+    linears = {n: r.stored(n) for n, r in run.results.items()}
+    meta = ModelMeta(producer="quantize", family="quantlm", format="gptq", bits=4, group_size=128,
+                     settings={"gptq": to_dict(recipe)})
+    write_checkpoint(Path(out_dir), model.config.to_dict(), dense_state_dict(model, set(linears)), linears,
+                     Layout("quantlm", "gptq", bits=4, group_size=128), LLAMA, meta)
     tool = "quantlm-rtn" if rtn else "quantlm-layerwise" if layerwise else "quantlm"
     json.dump({"tool": tool, "version": quantlm.__version__,
                "torch": torch.__version__, "quantize_s": t_quant, "load_s": t_load,

@@ -24,6 +24,7 @@ Results: DIR/results.json and a markdown table on stdout (copied into bench/quan
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,10 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quantlm.calibration import calibration_tokens  # noqa: E402
-from quantlm.formats.compressed_tensors import read_ct_tensors  # noqa: E402
-from quantlm.formats.loader import _read_tensors  # noqa: E402
+from quantlm.formats.compressed_tensors import COMPRESSED_TENSORS  # noqa: E402
+from quantlm.formats.loader import read_state  # noqa: E402
+from quantlm.formats.packing import unpack_bits  # noqa: E402
+from quantlm.formats.registry import Layout  # noqa: E402
 from quantlm.gptq.hessian import HessianAccumulator  # noqa: E402
-from quantlm.gptq.packing import unpack_bits  # noqa: E402
 from quantlm.gptq.solver import reconstruction_error  # noqa: E402
 from quantlm.models.blocks import LLAMA  # noqa: E402
 from quantlm.specs import get_preset  # noqa: E402
@@ -96,7 +98,7 @@ def float_hessians(model_dir: Path, tokens: torch.Tensor) -> tuple[dict, dict]:
 
 
 def dequantized_weights(out_dir: Path, fmt: str, names) -> dict[str, torch.Tensor]:
-    tensors = _read_tensors(out_dir)
+    tensors = read_state(out_dir)
     out = {}
     for name in names:
         if fmt == "gptq":
@@ -109,12 +111,14 @@ def dequantized_weights(out_dir: Path, fmt: str, names) -> dict[str, torch.Tenso
             s = scales.T.float()
             out[name] = (q - zeros[:, g]) * s[:, g]
         else:
-            q, s, z = read_ct_tensors(tensors, name, BITS, sym=f"{name}.weight_zero_point" not in tensors)
-            gs = q.shape[1] // s.shape[1]
-            g = torch.arange(q.shape[1]) // gs
-            if f"{name}.weight_g_idx" in tensors:
-                g = tensors[f"{name}.weight_g_idx"].long()
-            out[name] = (q.float() - z.float()[:, g]) * s.float()[:, g]
+            o, i = (int(v) for v in tensors[f"{name}.weight_shape"].tolist())
+            groups = tensors[f"{name}.weight_scale"].shape[1]
+            layout = Layout("quantlm", "compressed-tensors", bits=BITS, group_size=-1 if groups == 1 else i // groups,
+                            sym=f"{name}.weight_zero_point" not in tensors)
+            lin = COMPRESSED_TENSORS.decode(tensors.__getitem__, name, o, i, layout, "column")
+            if f"{name}.weight_g_idx" in tensors:  # a peer's act-order export: whatever g_idx it wrote
+                lin = dataclasses.replace(lin, g_idx=tensors[f"{name}.weight_g_idx"])
+            out[name] = lin.dequantize()
     return out
 
 

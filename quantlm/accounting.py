@@ -11,7 +11,9 @@
 
 The core is arithmetic over ``TensorRecord`` values; a model description comes from a preset, a config.json
 (plus quant settings) or a checkpoint directory, whose safetensors headers are read without touching tensor
-data. Only the standard library is used here; ``to_frames`` builds pandas DataFrames at the edge.
+data. Which tensors a layout stores comes from the format registry (``quantlm.formats.registry``), the same
+declaration the writers and the loader use. No tensor is ever loaded; ``to_frames`` builds pandas DataFrames at
+the edge.
 """
 
 from __future__ import annotations
@@ -25,20 +27,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quantlm.errors import QuantlmError
+from quantlm.formats.registry import DTYPE_BITS, Layout, get_format, layout_of_config
 from quantlm.models.blocks import LLAMA, BlockMap
 from quantlm.specs import ModelSpec, get_preset, is_preset
 
 CONVENTIONS = ("paper", "exact", "entropy")
 PAPER_VOCAB = 50304  # the paper counts embedding and head over this vocabulary at every size
 PAPER_TRILM_BITS = 1.58
-LOG2_3 = math.log2(3)
-
-# bits per element of each safetensors dtype
-DTYPE_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-    "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
-}
-TORCH_DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+DEPLOYED_FORMAT = {"floatlm": "unpacked", "quantlm": "compressed-tensors", "trilm": "ternary-1.6"}
 
 # Roles: what a tensor belongs to. Parts: what it is within that role.
 ROLES = ("block_linear", "embedding", "lm_head", "norm", "other")
@@ -61,53 +57,6 @@ def paper_bits_per_weight(family: str, bits: int | None = None, group_size: int 
     if bits is None:
         raise QuantlmError("a QuantLM needs its bitwidth for the paper convention")
     return bits + (32.0 / group_size if group_size and group_size > 0 else 0.0)
-
-
-@dataclass(frozen=True)
-class QuantLayout:
-    """How a QuantLM's block linears are stored (the assumption behind its ``exact`` bits)."""
-
-    format: str = "compressed-tensors"  # compressed-tensors | gptq | unpacked
-    bits: int = 4
-    group_size: int = 128  # -1: one scale per output channel
-    sym: bool = True
-    g_idx: bool = False  # store a per-input-column group index (the gptq format always does)
-    scale_dtype: str = "F16"
-
-    def __post_init__(self):
-        if self.format not in QUANT_FORMATS:
-            raise QuantlmError(f"unknown QuantLM layout {self.format!r}; use one of {', '.join(QUANT_FORMATS)}")
-        if not 2 <= self.bits <= 8:
-            raise QuantlmError(f"bits={self.bits} is outside 2..8; choose a bitwidth from 2 to 8")
-        if self.group_size == 0 or self.group_size < -1:
-            raise QuantlmError(f"group_size={self.group_size}: use a positive group size or -1 for per-channel")
-
-    def describe(self) -> str:
-        group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
-        extras = [self.scale_dtype.lower() + " scales", "sym" if self.sym else "asym"]
-        if self.g_idx or self.format == "gptq":
-            extras.append("int32 g_idx")
-        return f"{self.format} {self.bits}-bit, {group}, {', '.join(extras)}"
-
-
-@dataclass(frozen=True)
-class TernaryLayout:
-    """How a TriLM's block linears are stored: fp16 gamma*W_t, or packed trits with per-shard fp16 scales."""
-
-    format: str = "ternary-1.6"  # ternary-1.6 (5 trits per byte) | ternary-2 (4 per byte) | unpacked
-
-    def __post_init__(self):
-        if self.format not in TERNARY_FORMATS:
-            raise QuantlmError(f"unknown TriLM layout {self.format!r}; use one of {', '.join(TERNARY_FORMATS)}")
-
-    def describe(self) -> str:
-        return {"ternary-1.6": "5 trits per byte (1.6 bits/weight), fp16 per-shard scales",
-                "ternary-2": "4 trits per byte (2 bits/weight), fp16 per-shard scales",
-                "unpacked": "fp16 gamma*W_t (as Spectra released)"}[self.format]
-
-
-QUANT_FORMATS = ("compressed-tensors", "gptq", "unpacked")
-TERNARY_FORMATS = ("ternary-1.6", "ternary-2", "unpacked")
 
 
 @dataclass(frozen=True)
@@ -188,105 +137,61 @@ class ModelBudget:
 
 # --------------------------------------------------------------------------------------------- presets
 
-def _linear_records(name: str, out_f: int, in_f: int, *, family: str, quant: QuantLayout | None,
-                    ternary: TernaryLayout | None, mp: int, shard: str, count: int,
-                    float_dtype: str = "F16") -> list[TensorRecord]:
-    """The stored tensors of one block linear under a family's layout."""
-    params = out_f * in_f
-    if family == "floatlm":
-        return [TensorRecord(name + ".weight", (out_f, in_f), float_dtype, "block_linear", "weight", params,
-                             None, 16.0, count)]
-    if family == "trilm":
-        paper = PAPER_TRILM_BITS
-        fmt = ternary.format if ternary else "unpacked"
-        if fmt == "unpacked":
-            # fp16 gamma*W_t; its information is the trits plus one scale per model-parallel shard
-            return [TensorRecord(name + ".weight", (out_f, in_f), float_dtype, "block_linear", "weight", params,
-                                 LOG2_3 + 16.0 * mp / params, paper, count)]
-        per_byte = 5 if fmt == "ternary-1.6" else 4
-        return [
-            TensorRecord(name + ".weight_trits", (out_f, -(-in_f // per_byte)), "U8", "block_linear", "codes",
-                         params, LOG2_3, paper, count),
-            TensorRecord(name + ".weight_scale", (mp,), "F16", "block_linear", "scale", 0, None, 0.0, count),
-        ]
-    assert quant is not None
-    b, g = quant.bits, quant.group_size
-    if g != -1 and in_f % g:
-        raise QuantlmError(
-            f"group size {g} does not divide the input dimension {in_f} of {name}; "
-            f"use a group size that divides {in_f} or -1 (per-channel)")
-    groups = 1 if g == -1 else in_f // g
-    paper = paper_bits_per_weight("quantlm", b, None if g == -1 else g)
-    if quant.format == "unpacked":
-        return [TensorRecord(name + ".weight", (out_f, in_f), float_dtype, "block_linear", "weight", params,
-                             None, paper, count)]
-    words = lambda n: -(-n * b // 32)  # noqa: E731 - int32 words of a b-bit stream of n values
-    if quant.format == "gptq":
-        return [
-            TensorRecord(name + ".qweight", (words(in_f), out_f), "I32", "block_linear", "codes", params, b, paper, count),
-            TensorRecord(name + ".qzeros", (groups, words(out_f)), "I32", "block_linear", "zero", 0, None, 0.0, count),
-            TensorRecord(name + ".scales", (groups, out_f), quant.scale_dtype, "block_linear", "scale", 0, None, 0.0, count),
-            TensorRecord(name + ".g_idx", (in_f,), "I32", "block_linear", "g_idx", 0, None, 0.0, count),
-        ]
-    recs = [
-        TensorRecord(name + ".weight_packed", (out_f, words(in_f)), "I32", "block_linear", "codes", params, b, paper, count),
-        TensorRecord(name + ".weight_scale", (out_f, groups), quant.scale_dtype, "block_linear", "scale", 0, None, 0.0, count),
-        TensorRecord(name + ".weight_shape", (2,), "I64", "block_linear", "meta", 0, None, 0.0, count),
-    ]
-    if not quant.sym:
-        recs.append(TensorRecord(name + ".weight_zero_point", (words(out_f), groups), "I32", "block_linear", "zero",
-                                 0, None, 0.0, count))
-    if quant.g_idx:
-        recs.append(TensorRecord(name + ".weight_g_idx", (in_f,), "I32", "block_linear", "g_idx", 0, None, 0.0, count))
-    return recs
+def _linear_records(name: str, out_f: int, in_f: int, layout: Layout, kind: str, count: int) -> list[TensorRecord]:
+    """The stored tensors of one block linear, as its format declares them."""
+    from quantlm.quantized import check_group_size
+
+    if layout.family == "quantlm":
+        check_group_size(layout.group_size, in_f, name.replace(".{i}.", ".N."))
+    paper = paper_bits_per_weight(layout.family, layout.bits, None if layout.group_size == -1 else layout.group_size)
+    return [TensorRecord(name + s.suffix, s.shape, s.dtype, "block_linear", s.part, s.params, s.code_bits,
+                         paper if s.params else 0.0, count)
+            for s in get_format(layout.format).linear_tensors(out_f, in_f, layout, kind)]
 
 
-def default_quant_layout(spec: ModelSpec, fmt: str = "compressed-tensors") -> QuantLayout:
-    return QuantLayout(format=fmt, bits=spec.bits or 16, group_size=spec.group_size or -1)
+def preset_layout(spec: ModelSpec, *, quant_format: str | None = None, ternary_format: str | None = None,
+                  sym: bool = True, g_idx: bool = False, float_dtype: str = "F16") -> Layout:
+    """The layout a preset (or a config-described model) is accounted in: packed by default."""
+    if spec.family == "quantlm":
+        return Layout("quantlm", quant_format or DEPLOYED_FORMAT["quantlm"], bits=spec.bits,
+                      group_size=spec.group_size or -1, sym=sym, g_idx=g_idx, float_dtype=float_dtype)
+    if spec.family == "trilm":
+        return Layout("trilm", ternary_format or DEPLOYED_FORMAT["trilm"], mp=spec.model_parallel,
+                      float_dtype=float_dtype)
+    return Layout("floatlm", "unpacked", float_dtype=float_dtype)
 
 
-def budget_from_spec(spec: ModelSpec, *, quant: QuantLayout | None = None, ternary: TernaryLayout | None = None,
-                     block_map: BlockMap = LLAMA, source: str = "preset", float_dtype: str = "F16",
-                     with_reference: bool = True) -> ModelBudget:
-    """The bit budget of a preset or config-described model under its (or the given) storage layout."""
-    family = spec.family
-    if family == "quantlm":
-        quant = quant or default_quant_layout(spec)
-        layout = quant.describe()
-    elif family == "trilm":
-        ternary = ternary or TernaryLayout()
-        layout = ternary.describe()
-    else:
-        layout = f"{float_dtype.lower()} weights"
+def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, block_map: BlockMap = LLAMA,
+                     source: str = "preset", with_reference: bool = True) -> ModelBudget:
+    """The bit budget of a preset or config-described model in ``layout`` (default: :func:`preset_layout`)."""
+    layout = layout or preset_layout(spec)
+    fd = layout.float_dtype
     h, n = spec.hidden_size, spec.num_hidden_layers
     vocab = spec.padded_vocab_size
     # tensor names use {i} for the block index: one record stands for the same tensor in all n blocks
-    lp = f"{block_map.layers_path}.{{i}}."
+    lp = block_map.layers_path + ".{i}."
     emb_paper = 16.0 * paper_vocab(vocab) / vocab
-    records = [TensorRecord(block_map.embed_path + ".weight", (vocab, h), float_dtype, "embedding", "weight",
-                            vocab * h, None, emb_paper)]
-    records.append(TensorRecord(lp + "input_layernorm.weight", (h,), float_dtype, "norm", "weight", h, count=n))
+    records = [TensorRecord(block_map.embed_path + ".weight", (vocab, h), fd, "embedding", "weight", vocab * h,
+                            None, emb_paper)]
+    records += [TensorRecord(lp + norm + ".weight", (h,), fd, "norm", "weight", h, count=n) for norm in block_map.norms]
     for name, (out_f, in_f) in spec.linear_shapes().items():
-        records += _linear_records(lp + name, out_f, in_f, family=family, quant=quant, ternary=ternary,
-                                   mp=spec.model_parallel, shard=block_map.shard_kind(name), count=n,
-                                   float_dtype=float_dtype)
-    records.append(TensorRecord(lp + "post_attention_layernorm.weight", (h,), float_dtype, "norm", "weight", h, count=n))
-    records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), float_dtype, "norm", "weight", h))
+        records += _linear_records(lp + name, out_f, in_f, layout, block_map.shard_kind(name), n)
+    records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), fd, "norm", "weight", h))
     if not spec.tie_word_embeddings:
-        records.append(TensorRecord(block_map.head_path + ".weight", (vocab, h), float_dtype, "lm_head", "weight",
+        records.append(TensorRecord(block_map.head_path + ".weight", (vocab, h), fd, "lm_head", "weight",
                                     vocab * h, None, emb_paper))
     ref = None
-    if with_reference and family != "floatlm":
+    if with_reference and layout.family != "floatlm":
         ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None),
                                block_map=block_map, source=source, with_reference=False)
-    return ModelBudget(spec.name, family, tuple(records), spec.bits, layout, source, ref)
+    return ModelBudget(spec.name, layout.family, tuple(records), layout.bits, layout.describe(), source, ref)
 
 
 # --------------------------------------------------------------------------------------------- configs
 
 def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
     """A ModelSpec for an HF LLaMA config dict (family from its quantization_config / TriLM marker)."""
-    from quantlm.checkpoint import block_map_for, is_trilm
+    from quantlm.checkpoint import block_map_for
 
     block_map_for(config, name)
     try:
@@ -306,33 +211,13 @@ def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_
     head_dim = config.get("head_dim")
     if head_dim not in (None, hidden // heads):
         raise QuantlmError(f"{name}: head_dim={head_dim} differs from hidden_size/num_attention_heads; not supported")
-    qc = config.get("quantization_config") or {}
-    mp = int(config.get("pretraining_model_parallel") or 1)
-    if qc and bits is None:
-        bits, group_size = _bits_from_quant_config(qc, name)
+    layout = layout_of_config(config)
     if bits is not None:
-        family = "quantlm"
-    elif is_trilm(config):
-        family = "trilm"
-    else:
-        family = "floatlm"
+        layout = Layout("quantlm", "unpacked", bits=bits, group_size=-1 if group_size is None else group_size)
+    mp = layout.mp if layout.family == "trilm" else 1
     # vocab_size in a config is already padded: keep it as is (128*mp divides it for Spectra checkpoints)
-    return ModelSpec(name=name, family=family, size="custom", model_parallel=mp if family == "trilm" else 1,
-                     bits=bits, group_size=group_size if group_size not in (None, -1) else None, **kwargs)
-
-
-def _bits_from_quant_config(qc: dict, name: str) -> tuple[int, int]:
-    method = qc.get("quant_method")
-    if method == "gptq":
-        return int(qc["bits"]), int(qc.get("group_size", -1))
-    if method == "compressed-tensors":
-        try:
-            group = next(iter(qc["config_groups"].values()))
-            w = group["weights"]
-            return int(w["num_bits"]), int(w.get("group_size") or -1)
-        except (KeyError, StopIteration, TypeError):
-            raise QuantlmError(f"{name}: compressed-tensors quantization_config lacks config_groups.*.weights") from None
-    raise QuantlmError(f"{name}: quantization method {method!r} is not one quantlm accounts (gptq, compressed-tensors)")
+    return ModelSpec(name=name, family=layout.family, size="custom", model_parallel=mp, bits=layout.bits,
+                     group_size=layout.group_size if layout.bits and layout.group_size != -1 else None, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -402,25 +287,38 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-_PART_SUFFIXES = (  # (suffix, part) for packed layouts; order matters (longest first)
-    (".weight_packed", "codes"), (".weight_trits", "codes"), (".qweight", "codes"),
-    (".weight_scale", "scale"), (".scales", "scale"), (".weight_zero_point", "zero"), (".qzeros", "zero"),
-    (".weight_g_idx", "g_idx"), (".g_idx", "g_idx"), (".weight_shape", "meta"), (".weight", "weight"),
-)
+def checkpoint_layout(model_dir: Path, config: dict) -> Layout:
+    """The layout of a checkpoint directory: its config.json, and for a dequantized QuantLM its ``quantlm.json``."""
+    from quantlm.metadata import read_meta
+
+    layout = layout_of_config(config)
+    if layout.family == "floatlm":
+        meta = read_meta(model_dir)
+        if meta is not None and meta.family == "quantlm" and meta.bits:
+            layout = replace(layout, family="quantlm", bits=int(meta.bits), group_size=int(meta.group_size or -1),
+                             sym=True if meta.sym is None else bool(meta.sym))
+    return layout
 
 
 def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = None,
                            block_map: BlockMap | None = None) -> ModelBudget:
-    """The bit budget of a checkpoint directory from its config.json and safetensors headers alone."""
+    """The bit budget of a checkpoint directory from its config.json and safetensors headers alone.
+
+    Each block-linear tensor is matched to its format's declaration (what it encodes, its code bits); a tensor the
+    format does not declare counts at its stored size as ``meta``.
+    """
     from quantlm.checkpoint import block_map_for, read_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     label = name or model_dir.name
     block_map = block_map or block_map_for(config, str(model_dir))
+    layout = checkpoint_layout(model_dir, config)
     spec = spec_from_config(config, label)
-    shapes = spec.linear_shapes()
-    qbits = spec.bits
+    fmt = get_format(layout.format)
+    declared = {lin: {s.suffix: s for s in fmt.linear_tensors(*shape, layout, block_map.shard_kind(lin))}
+                for lin, shape in spec.linear_shapes().items()}
+    paper = paper_bits_per_weight(layout.family, layout.bits, None if layout.group_size == -1 else layout.group_size)
     entries: list[HeaderEntry] = []
     header_bytes = 0
     for f in safetensors_files(model_dir):
@@ -430,38 +328,26 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     records = []
     for e in entries:
         linear = block_map.block_linear_of(e.name)
-        part = next((p for s, p in _PART_SUFFIXES if e.name.endswith(s)), "meta")
         if linear is not None:
-            out_f, in_f = shapes[linear]
-            params = out_f * in_f if part in ("weight", "codes") else 0
-            if spec.family == "trilm":
-                code_bits = LOG2_3 + (16.0 * spec.model_parallel / params if part == "weight" else 0.0)
+            suffix = "." + e.name.rsplit(".", 1)[-1]
+            d = declared[linear].get(suffix)
+            if d is None:
+                records.append(TensorRecord(e.name, e.shape, e.dtype, "block_linear", "meta", 0))
             else:
-                code_bits = float(qbits) if part == "codes" else None
-            paper = paper_bits_per_weight(spec.family, qbits, spec.group_size) if params else 0.0
-            records.append(TensorRecord(e.name, e.shape, e.dtype, "block_linear", part, params,
-                                        code_bits if params else None, paper))
+                records.append(TensorRecord(e.name, e.shape, e.dtype, "block_linear", d.part, d.params, d.code_bits,
+                                            paper if d.params else 0.0))
         elif e.name.startswith(block_map.embed_path + "."):
             records.append(_float_record(e, "embedding"))
         elif e.name.startswith(block_map.head_path + "."):
             records.append(_float_record(e, "lm_head"))
-        elif "norm" in e.name.rsplit(".", 2)[-2]:
+        elif block_map.is_norm(e.name):
             records.append(TensorRecord(e.name, e.shape, e.dtype, "norm", "weight", math.prod(e.shape)))
         else:
-            records.append(TensorRecord(e.name, e.shape, e.dtype, "other", part, math.prod(e.shape)
-                                        if part == "weight" else 0))
-    if spec.tie_word_embeddings and not any(r.role == "lm_head" for r in records):
-        pass  # tied head: stored once, counted once (also in the paper convention)
-    if spec.family == "quantlm":
-        qc = config.get("quantization_config", {})
-        layout = f"{qc.get('quant_method')} {qbits}-bit, group {spec.group_size or -1} (as stored)"
-    elif spec.family == "trilm":
-        layout = "ternary (as stored)"
-    else:
-        layout = "as stored"
+            records.append(TensorRecord(e.name, e.shape, e.dtype, "other", "meta", 0))
     ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None), block_map=block_map,
                            source="config", with_reference=False)
-    return ModelBudget(label, spec.family, tuple(records), qbits, layout, "checkpoint", ref, header_bytes)
+    return ModelBudget(label, layout.family, tuple(records), layout.bits, layout.describe() + " (as stored)",
+                       "checkpoint", ref, header_bytes)
 
 
 def _float_record(e: HeaderEntry, role: str) -> TensorRecord:
@@ -471,24 +357,33 @@ def _float_record(e: HeaderEntry, role: str) -> TensorRecord:
 
 # ------------------------------------------------------------------------------------------- front door
 
-def budget(model: str | os.PathLike, *, quant: QuantLayout | None = None, ternary: TernaryLayout | None = None,
-           bits: int | None = None, group_size: int | None = None) -> ModelBudget:
+def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int | None = None,
+           group_size: int | None = None, quant_format: str | None = None, ternary_format: str | None = None,
+           sym: bool = True, g_idx: bool = False) -> ModelBudget:
     """Bit budget of a preset name, a config.json path, or a checkpoint directory.
 
-    ``bits``/``group_size`` turn a FloatLM preset or config into the QuantLM of that bitwidth; ``quant`` and
-    ``ternary`` choose the storage layout the ``exact`` convention assumes.
+    A checkpoint directory is measured as stored. ``bits``/``group_size`` turn a FloatLM preset or config into the
+    QuantLM of that bitwidth; ``layout`` (or ``quant_format``, ``ternary_format``, ``sym``, ``g_idx``) chooses the
+    storage the ``exact`` convention assumes for a preset or config (default: packed, as deployed).
     """
-    if bits is not None and not 2 <= bits <= 8:
-        raise QuantlmError(f"bits={bits} is outside 2..8; choose a bitwidth from 2 to 8")
+    from quantlm.quantized import check_bits
+
+    if bits is not None:
+        check_bits(bits)
     text = str(model)
     path = Path(text)
-    if path.is_dir() and any(path.glob("*.safetensors")) and bits is None:  # measured as stored
+    if path.is_dir() and any(path.glob("*.safetensors")) and bits is None and layout is None:
         return budget_from_checkpoint(path)
     if path.is_dir() or path.suffix == ".json":
         from quantlm.checkpoint import read_config
 
-        spec = spec_from_config(read_config(path), path.name if path.is_dir() else path.parent.name or text,
-                                bits=bits, group_size=group_size)
+        config = read_config(path)
+        spec = spec_from_config(config, path.name if path.is_dir() else path.parent.name or text)
+        own = layout_of_config(config)
+        if bits is not None:
+            spec = spec.with_family("quantlm", bits)
+        elif layout is None and own.format != "unpacked" and not (quant_format or ternary_format):
+            layout = own  # a packed checkpoint's config predicts its own layout
         source = "config"
     elif is_preset(text):
         spec = get_preset(text)
@@ -502,12 +397,20 @@ def budget(model: str | os.PathLike, *, quant: QuantLayout | None = None, ternar
     else:
         get_preset(text)  # raises with the nearest names
         raise AssertionError  # pragma: no cover
-    if spec.family == "quantlm":
-        if group_size is not None:
-            spec = replace(spec, group_size=None if group_size == -1 else group_size)
-        # the spec owns bits and group size; the layout adds how they are stored
-        quant = replace(quant or QuantLayout(), bits=spec.bits, group_size=spec.group_size or -1)
-    return budget_from_spec(spec, quant=quant, ternary=ternary, source=source)
+    if spec.family == "quantlm" and group_size is not None:
+        spec = replace(spec, group_size=None if group_size == -1 else group_size)
+    if layout is None:
+        layout = preset_layout(spec, quant_format=quant_format, ternary_format=ternary_format, sym=sym, g_idx=g_idx)
+    return budget_from_spec(spec, layout, source=source)
+
+
+def deployed_budget(model: str | os.PathLike, layout: Layout) -> ModelBudget:
+    """The budget of the model a checkpoint or config holds, as deployed: packed in the family's default format
+    (QuantLM compressed-tensors, TriLM ternary-1.6; a FloatLM in fp16), whatever ``layout`` it is stored in."""
+    fmt = DEPLOYED_FORMAT[layout.family]
+    target = Layout(layout.family, fmt, bits=layout.bits, group_size=layout.group_size, sym=layout.sym, mp=layout.mp)
+    return budget(model, layout=target, bits=layout.bits if layout.family == "quantlm" else None,
+                  group_size=layout.group_size if layout.family == "quantlm" else None)
 
 
 def summarize(budgets: Iterable[ModelBudget], conventions: Iterable[str] = CONVENTIONS) -> list[dict]:

@@ -17,86 +17,53 @@ seed, source and tokenizer always give the same tensor.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quantlm.errors import QuantlmError
 from quantlm.paths import calibration_dir
+from quantlm.recipes import doc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = "c4_sample.jsonl"
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Which text calibrates the Hessians: source, windows, length and seed (Spectra: 512 x 2048 tokens)."""
+
+    data: str = doc("calibration text: .txt/.jsonl/.parquet file or a datasets directory; empty for the shipped "
+                    "C4 sample", "")
+    nsamples: int = doc("calibration windows", 512)
+    seqlen: int = doc("tokens per calibration window", 2048)
+    seed: int = doc("seed of the window sampling (Spectra averages 3 seeds)", 0)
+
+    def __post_init__(self):
+        if self.nsamples <= 0 or self.seqlen <= 0:
+            raise QuantlmError(f"nsamples={self.nsamples}, seqlen={self.seqlen}: both must be positive")
+
+    def source_path(self) -> Path:
+        return Path(self.data) if self.data else default_calibration_path()
+
+
 def default_calibration_path() -> Path:
     return calibration_dir() / DEFAULT_CALIBRATION
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise QuantlmError(f"{path}:{lineno}: not valid JSON; calibration jsonl needs one "
-                                   "object per line with a 'text' field") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise QuantlmError(f"{path}:{lineno}: no 'text' string field; calibration jsonl needs "
-                                   "one object per line with a 'text' field")
-            texts.append(row["text"])
-    return texts
-
-
-def _read_parquet(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    if "text" not in table.column_names:
-        raise QuantlmError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); "
-                           "calibration parquet needs a 'text' column")
-    return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
-
-
-def _read_datasets_dir(path: Path) -> list[str]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        split = "train" if "train" in ds else sorted(ds)[0]
-        ds = ds[split]
-    if "text" not in ds.column_names:
-        raise QuantlmError(f"{path}: dataset has no 'text' column (columns: {', '.join(ds.column_names)})")
-    return list(ds["text"])
-
-
 def load_documents(source: str | os.PathLike | None = None) -> list[str]:
     """The non-empty documents of a calibration source (see the module docstring for the formats)."""
+    from quantlm.textdocs import iter_documents
+
     path = Path(source) if source else default_calibration_path()
     if not path.exists():
         raise QuantlmError(f"calibration source {path} does not exist; pass a .txt, .jsonl, .parquet file "
                            "or a datasets directory with --calib")
-    if path.is_dir():
-        if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-            raise QuantlmError(f"{path}: a calibration directory must be a datasets.save_to_disk directory "
-                               "(state.json or dataset_dict.json); pass a file otherwise")
-        texts = _read_datasets_dir(path)
-    elif path.suffix == ".jsonl":
-        texts = _read_jsonl(path)
-    elif path.suffix == ".parquet":
-        texts = _read_parquet(path)
-    elif path.suffix in (".txt", ".text", ".raw", ".tokens", ""):  # .raw/.tokens: WikiText's file names
-        texts = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
-    else:
-        raise QuantlmError(f"{path}: unknown calibration file type {path.suffix!r}; use .txt, .jsonl or .parquet")
-    return [t for t in texts if t.strip()]
+    return [t for t in iter_documents(path, paragraphs=True) if t.strip()]
 
 
 def sample_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:

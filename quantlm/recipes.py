@@ -16,7 +16,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +25,10 @@ from quantlm.errors import QuantlmError
 # kind -> "module:Class"; modules are imported only when a recipe of that kind is loaded.
 KINDS: dict[str, str] = {
     "model": "quantlm.specs:ModelSpec",
-    "quant": "quantlm.recipes:QuantRecipe",
+    "quant": "quantlm.quantize:QuantRecipe",
     "train": "quantlm.train.recipe:TrainRecipe",
     "eval": "quantlm.eval.recipe:EvalRecipe",
-    "suite": "quantlm.suite:SuiteManifest",
+    "suite": "quantlm.suite.plan:SuiteManifest",
 }
 
 
@@ -37,38 +37,6 @@ def doc(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
     if default is dataclasses.MISSING:
         return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text}, **kw)
-
-
-@dataclass(frozen=True)
-class QuantRecipe:
-    """How to quantize a FloatLM with GPTQ (the Spectra recipe by default, at 4 bits)."""
-
-    bits: int = doc("bit width of the integer codes, 2..8", 4)
-    group_size: int = doc("input columns sharing one scale; -1 for one scale per output channel", 128)
-    sym: bool = doc("symmetric grid (zero point fixed at the grid's middle)", True)
-    act_order: bool = doc("quantize columns in order of decreasing Hessian diagonal", True)
-    static_groups: bool = doc("fix group scales before the act-order pass, so g_idx stays contiguous", True)
-    true_sequential: bool = doc("quantize q,k,v -> o -> gate,up -> down, each seeing quantized inputs", True)
-    damp: float = doc("Hessian damping, as a fraction of the mean diagonal", 0.01)
-    block_size: int = doc("columns per lazy-update block", 128)
-    mse_grid: bool = doc("search the clipping range that minimises the squared grid error", False)
-    nsamples: int = doc("calibration windows", 512)
-    seqlen: int = doc("tokens per calibration window", 2048)
-    seeds: tuple[int, ...] = doc("calibration seeds (Spectra averages over 3)", (0, 1, 2))
-    calibration: str = doc("calibration text: file or directory; empty for the shipped sample", "")
-    formats: tuple[str, ...] = doc("export formats: unpacked, gptq, compressed-tensors", ("unpacked",))
-
-    def __post_init__(self):
-        if not 2 <= self.bits <= 8:
-            raise QuantlmError(f"bits={self.bits} is outside 2..8; choose a bitwidth from 2 to 8")
-        if self.group_size != -1 and self.group_size <= 0:
-            raise QuantlmError(f"group_size={self.group_size}: use a positive group size or -1 for per-channel")
-        if not 0 <= self.damp < 1:
-            raise QuantlmError(f"damp={self.damp}: damping is a fraction of mean(diag H) in [0, 1)")
-        if self.nsamples <= 0 or self.seqlen <= 0:
-            raise QuantlmError("nsamples and seqlen must be positive")
-        if self.block_size <= 0:
-            raise QuantlmError(f"block_size={self.block_size} must be positive")
 
 
 # ---------------------------------------------------------------------------------------------- YAML I/O
@@ -217,11 +185,9 @@ def dump(obj, path: str | os.PathLike) -> Path:
     return write_text(path, dumps(obj))
 
 
-SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(bits=b, group_size=128 if b <= 4 else -1) for b in (3, 4, 6, 8)}
-
-
 def export_recipes(root: str | os.PathLike) -> list[Path]:
     """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
+    from quantlm.quantize import SPECTRA_QUANT_RECIPES
     from quantlm.specs import PRESETS
 
     root = Path(root)
@@ -234,6 +200,36 @@ def recipe_hash(obj) -> str:
     """A short stable hash of a recipe's settings (used to decide whether an output is up to date)."""
     text = json.dumps(to_dict(obj), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def leaf_fields(cls, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """(path, field, resolved type) of every non-dataclass field of a recipe class, depth first."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += leaf_fields(tp, prefix + (f.name,))
+        else:
+            out.append((prefix + (f.name,), f, tp))
+    return out
+
+
+def replace_fields(obj, **changes):
+    """A copy of a (nested) recipe with leaf fields changed by their names alone, e.g.
+    ``replace_fields(QuantRecipe(), bits=3, nsamples=8)``; the recipe's checks run on the result."""
+    paths = {path[-1]: path for path, _, _ in leaf_fields(type(obj))}
+    data = to_dict(obj)
+    for name, value in changes.items():
+        if name not in paths:
+            near = difflib.get_close_matches(name, list(paths), n=1)
+            raise QuantlmError(f"{type(obj).__name__} has no field {name!r}" + (f"; did you mean {near[0]!r}?"
+                                                                                 if near else ""))
+        target = data
+        for p in paths[name][:-1]:
+            target = target[p]
+        target[name] = list(value) if isinstance(value, tuple) else value
+    return from_dict(type(obj), data)
 
 
 def override(obj, pairs: dict[str, str]):

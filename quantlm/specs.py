@@ -128,30 +128,25 @@ class ModelSpec:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every linear layer of one block, keyed by block-relative path."""
-        h, f, kv = self.hidden_size, self.intermediate_size, self.kv_heads * self.head_dim
-        return {
-            "self_attn.q_proj": (h, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, h),
-            "mlp.gate_proj": (f, h),
-            "mlp.up_proj": (f, h),
-            "mlp.down_proj": (h, f),
-        }
+        from quantlm.models.blocks import LLAMA
+
+        return LLAMA.linear_shapes(self.hidden_size, self.kv_heads * self.head_dim, self.intermediate_size)
 
     def tensor_shapes(self, padded_vocab: bool = True) -> dict[str, tuple[int, ...]]:
         """Every tensor of the unpacked HF checkpoint, by its state-dict name."""
+        from quantlm.models.blocks import LLAMA as bm
+
         vocab = self.padded_vocab_size if padded_vocab else self.vocab_size
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, self.hidden_size)}
+        h = (self.hidden_size,)
+        shapes: dict[str, tuple[int, ...]] = {bm.embed_path + ".weight": (vocab, self.hidden_size)}
         for i in range(self.num_hidden_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (self.hidden_size,)
+            p = bm.block_prefix(i)
+            shapes.update({p + n + ".weight": h for n in bm.norms})
             for name, shape in self.linear_shapes().items():
                 shapes[p + name + ".weight"] = shape
-            shapes[p + "post_attention_layernorm.weight"] = (self.hidden_size,)
-        shapes["model.norm.weight"] = (self.hidden_size,)
+        shapes[bm.final_norm_path + ".weight"] = h
         if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (vocab, self.hidden_size)
+            shapes[bm.head_path + ".weight"] = (vocab, self.hidden_size)
         return shapes
 
     def num_params(self, padded_vocab: bool = True) -> int:

@@ -52,13 +52,13 @@ def test_exact_quantlm_counts_codes_scales_and_layout():
     shapes = 7 * 2 * 64 * n
     float_part = (2 * 50304 * h + (2 * n + 1) * h) * 16
     assert b.total_bits("exact") == codes + scales + shapes + float_part
-    gptq = acc.budget("quantlm-99m-4bit", quant=acc.QuantLayout(format="gptq"))
+    gptq = acc.budget("quantlm-99m-4bit", quant_format="gptq")
     assert gptq.total_bits("exact") > b.total_bits("exact")  # g_idx and packed zeros cost extra
 
 
 def test_exact_ternary_layouts():
-    b16 = acc.budget("trilm-99m", ternary=acc.TernaryLayout("ternary-1.6"))
-    b2 = acc.budget("trilm-99m", ternary=acc.TernaryLayout("ternary-2"))
+    b16 = acc.budget("trilm-99m", ternary_format="ternary-1.6")
+    b2 = acc.budget("trilm-99m", ternary_format="ternary-2")
     assert b16.role_bits("block_linear", "exact") == pytest.approx(
         sum(o * math.ceil(i / 5) * 8 + 16 for o, i in get_preset("trilm-99m").linear_shapes().values()) * 16)
     assert b2.role_bits("block_linear", "exact") == pytest.approx(
@@ -130,7 +130,7 @@ def test_exact_bits_of_packed_checkpoint_equal_payload(tmp_path, bits):
     assert b.total_bits("exact") == 8 * payload
     assert b.header_bytes == 8 + n
     # the same layout predicted from the config alone
-    predicted = acc.budget(ckpt / "config.json", quant=acc.QuantLayout(format="gptq", group_size=-1))
+    predicted = acc.budget(ckpt / "config.json", quant_format="gptq", group_size=-1)
     assert predicted.total_bits("exact") == b.total_bits("exact")
     # codes carry b bits of information per weight
     codes = [r for r in b.records if r.part == "codes"]
@@ -245,7 +245,7 @@ def test_not_llama(tmp_path):
 def test_bits_and_group_size_errors():
     with pytest.raises(QuantlmError, match="outside 2..8"):
         acc.budget("floatlm-99m", bits=9)
-    with pytest.raises(QuantlmError, match="group size 100 does not divide the input dimension 128"):
+    with pytest.raises(QuantlmError, match="group size 100 does not divide the input width 128"):
         acc.budget("floatlm-micro", bits=4, group_size=100)
 
 

@@ -11,8 +11,8 @@ from quantlm.checkpoint import load_causal_lm, load_tokenizer
 from quantlm.gptq.block_passes import BlockPasses
 from quantlm.gptq.cpu_linear import gram_panels, linear, onednn_available, onednn_linears, override_forward
 from quantlm.gptq.pipeline import capture_block_inputs, quantize_blocks
+from quantlm.gptq.settings import GPTQSettings
 from quantlm.models.blocks import LLAMA
-from quantlm.recipes import QuantRecipe
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def model_and_tokens(tiny_model_dir):
 def _run(model, tokens, **kw):
     import copy
 
-    recipe = QuantRecipe(bits=3, group_size=4, nsamples=tokens.shape[0], seqlen=tokens.shape[1])
+    recipe = GPTQSettings(bits=3, group_size=4)
     return quantize_blocks(copy.deepcopy(model), LLAMA, tokens, recipe, batch_size=4, progress=False, **kw)
 
 

@@ -114,7 +114,7 @@ def test_bad_sources(tmp_path, tok):
         load_documents(notjson)
     odd = tmp_path / "x.csv"
     odd.write_text("a,b\n")
-    with pytest.raises(QuantlmError, match="unknown calibration file type"):
+    with pytest.raises(QuantlmError, match="unknown file type"):
         load_documents(odd)
     (tmp_path / "plain_dir").mkdir()
     with pytest.raises(QuantlmError, match="save_to_disk"):

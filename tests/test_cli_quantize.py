@@ -36,7 +36,7 @@ def test_quantize_with_flags_and_formats(tiny_model_dir, tmp_path, capsys):
     assert rc == 0, stdout
     assert sorted(p.name for p in out.iterdir()) == ["compressed-tensors", "report.json", "unpacked"]
     report = json.load(open(out / "report.json"))
-    r = report["recipe"]
+    r = report["recipe"]["gptq"]
     assert (r["bits"], r["group_size"], r["sym"], r["act_order"], r["damp"]) == (3, 4, False, False, 0.05)
     assert report["seed"] == 2 and report["calibration"]["tokens"] == 4 * 32 and report["method"] == "gptq"
     assert "compressed-tensors" in stdout and "unpacked" in stdout
@@ -44,12 +44,14 @@ def test_quantize_with_flags_and_formats(tiny_model_dir, tmp_path, capsys):
 
 def test_recipe_file_and_overrides(tiny_model_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("kind: quant\nbits: 8\ngroup_size: -1\nnsamples: 2\nseqlen: 16\nformats: [gptq]\n")
+    recipe.write_text("kind: quant\ngptq: {bits: 8, group_size: -1}\ncalibration: {nsamples: 2, seqlen: 16}\n"
+                      "export: {formats: [gptq]}\n")
     out = tmp_path / "q"
     rc, _, _ = run(capsys, tiny_model_dir, "--recipe", recipe, "--seqlen", 24, "--out", out, "--no-progress", "--rtn")
     assert rc == 0
     report = json.load(open(out / "report.json"))
-    assert report["recipe"]["bits"] == 8 and report["recipe"]["seqlen"] == 24 and report["method"] == "rtn"
+    assert report["recipe"]["gptq"]["bits"] == 8 and report["recipe"]["calibration"]["seqlen"] == 24
+    assert report["method"] == "rtn"
     assert list(report["paths"]) == ["gptq"]
     # an existing OUT_DIR is kept unless --overwrite; with it, it is replaced
     before = (out / "report.json").read_bytes()
@@ -81,8 +83,8 @@ def broken_models(tiny_model_dir, tmp_path):
     ("llama", ["--group-size", "16"], "does not divide the input width"),
     ("llama", ["--group-size", "0"], "group_size=0"),
     ("llama", ["--bits", "6", "--format", "gptq"], "gptq format holds 2, 3, 4 or 8 bits"),
-    ("llama", ["--format", "gguf"], "unknown format 'gguf'"),
-    ("llama", ["--format", ","], "--format is empty"),
+    ("llama", ["--format", "gguf"], "unknown QuantLM format 'gguf'"),
+    ("llama", ["--format", ","], "no export format given"),
     ("llama", ["--seqlen", "2000000"], "shorter than one window"),
     ("llama", ["--calib", "/nonexistent/calib.jsonl"], "does not exist"),
     ("llama", ["--recipe", "/nonexistent/r.yaml"], "does not exist"),

@@ -43,7 +43,7 @@ def test_checkpoint_and_bits_override(capsys, tiny_model_dir):
 @pytest.mark.parametrize("argv,message", [
     (["size", "floatlm-9m"], "unknown preset 'floatlm-9m'; did you mean"),
     (["size", "floatlm-99m", "--bits", "1"], "outside 2..8"),
-    (["size", "floatlm-micro", "--bits", "4", "--group-size", "96"], "does not divide the input dimension"),
+    (["size", "floatlm-micro", "--bits", "4", "--group-size", "96"], "does not divide the input width"),
     (["size", "/nonexistent/model"], "no such checkpoint directory or config.json"),
 ])
 def test_errors_are_one_line_exit_2(capsys, argv, message):

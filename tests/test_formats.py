@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from quantlm.errors import QuantlmError
-from quantlm.formats.loader import QuantLinear, load_quantized
-from quantlm.gptq.api import quantize_model
-from quantlm.recipes import QuantRecipe
+from quantlm.formats.loader import QuantLinear
+from quantlm.formats.loader import load_model as load_quantized
+from quantlm.quantize import QuantRecipe, quantize_model
+from quantlm.recipes import replace_fields
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -22,7 +23,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 def recipe(bits: int, **kw) -> QuantRecipe:
     formats = ("unpacked", "gptq", "compressed-tensors") if bits in (2, 3, 4, 8) else ("unpacked", "compressed-tensors")
     base = {"bits": bits, "group_size": 4 if bits % 2 == 0 else -1, "nsamples": 4, "seqlen": 32, "formats": formats}
-    return QuantRecipe(**{**base, **kw})
+    return replace_fields(QuantRecipe(), **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_every_format_reloads_with_the_same_logits(exports, bits):
         for name, ql in qls.items():  # the same weights, bit for bit, once rounded to fp16
             assert torch.equal(ql.dequantize().half(), unpacked.get_submodule(name).weight.half()), (fmt, name)
         torch.testing.assert_close(logits(packed, ids), ref, rtol=0, atol=2e-3)
-    assert rep["recipe"]["bits"] == bits and len(rep["modules"]) == 14
+    assert rep["recipe"]["gptq"]["bits"] == bits and len(rep["modules"]) == 14
 
 
 def test_gptq_layout_matches_the_documented_bit_stream(exports):
@@ -165,7 +166,8 @@ def test_unpacked_is_a_plain_checkpoint_with_tokenizer_and_meta(exports):
     assert m.model.layers[1].mlp.down_proj.weight.dtype == torch.float16
     AutoTokenizer.from_pretrained(d, local_files_only=True)
     meta = json.load(open(f"{d}/quantlm.json"))
-    assert meta["format"] == "unpacked" and meta["recipe"]["bits"] == 4 and len(meta["modules"]) == 14
+    assert meta["format"] == "unpacked" and meta["bits"] == 4 and meta["schema"] == "quantlm.model/1"
+    assert meta["settings"]["gptq"]["bits"] == 4 and len(meta["modules"]) == 14
     assert {"quantlm", "torch", "transformers"} <= set(meta["versions"])
     report = json.load(open(f"{exports[4]['out_dir']}/report.json"))
     assert report["paths"] == exports[4]["paths"] and report["seconds"]["total"] > 0
@@ -189,7 +191,7 @@ def test_exact_accounting_of_real_exports_equals_payload(exports, bits):
         measured = acc.budget(d)
         assert measured.family == "quantlm" and measured.bits == bits
         assert measured.total_bits("exact") == 8 * payload
-        predicted = acc.budget(d / "config.json", quant=acc.QuantLayout(format=fmt, group_size=g))
+        predicted = acc.budget(d / "config.json", quant_format=fmt, group_size=g)
         assert predicted.total_bits("exact") == measured.total_bits("exact"), fmt
         meta = json.loads((d / "quantlm.json").read_text())
         assert meta["accounting"]["as_stored"]["exact"] == 8 * payload

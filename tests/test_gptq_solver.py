@@ -7,7 +7,7 @@ import torch
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq import grid as grid_mod
-from quantlm.gptq.grid import GridSpec, dequantize, find_params, quantize_codes
+from quantlm.gptq.grid import GridSpec, find_params, quantize_codes
 from quantlm.gptq.hessian import HessianAccumulator
 from quantlm.gptq.solver import (
     GPTQResult,
@@ -16,6 +16,12 @@ from quantlm.gptq.solver import (
     reconstruction_error,
     rtn_quantize,
 )
+from quantlm.quantized import QuantizedLinear
+
+
+def dequantize(q, scale, zero):
+    """Per-row grid parameters through the one QuantizedLinear.dequantize (per-channel: one group)."""
+    return QuantizedLinear(q, scale[:, None], zero[:, None], 8, -1, False).dequantize()
 
 
 def correlated_problem(out: int, inp: int, n: int = 1024, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor,

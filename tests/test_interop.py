@@ -14,9 +14,10 @@ import shutil
 import pytest
 import torch
 
-from quantlm.formats.loader import QuantLinear, load_quantized
-from quantlm.gptq.api import quantize_model
-from quantlm.recipes import QuantRecipe
+from quantlm.formats.loader import QuantLinear
+from quantlm.formats.loader import load_model as load_quantized
+from quantlm.quantize import QuantRecipe, quantize_model
+from quantlm.recipes import replace_fields
 
 pytestmark = pytest.mark.interop
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -38,7 +39,8 @@ def interop_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _export(model_dir, tmp_path, fmt, bits, sym=True):
-    recipe = QuantRecipe(bits=bits, group_size=32, sym=sym, nsamples=4, seqlen=32, formats=("unpacked", fmt))
+    recipe = replace_fields(QuantRecipe(), bits=bits, group_size=32, sym=sym, nsamples=4, seqlen=32,
+                            formats=("unpacked", fmt))
     return quantize_model(model_dir, recipe, tmp_path / f"{fmt}-{bits}", progress=False)["paths"]
 
 

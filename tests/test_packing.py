@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlm.gptq.packing import pack_bits, packed_length, unpack_bits
+from quantlm.formats.packing import pack_bits, packed_length, unpack_bits
 
 
 def reference_words(values: list[int], bits: int) -> list[int]:

@@ -9,9 +9,9 @@ from quantlm.checkpoint import load_causal_lm, load_tokenizer
 from quantlm.errors import QuantlmError
 from quantlm.gptq.hessian import HessianAccumulator
 from quantlm.gptq.pipeline import quantize_blocks
+from quantlm.gptq.settings import GPTQSettings
 from quantlm.gptq.solver import reconstruction_error
 from quantlm.models.blocks import LLAMA
-from quantlm.recipes import QuantRecipe
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def tokens(tiny_model_dir):
     return calibration_tokens(load_tokenizer(tiny_model_dir), None, 8, 48, seed=0)
 
 
-def _recipe(**kw) -> QuantRecipe:
-    return QuantRecipe(**{"bits": 4, "group_size": 4, "nsamples": 8, "seqlen": 48, **kw})
+def _recipe(**kw) -> GPTQSettings:
+    return GPTQSettings(**{"bits": 4, "group_size": 4, **kw})
 
 
 def _final_model_errors(original, quantized, tokens) -> dict[str, float]:

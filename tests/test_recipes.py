@@ -4,7 +4,8 @@ import pytest
 
 from quantlm import recipes
 from quantlm.errors import QuantlmError
-from quantlm.recipes import QuantRecipe
+from quantlm.gptq.settings import GPTQSettings
+from quantlm.quantize import QuantRecipe
 from quantlm.specs import PRESETS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -34,7 +35,10 @@ def test_preset_yaml_equals_preset(name):
 def test_spectra_quant_recipes():
     for b, group in ((3, 128), (4, 128), (6, -1), (8, -1)):
         r = recipes.load(RECIPES / f"quantlm-{b}bit.yaml", expect=QuantRecipe)
-        assert (r.bits, r.group_size, r.sym, r.nsamples, r.seqlen, r.seeds) == (b, group, True, 512, 2048, (0, 1, 2))
+        g, c = r.gptq, r.calibration
+        assert (g.bits, g.group_size, g.sym, c.nsamples, c.seqlen, r.export.formats) == (
+            b, group, True, 512, 2048, ("unpacked",))
+        assert (g.act_order, g.damp, g.true_sequential, g.static_groups) == (True, 0.01, True, True)
 
 
 def _write(tmp_path, text):
@@ -45,24 +49,28 @@ def _write(tmp_path, text):
 
 def test_unknown_key_is_a_clear_error(tmp_path):
     with pytest.raises(QuantlmError, match="unknown key 'group'.*did you mean 'group_size'"):
-        recipes.load(_write(tmp_path, "kind: quant\nbits: 4\ngroup: 128\n"))
+        recipes.load(_write(tmp_path, "kind: quant\ngptq: {bits: 4, group: 128}\n"))
 
 
 def test_wrong_type_is_a_clear_error(tmp_path):
-    with pytest.raises(QuantlmError, match=r"r.yaml.bits: expected an integer, got '4'"):
-        recipes.load(_write(tmp_path, "kind: quant\nbits: '4'\n"))
+    with pytest.raises(QuantlmError, match=r"r.yaml.gptq.bits: expected an integer, got '4'"):
+        recipes.load(_write(tmp_path, "kind: quant\ngptq: {bits: '4'}\n"))
     with pytest.raises(QuantlmError, match="sym: expected true or false"):
-        recipes.load(_write(tmp_path, "kind: quant\nsym: 1\n"))
+        recipes.load(_write(tmp_path, "kind: quant\ngptq: {sym: 1}\n"))
+    with pytest.raises(QuantlmError, match="unknown key 'seeds'"):  # seeds belong to the suite manifest
+        recipes.load(_write(tmp_path, "kind: quant\ncalibration: {seeds: [0, 1]}\n"))
 
 
 def test_values_are_validated(tmp_path):
     with pytest.raises(QuantlmError, match="outside 2..8"):
-        recipes.load(_write(tmp_path, "kind: quant\nbits: 9\n"))
+        recipes.load(_write(tmp_path, "kind: quant\ngptq: {bits: 9}\n"))
+    with pytest.raises(QuantlmError, match="gptq format holds 2, 3, 4 or 8 bits"):
+        recipes.load(_write(tmp_path, "kind: quant\ngptq: {bits: 6}\nexport: {formats: [gptq]}\n"))
 
 
 def test_kind_is_required_and_checked(tmp_path):
     with pytest.raises(QuantlmError, match="'kind' key"):
-        recipes.load(_write(tmp_path, "bits: 4\n"))
+        recipes.load(_write(tmp_path, "gptq: {bits: 4}\n"))
     with pytest.raises(QuantlmError, match="unknown recipe kind"):
         recipes.load(_write(tmp_path, "kind: quantize\n"))
     with pytest.raises(QuantlmError, match="is a model recipe, but a quant recipe is needed"):
@@ -70,15 +78,15 @@ def test_kind_is_required_and_checked(tmp_path):
 
 
 def test_override_is_type_checked():
-    r = recipes.override(QuantRecipe(), {"bits": "3", "seeds": "[5]"})
-    assert r.bits == 3 and r.seeds == (5,)
+    r = recipes.override(QuantRecipe(), {"gptq.bits": "3", "calibration.seed": "5"})
+    assert r.gptq.bits == 3 and r.calibration.seed == 5
     with pytest.raises(QuantlmError, match="expected true or false"):
-        recipes.override(QuantRecipe(), {"sym": "maybe"})
+        recipes.override(QuantRecipe(), {"gptq.sym": "maybe"})
 
 
 def test_recipe_hash_changes_with_settings():
     assert recipes.recipe_hash(QuantRecipe()) == recipes.recipe_hash(QuantRecipe())
-    assert recipes.recipe_hash(QuantRecipe()) != recipes.recipe_hash(QuantRecipe(bits=3))
+    assert recipes.recipe_hash(QuantRecipe()) != recipes.recipe_hash(QuantRecipe(GPTQSettings(bits=3)))
 
 
 def test_fixed_length_tuples_check_each_position():

@@ -29,7 +29,7 @@ def _manifest(folder: Path, model: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     m = {"kind": "suite", "name": "e2e", "output": "out",
          "models": [{"name": "floatlm-micro", "family": "floatlm", "preset": "floatlm-micro", "path": str(model)}],
-         "bits": [3, 4, 6, 8], "quant": {"nsamples": 16, "seqlen": 64, "seeds": [0]},
+         "bits": [3, 4, 6, 8], "quant": {"calibration": {"nsamples": 16, "seqlen": 64}}, "seeds": [0],
          "eval": {"ppl": ["wikitext2"], "window": 64, "ppl_limit_windows": 24, "ppl_batch_size": 8},
          "heldout_ppl": str(TRAIN_RECIPE)}
     path = folder / "suite.yaml"
@@ -75,10 +75,10 @@ def test_suite_runs_orders_and_resumes(tmp_path, trained_micro, monkeypatch, cap
         count["n"] += 1
         real(job, manifest, progress)
 
-    monkeypatch.setattr(suite, "run_job", dies_after_three)
+    monkeypatch.setattr("quantlm.suite.runner.run_job", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         suite.run(m2, base2, progress=False)
-    monkeypatch.setattr(suite, "run_job", real)
+    monkeypatch.setattr("quantlm.suite.runner.run_job", real)
     done_before = [j.id for j in suite.plan(m2, base2) if suite.job_done(j)]
     assert len(done_before) == 3
     summary = suite.run(m2, base2, progress=False)

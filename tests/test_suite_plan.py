@@ -20,7 +20,7 @@ def test_spectra_plan_has_36_quantlm_jobs_per_seed():
     assert {j.bits for j in quant} == {3, 4, 6, 8}
     # every quantize job is evaluated, as is every FloatLM and TriLM
     assert len([j for j in jobs if j.kind == "eval"]) == len(quant) + 18
-    g = {j.bits: j.payload["recipe"].group_size for j in quant}
+    g = {j.bits: j.payload["recipe"].gptq.group_size for j in quant}
     assert g == {3: 128, 4: 128, 6: -1, 8: -1}
 
 
@@ -39,7 +39,7 @@ def _manifest(tmp_path: Path, **extra) -> Path:
         "kind": "suite", "name": "t", "output": "out",
         "models": [{"name": "floatlm-a", "family": "floatlm", "path": "fl"},
                    {"name": "trilm-a", "family": "trilm", "path": "tri"}],
-        "bits": [3, 8], "quant": {"seeds": [0, 1], "nsamples": 4, "seqlen": 16},
+        "bits": [3, 8], "seeds": [0, 1], "quant": {"calibration": {"nsamples": 4, "seqlen": 16}},
         "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}, **extra,
     }
     p = tmp_path / "m.yaml"
@@ -71,9 +71,37 @@ def test_hash_decides_done_and_recipe_changes_invalidate(tmp_path):
     job.out.mkdir(parents=True)
     (job.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": job.hash}}))
     assert suite.job_done(job)
-    manifest2, _ = suite.load_manifest(_manifest(tmp_path, quant={"seeds": [0, 1], "nsamples": 8}))
+    manifest2, _ = suite.load_manifest(_manifest(tmp_path, quant={"calibration": {"nsamples": 8, "seqlen": 16}}))
     job2 = next(j for j in suite.plan(manifest2, base) if j.id == job.id)
     assert job2.hash != job.hash and not suite.job_done(job2)
+
+
+def test_adding_a_seed_or_a_format_keeps_finished_jobs(tmp_path):
+    manifest, base = suite.load_manifest(_manifest(tmp_path))
+    before = {j.id: j.hash for j in suite.plan(manifest, base)}
+    more, _ = suite.load_manifest(_manifest(tmp_path, seeds=[0, 1, 2],
+                                            quant={"calibration": {"nsamples": 4, "seqlen": 16},
+                                                   "export": {"formats": ["unpacked", "gptq"]}}))
+    after = {j.id: j.hash for j in suite.plan(more, base)}
+    assert {k: after[k] for k in before} == before  # seeds 0 and 1: the same jobs, still done
+    assert sorted(set(after) - set(before)) == ["eval/quantlm-a-3bit-s2", "eval/quantlm-a-8bit-s2",
+                                                "quantize/quantlm-a-3bit-s2", "quantize/quantlm-a-8bit-s2"]
+
+
+def test_quantize_job_hash_is_pinned_across_processes():
+    """The identity of a job must not depend on the process (dict order, hash seeds): a suite resumed on another
+    node finds its outputs. Changing this value means every user's finished suite jobs rerun."""
+    import subprocess
+    import sys
+
+    from quantlm.quantize import QuantRecipe
+
+    code = ("from quantlm.quantize import QuantRecipe; from quantlm.suite import quantize_job_hash; "
+            "print(quantize_job_hash(QuantRecipe(), False, 'src'))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": "", "PYTHONPATH": str(Path(__file__).parent.parent)})
+    mine = suite.quantize_job_hash(QuantRecipe(), False, "src")
+    assert other.stdout.strip() == mine == "b309739c9193f3fd"
 
 
 def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
@@ -88,7 +116,7 @@ def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
 
-    monkeypatch.setattr(suite, "run_job", fake)
+    monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
     s = suite.run(manifest, base, progress=False)
     assert s.failed == {"quantize/quantlm-a-3bit-s0": "RuntimeError: boom"}
     assert s.blocked == {"eval/quantlm-a-3bit-s0": "needs quantize/quantlm-a-3bit-s0, which failed"}
@@ -107,7 +135,7 @@ def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
             return
         failing(job, m)
 
-    monkeypatch.setattr(suite, "run_job", fixed)
+    monkeypatch.setattr("quantlm.suite.runner.run_job", fixed)
     s2 = suite.run(manifest, base, progress=False)
     assert ran == ["quantize/quantlm-a-3bit-s0", "eval/quantlm-a-3bit-s0"]
     assert len(s2.skipped) == 8 and not s2.failed
@@ -119,5 +147,5 @@ def test_manifest_errors(tmp_path):
     manifest, base = suite.load_manifest(_manifest(tmp_path, bits=[4]))
     with pytest.raises(QuantlmError, match="--only nope matches no job"):
         suite.select(suite.plan(manifest, base), ["nope"])
-    with pytest.raises(QuantlmError, match="bits 9 is outside 2..8"):
+    with pytest.raises(QuantlmError, match="bits=9 is outside 2..8"):
         suite.load_manifest(_manifest(tmp_path, bits=[9]))

@@ -190,7 +190,7 @@ def test_cli_trains_and_lists_keys(tmp_path, small_corpus, tiny_tokenizer_dir, c
     assert main(["train", str(path), "--steps", "2", "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
     assert "train " not in capsys.readouterr().err
     assert main(["train", str(path), "--stepz", "3", "--out", str(tmp_path / "run2")]) == 2
-    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert "did you mean --steps" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
 
 

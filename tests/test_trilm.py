@@ -135,51 +135,68 @@ def test_export_refuses_a_floatlm(tmp_path, tiny_model_dir):
         export_unpacked(model, tmp_path)
 
 
-@pytest.mark.parametrize("scheme,bits", [("2bit", 2.0), ("base3", 1.6)])
-def test_pack_codes_round_trip_and_density(scheme, bits):
+@pytest.mark.parametrize("scheme,per_byte", [("2bit", 4), ("base3", 5)])
+def test_pack_codes_round_trip_and_density(scheme, per_byte):
     from quantlm.formats.ternary import pack_codes, unpack_codes
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-1, 2, (37, 23), generator=g, dtype=torch.int8)
-    packed = pack_codes(codes, scheme)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-codes.numel() * bits // 8)
-    assert torch.equal(unpack_codes(packed, codes.numel(), scheme).view(37, 23), codes)
+    packed = pack_codes(codes, scheme)  # each row on its own
+    assert packed.dtype == torch.uint8 and packed.shape == (37, -(-23 // per_byte))
+    assert torch.equal(unpack_codes(packed, 23, scheme), codes)
     if scheme == "base3":
         assert int(packed.max()) <= 242
 
 
-@pytest.mark.parametrize("scheme", ["2bit", "base3"])
-def test_packed_checkpoint_round_trip_is_lossless(tmp_path, scheme):
-    from quantlm.formats.ternary import pack_checkpoint, unpack_checkpoint
+@pytest.mark.parametrize("fmt,per_byte", [("ternary-2", 4), ("ternary-1.6", 5)])
+def test_packed_checkpoint_round_trip_is_lossless(tmp_path, fmt, per_byte):
+    from quantlm import accounting as acc
+    from quantlm.export import export_model
+    from quantlm.formats.loader import QuantLinear, load_model
 
     torch.manual_seed(0)
     model = build_trilm(_spec(3))
     _train_a_little(model, steps=1)
     export_unpacked(model, tmp_path / "unpacked")
-    pack_checkpoint(tmp_path / "unpacked", tmp_path / "packed", scheme)
-    unpack_checkpoint(tmp_path / "packed", tmp_path / "back")
+    export_model(tmp_path / "unpacked", fmt, tmp_path / "packed")
+    export_model(tmp_path / "packed", "unpacked", tmp_path / "back")
     a = load_file(tmp_path / "unpacked" / "model.safetensors")
     b = load_file(tmp_path / "back" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     packed = load_file(tmp_path / "packed" / "model.safetensors")
-    codes = packed["model.layers.0.mlp.down_proj.tcodes"]
-    assert codes.numel() == -(-96 * 192 * {"2bit": 2, "base3": 1.6}[scheme] // 8)
-    assert packed["model.layers.0.mlp.down_proj.tscales"].shape == (3,)
+    codes = packed["model.layers.0.mlp.down_proj.weight_trits"]
+    assert codes.shape == (96, -(-192 // per_byte))
+    assert packed["model.layers.0.mlp.down_proj.weight_scale"].shape == (3,)
     LlamaForCausalLM.from_pretrained(tmp_path / "back")  # loads as a plain LLaMA again
+    # the packed TriLM reloads (packed in memory) with the unpacked TriLM's logits
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "unpacked", dtype=torch.float32).eval()
+    qm = load_model(tmp_path / "packed")
+    assert sum(isinstance(m, QuantLinear) for m in qm.modules()) == 7 * 2
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(qm(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-4)
+    # sized: params and paper bits equal the unpacked TriLM's; exact bits = 8 x payload = the prediction
+    sp, su = acc.budget(tmp_path / "packed"), acc.budget(tmp_path / "unpacked")
+    assert sp.family == su.family == "trilm" and sp.params == su.params
+    assert sp.total_bits("paper") == pytest.approx(su.total_bits("paper"))
+    f = tmp_path / "packed" / "model.safetensors"
+    payload = f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little")
+    assert sp.total_bits("exact") == 8 * payload
+    assert acc.budget(tmp_path / "packed" / "config.json").total_bits("exact") == 8 * payload
 
 
 def test_packing_a_non_ternary_weight_is_an_error(tmp_path, tiny_model_dir):
     import shutil
 
-    from quantlm.formats.ternary import pack_checkpoint
+    from quantlm.export import export_model
 
     d = tmp_path / "fake"
     shutil.copytree(tiny_model_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(QuantlmError, match="pretraining_model_parallel"):
-        pack_checkpoint(d, tmp_path / "out")
+    with pytest.raises(QuantlmError, match="holds a floatlm; it exports to unpacked"):
+        export_model(d, "ternary-1.6", tmp_path / "out")
     cfg["pretraining_model_parallel"] = 1
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QuantlmError, match="distinct magnitudes"):
-        pack_checkpoint(d, tmp_path / "out")
+        export_model(d, "ternary-1.6", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ import sys
 from quantlm import __version__
 from quantlm.errors import QuantlmError
 
-SUBCOMMANDS = ("size", "quantize", "train", "eval", "plot", "suite")
+SUBCOMMANDS = ("size", "quantize", "export", "train", "eval", "plot", "suite")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_option(parser: argparse.ArgumentParser, command: str | None, unknown: list[str]) -> str:
+    """One line naming the first unknown argument, with the nearest option of that subcommand."""
+    import difflib
+
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    target = sub.choices.get(command, parser) if sub is not None and command else parser
+    options = [s for a in target._actions for s in a.option_strings if s.startswith("--")]
+    word = unknown[0]
+    near = difflib.get_close_matches(word.split("=", 1)[0], options, n=1)
+    hint = f"; did you mean {near[0]}?" if near else f"; see `quantlm {command or ''} --help`"
+    return f"unknown argument {word}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        prog = f"quantlm {args.command}" if args.command else "quantlm"
+        print(f"{prog}: error: {_unknown_option(parser, args.command, unknown)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command is None:

@@ -5,35 +5,24 @@ from __future__ import annotations
 import json
 import sys
 
-from quantlm.errors import QuantlmError
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
-
 
 def register(sub) -> None:
+    from quantlm.cli.fields import add_recipe_flags
+    from quantlm.eval.recipe import EvalRecipe
+
     p = sub.add_parser(
         "eval", help="perplexity and zero-shot tasks of a model on local data; appends a result record",
-        description="Evaluate a causal LM directory: perplexity on local corpora (WikiText-2, PTB, C4, LAMBADA, "
-                    "or your own .txt/.jsonl) and zero-shot tasks with lm-eval's log-likelihood protocol. "
-                    "Every run writes one JSON record (see `quantlm plot`).")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face checkpoint directory (config.json + weights)")
-    p.add_argument("--recipe", help="EvalRecipe YAML (kind: eval); the flags below override its fields")
-    p.add_argument("--ppl", type=_names, help="comma-separated corpora: wikitext2, ptb, c4, lambada or file paths; "
-                   "'none' to skip (default: wikitext2)")
-    p.add_argument("--tasks", type=_names, help="comma-separated zero-shot tasks or aliases: arc_easy, arc_challenge, "
-                   "piqa, hellaswag, boolq, winogrande, lambada_openai, logiqa, mmlu, commonsense, spectra")
-    p.add_argument("--window", type=int, help="perplexity window in tokens (default: model context capped at 2048)")
-    p.add_argument("--limit", type=int, help="zero-shot: only the first N items of each task")
-    p.add_argument("--ppl-limit-windows", type=int, help="perplexity: only the first N windows of each corpus")
-    p.add_argument("--batch-size", type=int, help="zero-shot requests per forward pass (default 8)")
-    p.add_argument("--ppl-batch-size", type=int, help="perplexity windows per forward pass (default 1)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load dtype (default float32)")
+        description="Evaluate a causal LM directory (any format quantlm writes): perplexity on local corpora "
+                    "(WikiText-2, PTB, C4, LAMBADA, or your own .txt/.jsonl) and zero-shot tasks with lm-eval's "
+                    "log-likelihood protocol. Every run writes one JSON record (see `quantlm plot`).")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory (config.json + weights)")
+    p.add_argument("--recipe", help="EvalRecipe YAML (kind: eval); the recipe flags below override its fields")
+    add_recipe_flags(p, EvalRecipe)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--results", help="folder the record is written to (default: results/records)")
+    p.add_argument("--results", help="folder the record is written to (default: results/records under the "
+                                     "working directory)")
     p.add_argument("--no-record", action="store_true", help="print the result without writing a record")
-    p.add_argument("--family", choices=("floatlm", "quantlm", "trilm"), help="override the inferred family")
+    p.add_argument("--family", choices=("floatlm", "quantlm", "trilm"), help="override the recorded family")
     p.add_argument("--preset", help="preset name recorded with the result (e.g. floatlm-99m)")
     p.add_argument("--bits", type=float, help="override the recorded bitwidth (QuantLM)")
     p.add_argument("--seed", type=int, help="calibration seed recorded with the result (QuantLM)")
@@ -44,15 +33,11 @@ def register(sub) -> None:
 
 
 def build_recipe(args):
+    from quantlm.cli.fields import apply_recipe_flags
     from quantlm.eval.recipe import EvalRecipe
-    from quantlm.recipes import from_dict, load, to_dict
+    from quantlm.recipes import load
 
-    base = to_dict(load(args.recipe, expect=EvalRecipe)) if args.recipe else {}
-    flags = {"ppl": args.ppl, "tasks": args.tasks, "window": args.window, "limit": args.limit,
-             "ppl_limit_windows": args.ppl_limit_windows, "batch_size": args.batch_size,
-             "ppl_batch_size": args.ppl_batch_size, "dtype": args.dtype}
-    base.update({k: v for k, v in flags.items() if v is not None})
-    return from_dict(EvalRecipe, base)
+    return apply_recipe_flags(args, load(args.recipe, expect=EvalRecipe) if args.recipe else EvalRecipe())
 
 
 def format_table(record: dict) -> str:
@@ -83,8 +68,6 @@ def _run(args) -> int:
     from quantlm.paths import results_dir
 
     recipe = build_recipe(args)
-    if args.limit is not None and args.limit < 1:
-        raise QuantlmError(f"--limit {args.limit} must be at least 1")
     extra = {k: getattr(args, k) for k in ("family", "preset", "bits", "seed") if getattr(args, k) is not None}
     out = None if args.no_record else (args.results or results_dir() / "records")
     record = evaluate(args.model_dir, recipe, results_dir=out, extra=extra, device=args.device,

@@ -31,7 +31,6 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from quantlm import accounting as acc
-    from quantlm.errors import QuantlmError
     from quantlm.specs import PRESETS, SPECTRA_PRESETS
 
     if args.list:
@@ -41,13 +40,9 @@ def _run(args) -> int:
     if "all" in conventions:
         conventions = list(acc.CONVENTIONS)
     conventions = list(dict.fromkeys(conventions))
-    if args.bits is not None and not 2 <= args.bits <= 8:
-        raise QuantlmError(f"--bits {args.bits} is outside 2..8; choose a bitwidth from 2 to 8")
-    quant = acc.QuantLayout(format=args.layout, sym=not args.asym, g_idx=args.g_idx)
-    ternary = acc.TernaryLayout(args.ternary_layout)
     models = args.models or list(SPECTRA_PRESETS)
-    budgets = [acc.budget(m, quant=quant, ternary=ternary, bits=args.bits, group_size=args.group_size)
-               for m in models]
+    budgets = [acc.budget(m, bits=args.bits, group_size=args.group_size, quant_format=args.layout,
+                          ternary_format=args.ternary_layout, sym=not args.asym, g_idx=args.g_idx) for m in models]
 
     import pandas as pd
 

@@ -13,13 +13,13 @@ How each named corpus is joined into one text follows the GPTQ ``datautils`` pro
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantlm.errors import QuantlmError
 from quantlm.paths import data_dir
+from quantlm.textdocs import iter_documents, read_text_file
 
 EVAL_DATA_ENV = "QUANTLM_EVAL_DATA"
 
@@ -70,24 +70,14 @@ def sha256_file(path: Path) -> str:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise QuantlmError(f"dataset file {path} does not exist; pass an existing text or jsonl file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if not text.strip():
         raise QuantlmError(f"dataset file {path} is empty; pass a file with text in it")
     return text
 
 
 def _jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    texts = []
-    for i, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QuantlmError(f"{path}:{i}: not valid JSON ({e.msg}); a jsonl file has one object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise QuantlmError(f"{path}:{i}: expected an object with a string {field!r} field")
-        texts.append(row[field])
+    texts = list(iter_documents(path, field))
     if not any(t.strip() for t in texts):
         raise QuantlmError(f"{path}: no non-empty {field!r} values; pass a jsonl file with text in it")
     return texts

@@ -7,7 +7,6 @@ bad input never leaves a partial record behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -22,19 +21,9 @@ from quantlm.eval.recipe import EvalRecipe
 from quantlm.eval.records import SCHEMA, new_record_id, write_record
 from quantlm.eval.tasks import TASKS, expand_tasks, task_files
 from quantlm.eval.zeroshot import commonsense_average, zeroshot
+from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
-
-
-def library_versions() -> dict:
-    import tokenizers
-    import torch
-    import transformers
-
-    import quantlm
-
-    return {"quantlm": quantlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "python": platform.python_version()}
 
 
 def device_description(device: str) -> str:
@@ -45,51 +34,39 @@ def device_description(device: str) -> str:
     return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _quantize_record(model_dir: Path) -> dict:
-    """``quantlm.json`` as ``quantlm quantize`` wrote it beside an export, or {}."""
-    qfile = model_dir / "quantlm.json"
-    if qfile.is_file():
-        try:
-            meta = json.loads(qfile.read_text(encoding="utf-8"))
-            return meta if isinstance(meta, dict) else {}
-        except json.JSONDecodeError:
-            return {}
-    return {}
+def identify(model_dir: Path, config: dict) -> dict:
+    """What a checkpoint is, from what it records about itself: ``quantlm.json`` when quantlm wrote it, else its
+    config.json (one rule for ``size`` and ``eval``: both go through ``accounting.checkpoint_layout``)."""
+    from quantlm.accounting import checkpoint_layout
+    from quantlm.metadata import read_meta
+
+    layout = checkpoint_layout(model_dir, config)
+    meta = read_meta(model_dir)
+    info = {"family": layout.family, "format": layout.format,
+            "bits": {"floatlm": 16, "trilm": 1.58}.get(layout.family, layout.bits),
+            "group_size": layout.group_size if layout.family == "quantlm" else None,
+            "preset": config.get("quantlm_preset"), "model": model_name(model_dir, meta)}
+    if meta is not None:
+        info.update({k: v for k, v in meta.identity().items() if v is not None and k not in ("family", "bits")})
+    return info
 
 
-def identify(config: dict, meta: dict) -> dict:
-    """Family and nominal bits of a checkpoint from what it records about itself: its config.json and the
-    ``quantlm.json`` a quantization writes (``meta``, {} when there is none)."""
-    from quantlm.checkpoint import is_trilm
-
-    recipe_bits = (meta.get("recipe") or {}).get("bits")
-    qbits = meta.get("bits") or recipe_bits or (config.get("quantization_config") or {}).get("bits")
-    # a quantization record beats config.json, which an unpacked export inherits from its FloatLM
-    family = meta.get("family") or ("quantlm" if recipe_bits else None) or config.get("quantlm_family")
-    if family is None:
-        family = "trilm" if is_trilm(config) else "quantlm" if qbits else "floatlm"
-    family = str(family).lower()
-    bits = {"floatlm": 16, "trilm": 1.58}.get(family, qbits)
-    return {"family": family, "bits": bits, "preset": meta.get("preset") or config.get("quantlm_preset")}
+def model_name(model_dir: Path, meta) -> str:
+    """A label that tells exports apart: a quantize export is named after its source, bits, group and seed."""
+    if meta is not None and meta.producer == "quantize" and meta.source_model:
+        group = "" if meta.group_size in (None, -1) else f"-g{meta.group_size}"
+        method = "-rtn" if meta.method == "rtn" else ""
+        return f"{Path(meta.source_model).name}-{meta.bits}bit{group}{method}-s{meta.seed}"
+    return model_dir.name
 
 
-def accounted_sizes(model_dir: Path, meta: dict) -> dict:
-    """``sizes`` (total bits per accounting convention) and ``size_layout`` for the record.
-
-    An export with a quantization record counts as deployed, packed (its ``accounting.packed``), even when the
-    evaluated files are the dequantized fp16 ones; any other checkpoint counts as stored.
-    """
+def deployed_sizes(model_dir: Path, config: dict) -> dict:
+    """``sizes`` (total bits per convention) and ``size_layout``: the model as deployed (QuantLM packed in the
+    compressed-tensors layout, TriLM at 1.6 bits per weight, FloatLM in fp16), whatever its files store."""
     from quantlm import accounting
 
-    packed = (meta.get("accounting") or {}).get("packed")
-    if isinstance(packed, dict) and all(c in packed for c in accounting.CONVENTIONS):
-        return {"sizes": {c: float(packed[c]) for c in accounting.CONVENTIONS}, "size_layout": packed.get("layout")}
-    try:
-        b = accounting.budget(model_dir)
-        return {"sizes": {c: float(b.total_bits(c)) for c in accounting.CONVENTIONS}, "size_layout": b.layout}
-    except Exception as e:  # noqa: BLE001 - sizes are optional; a failing accountant must not stop the eval
-        log.warning("size accounting skipped for %s: %s: %s", model_dir, type(e).__name__, e)
-    return {}
+    b = accounting.deployed_budget(model_dir, accounting.checkpoint_layout(model_dir, config))
+    return {"sizes": {c: float(b.total_bits(c)) for c in accounting.CONVENTIONS}, "size_layout": b.layout}
 
 
 def _preflight(model_dir: Path, recipe: EvalRecipe) -> tuple[dict, list, list[str]]:
@@ -149,23 +126,25 @@ def evaluate_loaded(model, tokenizer, recipe: EvalRecipe, *, model_name: str, so
 
 
 def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: str | os.PathLike | None = None,
-             extra: dict | None = None, device: str = "cpu", progress: bool = True, loader=None) -> dict:
+             extra: dict | None = None, device: str = "cpu", progress: bool = True) -> dict:
     """Evaluate a checkpoint directory per ``recipe``; the record is returned and, with ``results_dir``,
-    written there. ``extra`` (family, preset, bits, seed, sizes, ...) overrides what is inferred.
-    ``loader(model_dir, dtype=, device=)`` loads formats transformers cannot (packed QuantLM/TriLM)."""
+    written there. ``extra`` (family, preset, bits, seed, ...) overrides what the checkpoint says about itself.
+    Any format quantlm reads (unpacked, gptq, compressed-tensors, packed ternary) loads through quantlm's own
+    loader, so no optional library is needed."""
     import torch
 
-    from quantlm.checkpoint import load_causal_lm, load_tokenizer
+    from quantlm.checkpoint import load_tokenizer
+    from quantlm.formats.loader import load_model
 
     model_dir = Path(model_dir)
     config, sources, tasks = _preflight(model_dir, recipe)
     start = time.perf_counter()
+    info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config), **deployed_sizes(model_dir, config)}
     tokenizer = load_tokenizer(model_dir)
-    model = (loader or load_causal_lm)(model_dir, dtype=getattr(torch, recipe.dtype), device=device)
-    meta = _quantize_record(model_dir)
-    info = {"model_dir": str(model_dir.resolve()), **identify(config, meta), **accounted_sizes(model_dir, meta)}
-    record = evaluate_loaded(model, tokenizer, recipe, model_name=model_dir.name, sources=sources, tasks=tasks,
-                             extra={**info, **(extra or {})}, device=device, progress=progress)
+    model = load_model(model_dir, dtype=getattr(torch, recipe.dtype), device=device)
+    info = {**info, **(extra or {})}
+    record = evaluate_loaded(model, tokenizer, recipe, model_name=info.pop("model"), sources=sources, tasks=tasks,
+                             extra=info, device=device, progress=progress)
     record["wall_time_s"] = round(time.perf_counter() - start, 3)  # model loading included
     if results_dir is not None:
         record["path"] = str(write_record(record, results_dir))

@@ -1,147 +1,99 @@
-"""Packed TriLM checkpoints: ternary codes at 2 bits (4 per byte) or 1.6 bits (5 trits per byte, base 3).
+"""Packed TriLM formats: ternary codes at 2 bits (``ternary-2``, 4 per byte) or 1.6 bits (``ternary-1.6``, 5 trits
+per byte, base 3), with one fp16 scale per model-parallel shard.
 
-A packed checkpoint holds, for every block linear weight ``W = gamma_s * W_t`` (one fp16 scale per
-model-parallel shard s), ``<name>.tcodes`` (uint8, packed codes) and ``<name>.tscales`` (fp16, (MP,)), plus
-``ternary.json`` with each weight's shape and shard kind; every other tensor is stored as is. Unpacking gives
-back the unpacked TriLM bit for bit.
+Per block linear ``L`` (``out`` x ``in``): ``L.weight_trits`` uint8 ``[out, ceil(in / per_byte)]`` (each row packed
+on its own, padded with zero trits) and ``L.weight_scale`` fp16 ``[mp]``; config.json gets
+``quantization_config = {quant_method: quantlm-ternary, format, model_parallel}``. Decoding gives back the
+unpacked TriLM bit for bit.
 
 Code mapping: trit t = W_t + 1 in {0, 1, 2}. 2-bit: byte = t0 | t1 << 2 | t2 << 4 | t3 << 6.
-Base 3: byte = t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4 (at most 242). Both pad the flat codes with t = 1 (zero).
-The pack/unpack functions import only torch.
+Base 3: byte = t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4 (at most 242). The pack/unpack functions import only torch.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
-
 import torch
 
 from quantlm.errors import QuantlmError
+from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, as_ternary, register
+from quantlm.quantized import TernaryWeight, check_shards
 
 SCHEMES = {"2bit": 4, "base3": 5}  # trits per byte
+QUANT_METHOD = "quantlm-ternary"
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+_SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
+
+
+def _check_scheme(scheme: str) -> int:
+    if scheme not in SCHEMES:
+        raise QuantlmError(f"unknown ternary scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    return SCHEMES[scheme]
 
 
 def pack_codes(codes: torch.Tensor, scheme: str = "2bit") -> torch.Tensor:
-    """Flat uint8 bytes holding the ternary ``codes`` (values -1, 0, 1) in the given scheme."""
-    if scheme not in SCHEMES:
-        raise QuantlmError(f"unknown ternary scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
-    per = SCHEMES[scheme]
-    t = codes.reshape(-1).to(torch.int32) + 1
+    """uint8 bytes holding the ternary ``codes`` (values -1, 0, 1) along the last dimension, padded with zeros."""
+    per = _check_scheme(scheme)
+    t = codes.to(torch.int32) + 1
     if t.numel() and (t.min() < 0 or t.max() > 2):
         raise QuantlmError("ternary codes must be -1, 0 or 1")
-    pad = (-t.numel()) % per
-    t = torch.cat([t, torch.ones(pad, dtype=torch.int32)]).view(-1, per)
-    if scheme == "2bit":
-        packed = t[:, 0] | (t[:, 1] << 2) | (t[:, 2] << 4) | (t[:, 3] << 6)
-    else:
-        packed = (t * _POW3).sum(dim=1)
+    pad = (-t.shape[-1]) % per
+    t = torch.nn.functional.pad(t, (0, pad), value=1).view(*t.shape[:-1], -1, per)
+    packed = (t << _SHIFT2).sum(-1) if scheme == "2bit" else (t * _POW3).sum(-1)
     return packed.to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, numel: int, scheme: str = "2bit") -> torch.Tensor:
-    """int8 codes (-1, 0, 1), flat, of length ``numel``."""
-    b = packed.to(torch.int32)[:, None]
-    if scheme == "2bit":
-        t = (b >> torch.tensor([0, 2, 4, 6], dtype=torch.int32)) & 3
-    elif scheme == "base3":
-        t = (b // _POW3) % 3
-    else:
-        raise QuantlmError(f"unknown ternary scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
-    return (t.reshape(-1)[:numel] - 1).to(torch.int8)
+def unpack_codes(packed: torch.Tensor, n: int, scheme: str = "2bit") -> torch.Tensor:
+    """int8 codes (-1, 0, 1), ``n`` along the last dimension, from :func:`pack_codes` bytes."""
+    _check_scheme(scheme)
+    b = packed.to(torch.int32)[..., None]
+    t = (b >> _SHIFT2) & 3 if scheme == "2bit" else (b // _POW3) % 3
+    return (t.flatten(-2)[..., :n] - 1).to(torch.int8)
 
 
-def split_unpacked(weight: torch.Tensor, mp: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and per-shard scales of an unpacked ternary weight; an error if it is not gamma_s * {-1, 0, 1}."""
-    from quantlm.models.trilm import _check_shards
+class Ternary(Format):
+    families = ("trilm",)
 
-    dim = _check_shards(weight, mp, kind)
-    codes = torch.sign(weight).to(torch.int8)
-    scales = []
-    for s, chunk in enumerate(weight.chunk(mp, dim=dim)):
-        mags = chunk.abs()[chunk != 0].unique()
-        if mags.numel() > 1:
-            raise QuantlmError(f"shard {s} of a weight has {mags.numel()} distinct magnitudes; it is not an "
-                               "unpacked TriLM weight (or its pretraining_model_parallel is wrong)")
-        scales.append(mags[0] if mags.numel() else torch.zeros((), dtype=weight.dtype))
-    return codes, torch.stack(scales)
+    def __init__(self, name: str, scheme: str):
+        self.name, self.scheme = name, scheme
+        self.per_byte = SCHEMES[scheme]
 
+    def describe(self, layout):
+        return f"{self.per_byte} trits per byte ({8 / self.per_byte:g} bits/weight), fp16 per-shard scales"
 
-def pack_checkpoint(unpacked_dir: str | os.PathLike, out_dir: str | os.PathLike, scheme: str = "2bit",
-                    overwrite: bool = False) -> Path:
-    """Pack an unpacked TriLM checkpoint folder (config with ``pretraining_model_parallel``) into ``out_dir``."""
-    from safetensors.torch import load_file, save_file
+    def linear_tensors(self, out, in_features, layout, kind):
+        return [
+            TensorSpec(".weight_trits", "U8", (out, -(-in_features // self.per_byte)), "codes", out * in_features,
+                       LOG2_3),
+            TensorSpec(".weight_scale", layout.scale_dtype, (layout.mp,), "scale"),
+        ]
 
-    from quantlm.atomic import output_dir, write_json
-    from quantlm.checkpoint import block_map_for, read_config
+    def encode(self, name, value, layout):
+        w = as_ternary(value, name)
+        if w.mp != layout.mp:
+            raise QuantlmError(f"{name}: {w.mp} scale shards, but the checkpoint declares model_parallel={layout.mp}")
+        return {name + ".weight_trits": pack_codes(w.codes, self.scheme),
+                name + ".weight_scale": w.scales.to(torch.float16).reshape(layout.mp)}
 
-    src = Path(unpacked_dir)
-    config = read_config(src)
-    mp = config.get("pretraining_model_parallel")
-    if not mp:
-        raise QuantlmError(f"{src}: config.json has no pretraining_model_parallel; only TriLM checkpoints pack "
-                           "to ternary")
-    block_map = block_map_for(config, str(src))
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise QuantlmError(f"{src}: no *.safetensors weights")
-    tensors, meta = {}, {}
-    for f in files:
-        for name, w in load_file(f).items():
-            linear = block_map.block_linear_of(name)
-            if linear is None or w.dim() != 2:
-                tensors[name] = w
-                continue
-            kind = block_map.shard_kind(linear)
-            codes, scales = split_unpacked(w, mp, kind)
-            tensors[name[: -len(".weight")] + ".tcodes"] = pack_codes(codes, scheme)
-            tensors[name[: -len(".weight")] + ".tscales"] = scales.to(w.dtype)
-            meta[name] = {"shape": list(w.shape), "kind": kind, "dtype": str(w.dtype).removeprefix("torch.")}
-    with output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        for other in src.iterdir():
-            if other.is_file() and other.suffix != ".safetensors" and other.name != "model.safetensors.index.json":
-                shutil.copy(other, tmp / other.name)
-        write_json(tmp / "ternary.json", {"scheme": scheme, "model_parallel": mp, "weights": meta})
-    return Path(out_dir)
+    def decode(self, read, name, out, in_features, layout, kind):
+        check_shards((out, in_features), layout.mp, kind, name)
+        codes = unpack_codes(read(name + ".weight_trits"), in_features, self.scheme)
+        if tuple(codes.shape) != (out, in_features):
+            raise QuantlmError(f"{name}: packed trits of shape {list(codes.shape)} do not fit [{out}, {in_features}]")
+        return TernaryWeight(codes, read(name + ".weight_scale"), kind)
+
+    def quantization_config(self, layout, recipe):
+        return {"quant_method": QUANT_METHOD, "format": self.name, "model_parallel": layout.mp}
+
+    def claims(self, config):
+        qc = config.get("quantization_config") or {}
+        return qc.get("quant_method") == QUANT_METHOD and qc.get("format") == self.name
+
+    def layout_from_config(self, config):
+        qc = config["quantization_config"]
+        return Layout("trilm", self.name, mp=int(qc.get("model_parallel") or config.get("pretraining_model_parallel")
+                                                  or 1))
 
 
-def unpack_state_dict(packed_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The unpacked TriLM state dict of a packed checkpoint folder."""
-    from safetensors.torch import load_file
-
-    from quantlm.models.trilm import dequantize
-
-    src = Path(packed_dir)
-    info_path = src / "ternary.json"
-    if not info_path.is_file():
-        raise QuantlmError(f"{src}: no ternary.json; not a packed TriLM checkpoint")
-    info = json.loads(info_path.read_text())
-    stored = load_file(src / "model.safetensors")
-    out = {k: v for k, v in stored.items() if not k.endswith((".tcodes", ".tscales"))}
-    for name, m in info["weights"].items():
-        base = name[: -len(".weight")]
-        shape = tuple(m["shape"])
-        codes = unpack_codes(stored[base + ".tcodes"], shape[0] * shape[1], info["scheme"]).view(shape)
-        scales = stored[base + ".tscales"]
-        out[name] = dequantize(codes, scales, m["kind"], scales.dtype)  # exact: scale * {-1, 0, 1}
-    return out
-
-
-def unpack_checkpoint(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the unpacked TriLM (plain LLaMA checkpoint) of a packed checkpoint folder."""
-    from safetensors.torch import save_file
-
-    from quantlm.atomic import output_dir
-
-    src = Path(packed_dir)
-    state = unpack_state_dict(src)
-    with output_dir(out_dir, overwrite=overwrite) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        for other in src.iterdir():
-            if other.is_file() and other.suffix != ".safetensors" and other.name != "ternary.json":
-                shutil.copy(other, tmp / other.name)
-    return Path(out_dir)
+TERNARY_16 = register(Ternary("ternary-1.6", "base3"))
+TERNARY_2 = register(Ternary("ternary-2", "2bit"))
+SCHEME_FORMATS = {"base3": "ternary-1.6", "2bit": "ternary-2"}

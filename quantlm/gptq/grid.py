@@ -17,17 +17,12 @@ import torch
 from torch import Tensor
 
 from quantlm.errors import QuantlmError
+from quantlm.quantized import check_bits
 
 # Smallest scale kept: a row of denormals would otherwise get scale 0 and divide by zero.
 _MIN_SCALE = torch.finfo(torch.float32).tiny
 # Elements per chunk of the vectorised MSE search (candidates x rows x cols), about 64 MiB in fp32.
 _MSE_CHUNK_ELEMENTS = 1 << 24
-
-
-def check_bits(bits: int) -> None:
-    """Raise a QuantlmError unless ``bits`` is an int in 2..8."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise QuantlmError(f"bits={bits!r} is outside 2..8; choose an integer bitwidth from 2 to 8")
 
 
 @dataclass(frozen=True)
@@ -131,12 +126,7 @@ def quantize_codes(W: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     return torch.clamp(torch.round(W.to(torch.float32) / s) + z, 0, maxq).to(torch.uint8)
 
 
-def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    """fp32 weights scale * (q - zero) of codes ``q`` [rows, cols] (scale, zero [rows] or broadcastable)."""
-    return (q.to(torch.float32) - _cols(zero)) * _cols(scale)
-
-
 def fake_quantize(W: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """dequantize(quantize_codes(W)) in fp32, without the uint8 round trip."""
+    """scale * (quantize_codes(W) - zero) in fp32, without the uint8 round trip."""
     s, z = _cols(scale), _cols(zero)
     return (torch.clamp(torch.round(W.to(torch.float32) / s) + z, 0, maxq) - z) * s

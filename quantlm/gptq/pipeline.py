@@ -28,9 +28,9 @@ from quantlm.errors import QuantlmError
 from quantlm.gptq.block_passes import BlockPasses, StopForward, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
+from quantlm.gptq.settings import GPTQSettings
 from quantlm.gptq.solver import GPTQResult, gptq_quantize_shared, reconstruction_error, rtn_quantize
 from quantlm.models.blocks import BlockMap
-from quantlm.recipes import QuantRecipe
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
 
 
-def check_quantizable(model: nn.Module, block_map: BlockMap, recipe: QuantRecipe) -> None:
+def check_quantizable(model: nn.Module, block_map: BlockMap, recipe: GPTQSettings) -> None:
     """Fail fast, before any compute, on settings the model cannot take (group size, NaN/Inf weights)."""
     layers = get_submodule(model, block_map.layers_path)
     for i, block in enumerate(layers):
@@ -144,7 +144,7 @@ def _solver_threads(device: torch.device):
         torch.set_num_threads(previous)
 
 
-def _quantize_group(names: list[str], linears: list[nn.Module], H: torch.Tensor, recipe: QuantRecipe, rtn: bool,
+def _quantize_group(names: list[str], linears: list[nn.Module], H: torch.Tensor, recipe: GPTQSettings, rtn: bool,
                     device: torch.device, ntokens: int) -> list[tuple[GPTQResult, ModuleReport]]:
     """Quantize the linears of one group (sharing the Hessian ``H``) and write the dequantized weights back."""
     Ws = [lin.weight.data.float() for lin in linears]
@@ -152,12 +152,12 @@ def _quantize_group(names: list[str], linears: list[nn.Module], H: torch.Tensor,
     with _solver_threads(device):
         if rtn:
             group_results = [rtn_quantize(W, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                                          mse=recipe.mse_grid) for W in Ws]
+                                          grid=recipe.grid_spec()) for W in Ws]
         else:  # the linears of a group share H: one solve over their stacked rows
             group_results = gptq_quantize_shared(
                 Ws, H, names=names, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
                 act_order=recipe.act_order, static_groups=recipe.static_groups, damp=recipe.damp,
-                block_size=recipe.block_size, mse=recipe.mse_grid)
+                block_size=recipe.block_size, grid=recipe.grid_spec())
     seconds = time.perf_counter() - t0
     rows = sum(W.shape[0] for W in Ws)
     out = []
@@ -174,7 +174,7 @@ def _quantize_group(names: list[str], linears: list[nn.Module], H: torch.Tensor,
 
 
 @torch.no_grad()
-def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: QuantRecipe, *,
+def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings, *,
                     device: str | torch.device = "cpu", rtn: bool = False, batch_size: int = 8,
                     offload: bool | None = None, replay_cache_gb: float | None = None,
                     progress: bool = True) -> PipelineResult:

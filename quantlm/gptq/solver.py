@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from quantlm.errors import QuantlmError
-from quantlm.gptq.grid import GridSpec, check_bits, find_params, quantize_codes
+from quantlm.gptq.grid import GridSpec, find_params, quantize_codes
+from quantlm.quantized import QuantizedLinear, check_bits
 
 # Columns per sub-block inside a lazy block (see the module notes).
 _SUB_BLOCK = 16
@@ -44,8 +45,9 @@ _MAX_DAMP = 10.0
 
 
 @dataclass(frozen=True)
-class GPTQResult:
-    """Quantized layer: W_hat[o, i] = scale[o, g] * (q[o, i] - zero[o, g]) with g = g_idx[i].
+class GPTQResult(QuantizedLinear):
+    """A quantized layer (``QuantizedLinear``: W_hat[o, i] = scale[o, g] * (q[o, i] - zero[o, g]), g = g_idx[i])
+    with what the solve reports.
 
     q: uint8 [out, in] integer codes in the layer's original column order.
     scale, zero: fp32 [out, G] (zero integer-valued; (maxq + 1) / 2 everywhere for a symmetric grid).
@@ -59,30 +61,9 @@ class GPTQResult:
     row_loss: float64 [out], each output row's part of ``loss`` (GPTQ only; splits a stacked solve).
     """
 
-    q: Tensor
-    scale: Tensor
-    zero: Tensor
-    g_idx: Tensor
-    loss: float
-    damp: float
-    bits: int
-    group_size: int
-    sym: bool
+    loss: float = 0.0
+    damp: float = 0.0
     row_loss: Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    @property
-    def maxq(self) -> int:
-        return (1 << self.bits) - 1
-
-    def dequantize(self) -> Tensor:
-        """fp32 [out, in] weights represented by the codes."""
-        g = self.g_idx.long()
-        return (self.q.to(torch.float32) - self.zero[:, g]) * self.scale[:, g]
-
-    def to(self, device: torch.device | str) -> GPTQResult:
-        """The same result with its tensors on ``device``."""
-        return dataclasses.replace(self, q=self.q.to(device), scale=self.scale.to(device),
-                                   zero=self.zero.to(device), g_idx=self.g_idx.to(device))
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -195,6 +176,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     mse: bool = False,
+    grid: GridSpec | None = None,
     name: str = "layer",
 ) -> GPTQResult:
     """Quantize W [out, in] to ``bits`` with GPTQ, given the Hessian H [in, in] of its inputs.
@@ -208,12 +190,14 @@ def gptq_quantize(
         when group_size < block_size). Per-channel grids always come from the original W.
     damp: lambda = damp * mean(diag H) is added to diag(H); raised in steps if the Cholesky fails.
     block_size: columns per lazy-update block (changes only float rounding, not the result's meaning).
-    mse: search the clipping range of each grid (GridSpec.mse).
+    mse: search the clipping range of each grid (GridSpec.mse, default search settings).
+    grid: the full grid settings (``GPTQSettings.grid_spec()``); overrides ``sym`` and ``mse`` when given.
     name: the layer's name, used in error messages.
     Inputs are not modified; the result lives on W's device. Same inputs -> bit-identical result.
     """
     _check_inputs(W, H, bits, group_size, block_size, damp, name)
-    spec = GridSpec(bits=bits, sym=sym, mse=mse)
+    spec = grid or GridSpec(bits=bits, sym=sym, mse=mse)
+    sym = spec.sym
     maxq = spec.maxq
     rows, cols = W.shape
     device = W.device
@@ -394,13 +378,14 @@ def gptq_quantize_shared(Ws: Sequence[Tensor], H: Tensor, *, names: Sequence[str
 
 
 def rtn_quantize(W: Tensor, *, bits: int, group_size: int = 128, sym: bool = True, mse: bool = False,
-                 name: str = "layer") -> GPTQResult:
+                 grid: GridSpec | None = None, name: str = "layer") -> GPTQResult:
     """Round-to-nearest baseline on the same grids (the same result type as gptq_quantize).
 
     loss = sum (w - q)^2 / 2, the GPTQ objective with H = I.
     """
     _check_inputs(W, None, bits, group_size, 1, 0.0, name)
-    spec = GridSpec(bits=bits, sym=sym, mse=mse)
+    spec = grid or GridSpec(bits=bits, sym=sym, mse=mse)
+    sym = spec.sym
     W = W.detach().to(torch.float32)
     rows, cols = W.shape
     group = cols if group_size == -1 else group_size

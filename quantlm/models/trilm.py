@@ -19,28 +19,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantlm.errors import QuantlmError
-from quantlm.models.blocks import COLUMN, LLAMA, ROW, BlockMap
+from quantlm.models.blocks import COLUMN, LLAMA, BlockMap
+from quantlm.quantized import TernaryWeight, check_shards
 
 EPS = 1e-5
 
 
-def _shard_dim(kind: str) -> int:
-    if kind == COLUMN:
-        return 0  # output features
-    if kind == ROW:
-        return 1  # input features
-    raise ValueError(f"unknown shard kind {kind!r}; use {COLUMN!r} or {ROW!r}")
-
-
 def _check_shards(weight: torch.Tensor, mp: int, kind: str) -> int:
-    dim = _shard_dim(kind)
-    if weight.dim() != 2:
-        raise QuantlmError(f"a ternary weight must be 2-D, got shape {tuple(weight.shape)}")
-    if mp <= 0 or weight.shape[dim] % mp:
-        raise QuantlmError(
-            f"model_parallel={mp} does not divide dimension {dim} (size {weight.shape[dim]}) of a {kind} layer; "
-            "choose an MP degree that divides the sharded width")
-    return dim
+    return check_shards(tuple(weight.shape), mp, kind)
 
 
 def _shard_view(w: torch.Tensor, mp: int, dim: int) -> torch.Tensor:
@@ -65,19 +51,10 @@ def ternarize(weight: torch.Tensor, mp: int = 1, kind: str = COLUMN, eps: float 
     return codes.reshape(weight.shape).to(torch.int8), gamma
 
 
-def expand_scales(gamma: torch.Tensor, shape: tuple[int, int], kind: str) -> torch.Tensor:
-    """Per-shard scales broadcast to a weight of ``shape`` (out, in)."""
-    mp = gamma.numel()
-    if _shard_dim(kind) == 0:
-        return gamma.repeat_interleave(shape[0] // mp)[:, None].expand(shape)
-    return gamma.repeat_interleave(shape[1] // mp)[None, :].expand(shape)
-
-
 def dequantize(codes: torch.Tensor, gamma: torch.Tensor, kind: str, dtype: torch.dtype = torch.float32
                ) -> torch.Tensor:
     """gamma * W_t as a dense weight (the unpacked TriLM weight)."""
-    scales = expand_scales(gamma.float(), tuple(codes.shape), kind)
-    return (codes.float() * scales).to(dtype)
+    return TernaryWeight(codes, gamma, kind).dequantize(dtype)
 
 
 def ternary_weight(weight: torch.Tensor, mp: int = 1, kind: str = COLUMN, eps: float = EPS) -> torch.Tensor:

@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantlm import textdocs
 from quantlm.atomic import output_dir, write_json
 from quantlm.errors import QuantlmError
 from quantlm.paths import repo_root
+from quantlm.textdocs import RECORD_SUFFIXES, is_datasets_dir
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md")
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md")  # the text files a corpus folder contributes
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -44,11 +45,6 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return repo_root() / p
 
 
-def _is_datasets_dir(p: Path) -> bool:
-    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
-                           or (p / "state.json").is_file())
-
-
 def corpus_sources(paths: tuple[str, ...] | list[str]) -> list[Path]:
     """The corpus inputs in a fixed order: files, or `datasets` folders, sorted within each folder."""
     out: list[Path] = []
@@ -56,7 +52,7 @@ def corpus_sources(paths: tuple[str, ...] | list[str]) -> list[Path]:
         p = resolve_path(raw)
         if not p.exists():
             raise QuantlmError(f"corpus path {raw!r} does not exist (looked at {p}); fix the path in the recipe")
-        if _is_datasets_dir(p):
+        if is_datasets_dir(p):
             out.append(p)
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
@@ -70,46 +66,10 @@ def corpus_sources(paths: tuple[str, ...] | list[str]) -> list[Path]:
     return out
 
 
-def _records_text(records, text_field: str, where: Path) -> Iterator[str]:
-    for i, rec in enumerate(records):
-        if isinstance(rec, str):
-            yield rec
-            continue
-        if not isinstance(rec, dict) or text_field not in rec:
-            raise QuantlmError(f"{where}: record {i} has no {text_field!r} field; set text_field in the recipe")
-        yield str(rec[text_field])
-
-
 def iter_documents(sources: list[Path], text_field: str = "text") -> Iterator[str]:
-    """Every document of the corpus, in order."""
+    """Every document of the corpus, in order (a whole .txt file is one document)."""
     for src in sources:
-        if src.is_dir():
-            import datasets
-
-            ds = datasets.load_from_disk(str(src))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
-            if text_field not in ds.column_names:
-                raise QuantlmError(f"{src}: no column {text_field!r} (has {ds.column_names}); set text_field")
-            for batch in ds.iter(batch_size=1000):
-                yield from (str(t) for t in batch[text_field])
-        elif src.suffix in TEXT_SUFFIXES:
-            yield src.read_text(encoding="utf-8", errors="replace")
-        elif src.suffix == ".jsonl":
-            with open(src, encoding="utf-8") as f:
-                lines = (json.loads(line) for line in f if line.strip())
-                yield from _records_text(lines, text_field, src)
-        elif src.suffix == ".json":
-            data = json.loads(src.read_text(encoding="utf-8"))
-            yield from _records_text(data if isinstance(data, list) else [data], text_field, src)
-        elif src.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(src).names
-            if text_field not in names:
-                raise QuantlmError(f"{src}: no column {text_field!r} (has {names}); set text_field in the recipe")
-            table = pq.read_table(src, columns=[text_field])
-            yield from (str(t) for t in table.column(text_field).to_pylist())
+        yield from textdocs.iter_documents(src, text_field)
 
 
 def fingerprint(sources: list[Path], *extra: str) -> str:

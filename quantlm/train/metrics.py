@@ -6,17 +6,34 @@ import logging
 
 log = logging.getLogger(__name__)
 
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets (SXM parts).
-GPU_PEAK_BF16 = {
-    "H200": 989.4e12,
-    "H100": 989.4e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-    "RTX 4090": 165.2e12,
-    "RTX 3090": 71e12,
-}
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s from the vendors' data sheets, by the exact names CUDA
+# reports (``torch.cuda.get_device_name``), matched whole after dropping the vendor prefix: "H100 PCIe" must not
+# get the SXM part's peak, and "L40" must not match "L4".
+GPU_PEAK_BF16 = (
+    (r"H100 80GB HBM3|H100 SXM5?.*|H100", 989.4e12),
+    (r"H100 PCIe|H100 80GB PCIe", 756.0e12),
+    (r"H100 NVL", 835.0e12),
+    (r"H200|H200 141GB HBM3e|H200 SXM.*", 989.4e12),
+    (r"H200 NVL", 835.0e12),
+    (r"A100[- ].*(SXM|PCIE|PCIe).*|A100 80GB PCIe|A100", 312e12),
+    (r"L40S", 362.05e12),
+    (r"L40", 181.05e12),
+    (r"L4", 121e12),
+    (r"A10", 125e12),
+    (r"RTX 4090", 165.2e12),
+    (r"RTX 3090", 71e12),
+)
+
+
+def peak_bf16_flops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA name, or None when the part is not in the table."""
+    import re
+
+    short = re.sub(r"^(NVIDIA\s+)?(GeForce\s+)?", "", name.strip())
+    for pattern, peak in GPU_PEAK_BF16:
+        if re.fullmatch(pattern, short):
+            return peak
+    return None
 
 
 def flops_per_token(spec, seq_len: int) -> float:
@@ -34,8 +51,7 @@ def device_peak_flops(device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, peak in GPU_PEAK_BF16.items():
-        if key in name:
-            return peak
-    log.warning("no known bf16 peak for GPU %r; MFU is not reported", name)
-    return None
+    peak = peak_bf16_flops(name)
+    if peak is None:
+        log.warning("no known bf16 peak for GPU %r; MFU is not reported", name)
+    return peak

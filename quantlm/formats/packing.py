@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from quantlm.quantized import check_bits
+
 _WORD = 32
 
 
 def packed_length(n: int, bits: int) -> int:
     """Number of int32 words holding ``n`` values of ``bits`` bits."""
     return (n * bits + _WORD - 1) // _WORD
-
-
-def _check_bits(bits: int) -> None:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits={bits}: packing supports 2..8 bits")
 
 
 def _positions(n: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +28,7 @@ def _positions(n: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_bits(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     """Pack integer ``codes`` in ``[0, 2**bits)`` along ``dim`` into int32 words (``ceil(n*bits/32)`` of them)."""
-    _check_bits(bits)
+    check_bits(bits)
     codes = codes.movedim(dim, -1).to(torch.int64)
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits: [{int(codes.min())}, {int(codes.max())}]")
@@ -52,7 +49,7 @@ def pack_bits(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
 
 def unpack_bits(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``n`` codes (uint8) along ``dim`` from int32 ``words``."""
-    _check_bits(bits)
+    check_bits(bits)
     words = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     if words.shape[-1] != packed_length(n, bits):
         raise ValueError(f"{words.shape[-1]} words cannot hold exactly {n} values of {bits} bits "

@@ -1,0 +1,62 @@
+"""The export job: re-write an existing checkpoint in another storage format, losslessly.
+
+An unpacked TriLM packs to ``ternary-1.6`` / ``ternary-2`` (and back to ``unpacked``); a packed QuantLM export
+(gptq or compressed-tensors) converts to the other packed format or to the dequantized ``unpacked`` one. Every
+value goes through the registry: decoded by the source format, encoded by the target, so a round trip is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from quantlm.errors import QuantlmError
+
+
+def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
+                 overwrite: bool = False) -> dict:
+    """Write the checkpoint in ``model_dir`` to ``out_dir`` in format ``fmt``; returns a short report."""
+    from quantlm.accounting import checkpoint_layout
+    from quantlm.atomic import output_dir
+    from quantlm.checkpoint import block_map_for, read_config
+    from quantlm.formats.loader import read_linears
+    from quantlm.formats.registry import Layout, formats_for, get_format
+    from quantlm.formats.writer import write_checkpoint
+    from quantlm.metadata import ModelMeta, read_meta
+    from quantlm.quantized import QuantizedLinear, TernaryWeight
+    from quantlm.versions import library_versions
+
+    src, out = Path(model_dir), Path(out_dir)
+    config = read_config(src)
+    block_map = block_map_for(config, str(src))
+    source = checkpoint_layout(src, config)
+    get_format(fmt)
+    if fmt not in formats_for(source.family):
+        raise QuantlmError(f"{src} holds a {source.family}; it exports to {', '.join(formats_for(source.family))}, "
+                           f"not {fmt}")
+    if out.exists() and not overwrite:
+        raise QuantlmError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    if out.resolve() == src.resolve():
+        raise QuantlmError(f"output directory {out} is the model directory; choose another --out")
+    target = dataclasses.replace(source, format=fmt)
+    Layout(**dataclasses.asdict(target))  # the target format's own checks
+    if source.family == "quantlm" and source.format == "unpacked" and fmt != "unpacked":
+        raise QuantlmError(f"{src} is a dequantized (unpacked) QuantLM: its integer codes are gone; export from its "
+                           "gptq or compressed-tensors sibling, or quantize again with --formats " + fmt)
+    dense, linears = read_linears(src, config, source, block_map)
+    for name, value in list(linears.items()):
+        if source.family == "trilm" and not isinstance(value, TernaryWeight):
+            linears[name] = TernaryWeight.from_dense(value, source.mp, block_map.shard_kind(name), name)
+        elif source.family == "floatlm" or (source.family == "quantlm" and not isinstance(value, QuantizedLinear)):
+            linears[name] = value  # dense weights stay dense (unpacked to unpacked)
+    old = read_meta(src)
+    meta = ModelMeta(producer="export", family=source.family, format=fmt, model=old.model if old else src.name,
+                     preset=old.preset if old else None, source_model=str(src.resolve()), bits=source.bits,
+                     group_size=source.group_size if source.family == "quantlm" else None,
+                     sym=source.sym if source.family == "quantlm" else None, seed=old.seed if old else None,
+                     method=old.method if old else None, settings=old.settings if old else {},
+                     info={"exported_from": source.format}, versions=library_versions())
+    with output_dir(out, overwrite=overwrite) as tmp:
+        write_checkpoint(tmp, config, dense, linears, target, block_map, meta, src)
+    return {"source": str(src), "from": source.format, "to": fmt, "out": str(out), "family": source.family}

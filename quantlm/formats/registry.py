@@ -1,0 +1,186 @@
+"""The registry of storage formats: one declaration per format that the writer, the loader and the accounting read.
+
+A :class:`Layout` says how a checkpoint stores its block linears (family, format, bits, group size, ...). A
+:class:`Format` says, for one linear of a given shape under a layout, which tensors it stores
+(:meth:`Format.linear_tensors`: suffix, dtype, shape, what each encodes), how to encode a quantized value into
+them, how to decode them back, and how its ``quantization_config`` reads and writes. Because the writer writes
+exactly what ``linear_tensors`` declares (checked on every write) and the accounting counts the same
+declaration, the measured size of a written checkpoint and the size predicted from its config agree by
+construction. Only torch and the standard library are imported here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from quantlm.errors import QuantlmError
+from quantlm.quantized import QuantizedLinear, TernaryWeight, check_bits, check_group_size
+
+FAMILIES = ("floatlm", "quantlm", "trilm")
+LOG2_3 = math.log2(3)
+
+# safetensors dtype names <-> torch dtypes, and bits per element
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+DTYPE_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+    "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def st_dtype(t: Tensor) -> str:
+    return TORCH_TO_ST[t.dtype]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model's block linears are stored: the assumption behind its ``exact`` bits, and what a writer writes."""
+
+    family: str = "floatlm"  # floatlm | quantlm | trilm
+    format: str = "unpacked"  # a name in FORMATS
+    bits: int | None = None  # QuantLM code width
+    group_size: int = -1  # QuantLM: input columns per scale, -1 per channel
+    sym: bool = True
+    g_idx: bool = False  # compressed-tensors: also store a per-column group index
+    mp: int = 1  # TriLM: model-parallel scale shards
+    float_dtype: str = "F16"  # dense tensors (embedding, norms, head, unpacked linears)
+    scale_dtype: str = "F16"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise QuantlmError(f"unknown model family {self.family!r}; use one of {', '.join(FAMILIES)}")
+        _load_builtin()
+        if self.format not in FORMATS:
+            raise QuantlmError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
+        if self.family == "quantlm":
+            if self.bits is None:
+                raise QuantlmError("a QuantLM layout needs its bitwidth")
+            check_bits(self.bits)
+            check_group_size(self.group_size)
+        fmt = FORMATS[self.format]
+        if self.family not in fmt.families:
+            raise QuantlmError(f"the {self.format} format does not hold a {self.family}; formats for a "
+                               f"{self.family}: {', '.join(formats_for(self.family))}")
+        fmt.check(self)
+
+    def describe(self) -> str:
+        return FORMATS[self.format].describe(self)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One stored tensor of a linear: ``<linear>.<suffix>`` with this dtype and shape."""
+
+    suffix: str  # e.g. ".qweight"
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    part: str  # weight | codes | scale | zero | g_idx | meta
+    params: int = 0  # model parameters this tensor encodes (out * in for weights and codes, else 0)
+    code_bits: float | None = None  # information per parameter (entropy convention); None: as stored
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
+
+Reader = Callable[[str], Tensor]  # full tensor name -> tensor
+
+
+class Format:
+    """A storage format for block linears. Subclasses fill in the declaration and the codecs."""
+
+    name: str = ""
+    families: tuple[str, ...] = ()
+
+    def check(self, layout: Layout) -> None:
+        """Refuse a layout this format cannot hold (before any compute)."""
+
+    def describe(self, layout: Layout) -> str:
+        return self.name
+
+    def linear_tensors(self, out: int, in_features: int, layout: Layout, kind: str) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def encode(self, name: str, value, layout: Layout) -> dict[str, Tensor]:
+        """The tensors (full names) storing ``value``: a QuantizedLinear, a TernaryWeight or a dense Tensor."""
+        raise NotImplementedError
+
+    def decode(self, read: Reader, name: str, out: int, in_features: int, layout: Layout, kind: str):
+        raise NotImplementedError
+
+    def quantization_config(self, layout: Layout, recipe: dict) -> dict | None:
+        return None
+
+    def claims(self, config: dict) -> bool:
+        """Whether a config.json's quantization_config is this format's."""
+        return False
+
+    def layout_from_config(self, config: dict) -> Layout:
+        raise NotImplementedError
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    _load_builtin()
+    if name not in FORMATS:
+        raise QuantlmError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def formats_for(family: str) -> list[str]:
+    _load_builtin()
+    return [n for n, f in FORMATS.items() if family in f.families]
+
+
+def _load_builtin() -> None:
+    # the format modules register themselves on import; imported lazily so registry.py has no import cycle
+    from quantlm.formats import compressed_tensors, gptq, ternary, unpacked  # noqa: F401
+
+
+def layout_of_config(config: dict) -> Layout:
+    """The layout a checkpoint's config.json describes (its quantization_config, or the TriLM marker)."""
+    _load_builtin()
+    qc = config.get("quantization_config")
+    if qc:
+        for fmt in FORMATS.values():
+            if fmt.claims(config):
+                return fmt.layout_from_config(config)
+        raise QuantlmError(f"quantization method {qc.get('quant_method')!r} is not one quantlm reads "
+                           f"(formats: {', '.join(FORMATS)})")
+    return FORMATS["unpacked"].layout_from_config(config)
+
+
+def check_declared(name: str, tensors: dict[str, Tensor], specs: list[TensorSpec]) -> None:
+    """The encoded tensors of a linear are exactly the declared ones (names, dtypes, shapes): the invariant that
+    makes accounting of a written checkpoint equal its prediction."""
+    want = {name + s.suffix: (s.dtype, tuple(s.shape)) for s in specs}
+    got = {k: (st_dtype(t), tuple(t.shape)) for k, t in tensors.items()}
+    if want != got:
+        raise AssertionError(f"{name}: encoded tensors {got} differ from the format's declaration {want}")
+
+
+def as_quantized(value, name: str) -> QuantizedLinear:
+    if not isinstance(value, QuantizedLinear):
+        raise QuantlmError(f"{name}: this format stores quantized (b-bit) linears, got {type(value).__name__}")
+    return value
+
+
+def as_ternary(value, name: str) -> TernaryWeight:
+    if not isinstance(value, TernaryWeight):
+        raise QuantlmError(f"{name}: this format stores ternary (TriLM) linears, got {type(value).__name__}")
+    return value

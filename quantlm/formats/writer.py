@@ -1,0 +1,93 @@
+"""The one checkpoint writer of every safetensors format: dense tensors, each block linear encoded by its format
+(checked against the format's declaration), config.json, tokenizer files and ``quantlm.json`` (last)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from quantlm.formats.registry import ST_DTYPES, Layout, check_declared, get_format
+from quantlm.metadata import ModelMeta, write_meta
+from quantlm.models.blocks import BlockMap
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def dense_state_dict(model, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` except the ``skip`` module prefixes, on the CPU (a tied LM head dropped)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        if tied and key == "lm_head.weight":
+            continue  # transformers re-ties it to the embedding on load
+        tensors[key] = t.detach().cpu()
+    return tensors
+
+
+def copy_tokenizer(src: Path | None, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES if src is not None else ():
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy(f, out / name)
+            copied.append(name)
+    return copied
+
+
+def write_config(config: dict, out: Path, layout: Layout, recipe: dict) -> Path:
+    cfg = dict(config)
+    for key in ("quantization_config", "torch_dtype", "quantlm_quantization"):
+        cfg.pop(key, None)
+    cfg["dtype"] = {"F32": "float32", "BF16": "bfloat16"}.get(layout.float_dtype, "float16")
+    qc = get_format(layout.format).quantization_config(layout, recipe)
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    if layout.family == "quantlm" and layout.format == "unpacked":
+        # dequantized weights look like a FloatLM's: the config keeps what they were quantized to
+        cfg["quantlm_quantization"] = {"bits": layout.bits, "group_size": layout.group_size, "sym": layout.sym}
+    if layout.family == "trilm":
+        cfg["pretraining_model_parallel"] = layout.mp
+    path = out / "config.json"
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], linears: dict, layout: Layout,
+                     block_map: BlockMap, meta: ModelMeta, tokenizer_dir: Path | None = None) -> Path:
+    """Write a checkpoint directory: ``dense`` tensors (floating ones cast to the layout's float dtype) and every
+    block linear in ``linears`` (name -> QuantizedLinear, TernaryWeight or dense weight) in ``layout``."""
+    from safetensors.torch import save_file
+
+    fmt = get_format(layout.format)
+    float_dtype = ST_DTYPES[layout.float_dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (t.to(float_dtype) if t.is_floating_point() else t).contiguous() for k, t in dense.items()}
+    for name, value in linears.items():
+        encoded = fmt.encode(name, value, layout)
+        out_f, in_f = value.shape
+        check_declared(name, encoded, fmt.linear_tensors(out_f, in_f, layout, block_map.shard_kind(name)))
+        tensors.update(encoded)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    recipe = meta.settings.get("gptq", meta.settings) if isinstance(meta.settings, dict) else {}
+    write_config(config, out, layout, recipe)
+    copy_tokenizer(tokenizer_dir, out)
+    write_meta(out, dataclasses.replace(meta, format=layout.format, accounting=accounting_summary(out, layout)))
+    return out
+
+
+def accounting_summary(out: Path, layout: Layout) -> dict:
+    """Total bits of the checkpoint as stored, and as deployed (QuantLM: compressed-tensors, TriLM: ternary-1.6)."""
+    from quantlm import accounting as acc
+
+    stored = acc.budget(out)
+    summary = {"as_stored": {c: stored.total_bits(c) for c in acc.CONVENTIONS}}
+    packed = acc.deployed_budget(out / "config.json", layout)
+    summary["packed"] = {"layout": packed.layout, **{c: packed.total_bits(c) for c in acc.CONVENTIONS}}
+    return summary

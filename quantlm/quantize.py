@@ -1,0 +1,177 @@
+"""The quantize job: checkpoint directory in, quantized checkpoints (every requested format) out.
+
+Orchestration only: load the model and tokenizer, draw calibration windows, run the GPTQ block pipeline
+(``quantlm.gptq``), write each format through the registry (``quantlm.formats``), report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from quantlm.calibration import CalibrationSettings
+from quantlm.errors import QuantlmError
+from quantlm.gptq.settings import GPTQSettings
+from quantlm.recipes import doc, to_dict
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Which storage formats a quantization is written in (one folder each under OUT)."""
+
+    formats: tuple[str, ...] = doc("export formats: unpacked, gptq, compressed-tensors", ("unpacked",))
+
+    def __post_init__(self):
+        from quantlm.formats.registry import formats_for
+
+        known = formats_for("quantlm")
+        if not self.formats:
+            raise QuantlmError(f"no export format given; use --formats with some of {', '.join(known)}")
+        if len(set(self.formats)) != len(self.formats):
+            raise QuantlmError(f"format listed twice in {','.join(self.formats)}; name each format once")
+        for f in self.formats:
+            if f not in known:
+                raise QuantlmError(f"unknown QuantLM format {f!r}; choose from {', '.join(known)}")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to quantize a FloatLM with GPTQ: the math, the calibration and the export (Spectra, 4 bits, by default)."""
+
+    gptq: GPTQSettings = doc("grid, solver and block order", GPTQSettings())
+    calibration: CalibrationSettings = doc("calibration text and windows", CalibrationSettings())
+    export: ExportSettings = doc("storage formats written", ExportSettings())
+
+    def __post_init__(self):
+        from quantlm.formats.registry import get_format
+
+        for f in self.export.formats:
+            get_format(f).check(self.layout(f))
+
+    def layout(self, fmt: str):
+        from quantlm.formats.registry import Layout
+
+        g = self.gptq
+        return Layout("quantlm", fmt, bits=g.bits, group_size=g.group_size, sym=g.sym)
+
+    def with_bits(self, bits: int, group_size: int) -> QuantRecipe:
+        return replace(self, gptq=replace(self.gptq, bits=bits, group_size=group_size))
+
+
+SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(GPTQSettings(bits=b, group_size=128 if b <= 4 else -1))
+                         for b in (3, 4, 6, 8)}
+
+
+def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwrite: bool,
+                     device: str = "cpu") -> dict:
+    """Every check that needs no compute, so bad input fails in a second with nothing written."""
+    from quantlm.accounting import spec_from_config
+    from quantlm.checkpoint import block_map_for, read_config
+    from quantlm.quantized import check_group_size
+
+    config = read_config(model_dir)
+    block_map_for(config, str(model_dir))
+    if out_dir.exists() and not overwrite:
+        raise QuantlmError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
+    if out_dir.resolve() == model_dir.resolve():
+        raise QuantlmError(f"output directory {out_dir} is the model directory; choose another --out")
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
+    spec = spec_from_config(config, str(model_dir))
+    if spec.family != "floatlm":
+        raise QuantlmError(f"{model_dir} holds a {spec.family}, not a FloatLM; quantize the FloatLM it came from")
+    for rel, (_, in_f) in spec.linear_shapes().items():
+        check_group_size(recipe.gptq.group_size, in_f, rel)
+    return config
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers loading bars: the per-block bar is quantlm's progress, and errors stay one line."""
+    import transformers.utils.logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
+def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: str | os.PathLike, *,
+                   device: str = "cpu", overwrite: bool = False, rtn: bool = False, progress: bool = True) -> dict:
+    """Quantize the LLaMA-like checkpoint in ``model_dir`` with ``recipe``; write its formats to ``out_dir``.
+
+    Each format goes to ``out_dir/<format>/`` (a complete checkpoint directory with the tokenizer and a
+    ``quantlm.json``); ``out_dir/report.json`` holds the report returned here (per-module losses and times,
+    total time, paths). ``rtn`` gives the round-to-nearest baseline through the same export path. The whole
+    ``out_dir`` appears atomically, or not at all.
+    """
+    import torch
+
+    from quantlm.atomic import output_dir, write_json
+    from quantlm.calibration import calibration_tokens
+    from quantlm.checkpoint import block_map_for, load_causal_lm, load_tokenizer
+    from quantlm.formats.writer import dense_state_dict, write_checkpoint
+    from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
+    from quantlm.metadata import ModelMeta
+    from quantlm.versions import library_versions
+
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = validate_request(model_dir, recipe, out_dir, overwrite, device)
+    block_map = block_map_for(config, str(model_dir))
+    cal = recipe.calibration
+    with quiet_transformers():
+        tokenizer = load_tokenizer(model_dir)
+        tokens = calibration_tokens(tokenizer, cal.data or None, cal.nsamples, cal.seqlen, cal.seed)
+        model = load_causal_lm(model_dir, dtype=torch.float32)
+    check_quantizable(model, block_map, recipe.gptq)
+    t_load = time.perf_counter() - t0
+
+    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, rtn=rtn, progress=progress)
+    linears = {name: res.stored(name) for name, res in run.results.items()}
+    dense = dense_state_dict(model, skip=set(linears))
+    g = recipe.gptq
+    meta = ModelMeta(
+        producer="quantize", family="quantlm", format="unpacked", model=model_dir.name,
+        source_model=str(model_dir.resolve()), bits=g.bits, group_size=g.group_size, sym=g.sym, seed=cal.seed,
+        method="rtn" if rtn else "gptq", settings=to_dict(recipe),
+        calibration={"source": str(cal.source_path()), "nsamples": cal.nsamples, "seqlen": cal.seqlen,
+                     "seed": cal.seed, "tokens": int(tokens.numel())},
+        modules=[m.to_dict() for m in run.modules], info={"device": device}, versions=library_versions())
+    hf_config = model.config.to_dict()
+    t1 = time.perf_counter()
+    paths = {}
+    with output_dir(out_dir, overwrite=overwrite) as tmp:
+        for fmt in recipe.export.formats:
+            write_checkpoint(tmp / fmt, hf_config, dense, linears, recipe.layout(fmt), block_map, meta, model_dir)
+            paths[fmt] = str(out_dir / fmt)
+        t_write = time.perf_counter() - t1
+        report = {
+            "method": meta.method, "recipe": meta.settings, "seed": cal.seed, "calibration": meta.calibration,
+            "source_model": meta.source_model, "device": device, "versions": meta.versions,
+            "modules": meta.modules,
+            "total_loss": float(sum(m.loss for m in run.modules)),
+            "total_error": float(sum(m.error for m in run.modules)),
+            "seconds": {"load": t_load, "quantize": run.seconds, "write": t_write,
+                        "total": time.perf_counter() - t0},
+            "paths": paths,
+            "out_dir": str(out_dir),
+        }
+        write_json(tmp / REPORT_NAME, report)
+    log.info("quantized %d modules in %.1fs (%s), wrote %s", len(linears), run.seconds, report["method"],
+             ", ".join(paths.values()))
+    return report

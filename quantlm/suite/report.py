@@ -1,0 +1,110 @@
+"""A suite's comparison table (CSV + Markdown) and plots, built from its result records alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantlm.errors import QuantlmError
+from quantlm.suite.plan import SuiteManifest
+
+
+def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
+    """The comparison table (CSV + Markdown) and the plots, from the suite's result records alone."""
+    import pandas as pd
+
+    from quantlm.atomic import write_text
+    from quantlm.eval.records import load_records
+
+    root = (base / manifest.output).resolve()
+    results = root / "results"
+    df = load_records(results) if results.is_dir() else pd.DataFrame()
+    if df.empty:
+        raise QuantlmError(f"no result records under {results}; run the suite first")
+    table = comparison_table(df)
+    csv_path = write_text(results / "suite_table.csv", table.to_csv(index=False))
+    md_path = write_text(results / "suite_table.md", _markdown(table, manifest, _provenance(results, df)))
+    out = {"table": table, "csv": csv_path, "markdown": md_path, "plots": []}
+    if plots:
+        out["plots"] = _plots(df, results)
+    return out
+
+
+def _metric_columns(df) -> list[str]:
+    """Perplexities of the corpora, then acc_norm (or acc) of the tasks, then the commonsense average."""
+    tasks = {c[: -len(".acc")] for c in df.columns if c.endswith(".acc")}
+    keep = [c for c in df.columns if c.endswith(".ppl") and c[: -len(".ppl")] not in tasks]
+    for t in sorted(tasks):
+        keep.append(f"{t}.acc_norm" if f"{t}.acc_norm" in df.columns else f"{t}.acc")
+    if "commonsense_avg" in df.columns:
+        keep.append("commonsense_avg")
+    return [c for c in keep if df[c].notna().any()]
+
+
+def comparison_table(df):
+    """One row per model (QuantLM seeds averaged, with their standard deviation), ordered by family and size."""
+    import pandas as pd
+
+    metrics = _metric_columns(df)
+    sizes = [c for c in ("size_bits_paper", "size_bits_exact", "size_bits_entropy") if c in df.columns]
+    order = {"floatlm": 0, "quantlm": 1, "trilm": 2}
+    rows = []
+    for (model, family), g in df.groupby(["model", "family"], sort=False, dropna=False):
+        g = g.sort_values("created").drop_duplicates("seed", keep="last")
+        row = {"model": model, "family": family, "label": g["label"].iloc[0],
+               "bits": g["bits"].iloc[0], "params": g["params"].iloc[0], "seeds": len(g)}
+        for c in sizes:
+            row[c.replace("size_bits_", "") + "_Mbit"] = g[c].mean() / 1e6
+        for c in metrics:
+            row[c] = g[c].mean()
+            if len(g) > 1 and c.endswith(".ppl"):  # spread over calibration seeds
+                row[c + "_std"] = g[c].std(ddof=1)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["_f"] = table["family"].map(order).fillna(3)
+    table["_b"] = -pd.to_numeric(table["bits"], errors="coerce").fillna(0)
+    return table.sort_values(["_f", "params", "_b", "model"]).drop(columns=["_f", "_b"]).reset_index(drop=True)
+
+
+def _provenance(results: Path, df) -> dict:
+    """Device, library versions and evaluation wall time, from the records themselves."""
+    newest = df.sort_values("created").iloc[-1]
+    record = next((json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+                   if json.loads(p.read_text()).get("id") == newest["id"]), {})
+    return {"device": record.get("device"), "versions": record.get("versions"),
+            "records": len(df), "eval_wall_s": float(df["wall_time_s"].fillna(0).sum())}
+
+
+def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in (provenance.get("versions") or {}).items())
+    lines = [f"# Suite `{manifest.name}`", "",
+             "Sizes in Mbit under the paper, exact and entropy conventions (`quantlm size`; QuantLMs packed in "
+             "the compressed-tensors layout, TriLMs at 1.6 bits per weight). QuantLM metrics are the mean over "
+             "calibration seeds (`_std`: their standard deviation over seeds).", "",
+             f"Produced by `quantlm suite` ({provenance.get('records')} result records, "
+             f"{provenance.get('eval_wall_s', 0):.0f} s of evaluation) on {provenance.get('device')}; {versions}.", ""]
+    cols = list(table.columns)
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for _, r in table.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, float):
+                cells.append("" if v != v else f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(df, results: Path) -> list[Path]:
+    from quantlm import plots
+
+    written = []
+    for metric in [c for c in _metric_columns(df) if c.endswith(".ppl")][:2] + (
+            ["commonsense_avg"] if "commonsense_avg" in df.columns and df["commonsense_avg"].notna().any() else []):
+        slug = metric.replace(".", "_")
+        written += plots.plot_quality(df, metric, results / f"size_vs_{slug}", x="size_bits_paper")
+        written += plots.plot_quality(df, metric, results / f"params_vs_{slug}", x="params")
+    return written

@@ -1,0 +1,134 @@
+"""Running a suite's plan: each job's output appears atomically with its hash inside; a failure is recorded and
+does not stop the others; killed and restarted, only unfinished jobs run again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from quantlm.errors import QuantlmError
+from quantlm.suite.plan import JOB_FILE, Job, SuiteManifest, job_done, plan, select
+
+log = logging.getLogger(__name__)
+
+
+def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
+    """Run one job; its output appears atomically (temp path, then rename) with the job's hash inside.
+    ``progress`` shows the job's own progress bars (training steps, blocks, evaluation batches)."""
+    from quantlm.atomic import write_json
+
+    stamp = {"id": job.id, "hash": job.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if job.kind == "train":
+        from quantlm import recipes
+        from quantlm.train.recipe import TrainRecipe
+        from quantlm.train.run import train
+
+        recipe = recipes.load(job.source, expect=TrainRecipe)
+        work = job.out.parent / f".{job.out.name}.train"
+        final = train(recipe, work, resume=work.exists(), progress=progress)
+        write_json(Path(final) / JOB_FILE, {"suite_job": stamp})
+        if job.out.exists():
+            import shutil
+
+            shutil.rmtree(job.out)
+        os.replace(final, job.out)
+    elif job.kind == "quantize":
+        from quantlm.quantize import quantize_model
+
+        _require_checkpoint(job)
+        report = quantize_model(job.source, job.payload["recipe"], job.out, device=manifest.device,
+                                overwrite=True, rtn=job.rtn, progress=progress)
+        write_json(job.out / JOB_FILE, {"suite_job": stamp, "report_summary": _brief(report)})
+    else:
+        from quantlm.eval.run import evaluate
+
+        _require_checkpoint(job)
+        eval_recipe = manifest.eval
+        if job.payload.get("heldout"):
+            eval_recipe = replace(eval_recipe, ppl=(*eval_recipe.ppl, job.payload["heldout"]))
+        extra = {"suite": manifest.name, "suite_job": stamp, "family": job.family, "preset": job.preset or None,
+                 "model": job.model, "bits": job.bits, "seed": job.seed, "rtn": job.rtn}
+        record = evaluate(job.source, eval_recipe, results_dir=None, extra=extra, device=manifest.device,
+                          progress=progress)
+        write_json(job.out, record)
+
+
+def _materialize_heldout(jobs: list[Job]) -> None:
+    """Write the held-out corpus split once, as the text file the eval jobs read."""
+    from quantlm.atomic import write_text
+
+    for job in jobs:
+        target = job.payload.get("heldout")
+        if target and not Path(target).is_file():
+            from quantlm import recipes
+            from quantlm.train.data import heldout_text
+            from quantlm.train.recipe import TrainRecipe
+
+            write_text(target, heldout_text(recipes.load(job.payload["heldout_recipe"], expect=TrainRecipe)))
+            return
+
+
+def _require_checkpoint(job: Job) -> None:
+    if job.source is None or not (job.source / "config.json").is_file():
+        raise QuantlmError(f"{job.id}: checkpoint {job.source} does not exist; set the model's path or a train recipe")
+
+
+def _brief(report) -> dict:
+    if not isinstance(report, dict):
+        return {}
+    return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+
+
+@dataclass
+class RunSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    blocked: dict[str, str] = field(default_factory=dict)
+
+
+def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, progress: bool = True) -> RunSummary:
+    """Run every unfinished job (or those matching ``only``); failures are recorded, never fatal to the rest."""
+    from tqdm.auto import tqdm
+
+    from quantlm.atomic import write_json
+
+    jobs = plan(manifest, base)
+    chosen = select(jobs, only)
+    root = (base / manifest.output).resolve()
+    summary = RunSummary()
+    _materialize_heldout(chosen)
+    bar = tqdm(chosen, desc=f"suite {manifest.name}", unit="job", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(job.id)
+        if job_done(job):
+            summary.skipped.append(job.id)
+            continue
+        bad = [d for d in job.needs if d in summary.failed or d in summary.blocked]
+        if bad:
+            summary.blocked[job.id] = f"needs {bad[0]}, which failed"
+            continue
+        t0 = time.perf_counter()
+        try:
+            run_job(job, manifest, progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite
+            summary.failed[job.id] = f"{type(e).__name__}: {e}"
+            log.error("%s failed: %s", job.id, e)
+            log.debug("%s", traceback.format_exc())
+            continue
+        log.info("%s done in %.1f s", job.id, time.perf_counter() - t0)
+        summary.done.append(job.id)
+    write_json(root / "suite-status.json", {
+        "suite": manifest.name, "done": summary.done, "skipped": summary.skipped,
+        "failed": summary.failed, "blocked": summary.blocked,
+        "pending": [j.id for j in jobs if not job_done(j)],
+    })
+    return summary
+
+
