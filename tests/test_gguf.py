@@ -1,0 +1,173 @@
+"""GGUF: quantlm's codes laid out as llama.cpp blocks, checked against gguf-py's dequantizers (the oracle),
+and whole LLaMA files written with GGUFWriter and read back (header sizes, tensors, tokenizer metadata)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantlm.errors import QuantlmError
+from quantlm.formats import gguf_blocks as gb
+from quantlm.quantized import QuantizedLinear, TernaryWeight
+
+gguf = pytest.importorskip("gguf")
+
+
+def _lin(bits, sym, group_size, out=6, width=512, seed=0, scale=None):
+    """A QuantizedLinear with every code value present in each row (extremes included) and fp16 scales."""
+    g = torch.Generator().manual_seed(seed)
+    G = 1 if group_size == -1 else width // group_size
+    q = torch.randint(0, 1 << bits, (out, width), generator=g, dtype=torch.int32)
+    q[:, : 1 << bits] = torch.arange(1 << bits)  # 0 and maxq in every row (q - zero = -128 for 8-bit Q8_0)
+    s = scale if scale is not None else (torch.rand(out, G, generator=g) * 0.05 + 1e-3).half()
+    if sym:
+        z = torch.full((out, G), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        z = torch.randint(0, 1 << bits, (out, G), generator=g, dtype=torch.int32)
+        z[:, 0] = (1 << bits) - 1
+    return QuantizedLinear(q.to(torch.uint8), s, z, bits, group_size, sym)
+
+
+def _ternary(out=8, width=512, mp=2, kind="column", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (out, width), generator=g).to(torch.int8)
+    scales = (torch.rand(mp, generator=g) * 0.1 + 0.01).half()
+    return TernaryWeight(codes, scales, kind)
+
+
+def _decode(enc: gb.Encoded) -> np.ndarray:
+    return gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.type])
+
+
+def test_type_table_matches_gguf():
+    for name, t in gb.TYPES.items():
+        qt = gguf.GGMLQuantizationType[name]
+        assert int(qt) == t.ggml_id, name
+        assert gguf.GGML_QUANT_SIZES[qt] == (t.block_size, t.type_size), name
+    assert gb.bits_per_weight("Q4_0") == 4.5 and gb.bits_per_weight("Q8_0") == 8.5
+    assert gb.bits_per_weight("TQ2_0") == 2.0625 and gb.bits_per_weight("TQ1_0") == 1.6875
+    assert gb.bytes_per_row("TQ1_0", 512) == 108 and gb.bytes_per_row("Q6_K", 256) == 210
+
+
+EXACT = [  # bits, sym, group size, type
+    (4, True, 128, "Q4_0"), (4, True, -1, "Q4_0"), (3, True, 32, "Q4_0"), (2, True, 64, "Q4_0"),
+    (3, False, 32, "Q4_0"), (5, True, 128, "Q5_0"), (4, False, 64, "Q5_0"),
+    (8, True, 32, "Q8_0"), (6, True, 64, "Q8_0"), (2, True, -1, "Q8_0"), (7, False, 32, "Q8_0"),
+    (6, True, -1, "Q6_K"), (6, True, 256, "Q6_K"), (5, False, -1, "Q6_K"), (4, True, -1, "Q6_K"),
+    (3, True, -1, "Q3_K"), (2, True, 512, "Q3_K"), (2, True, -1, "Q2_K"), (2, False, -1, "Q2_K"),
+]
+
+
+@pytest.mark.parametrize("bits, sym, group_size, type_name", EXACT)
+def test_exact_types_decode_to_quantlm_weights(bits, sym, group_size, type_name):
+    lin = _lin(bits, sym, group_size)
+    enc = gb.encode(lin, type_name, name="blk")
+    assert enc.exact and enc.scale_error == 0.0 and enc.weight_error == 0.0
+    assert enc.data.dtype == np.uint8 and enc.data.shape == (6, gb.bytes_per_row(type_name, 512))
+    ref = lin.stored().dequantize(torch.float32).numpy()
+    np.testing.assert_array_equal(_decode(enc), ref)
+
+
+def test_fp32_scales_are_stored_as_fp16():
+    lin = _lin(4, True, 128)
+    lin32 = QuantizedLinear(lin.q, lin.scale.float() * (1 + 1e-6), lin.zero, 4, 128, True)
+    np.testing.assert_array_equal(_decode(gb.encode(lin32, "Q4_0")), lin32.stored().dequantize().numpy())
+
+
+def test_q4_1_and_q5_1_exact_only_when_the_offset_is_fp16():
+    pow2 = torch.full((6, 4), 2.0**-7, dtype=torch.float16)  # -d * zero is an fp16 number for any zero
+    for bits, t in ((4, "Q4_1"), (3, "Q4_1"), (5, "Q5_1")):
+        lin = _lin(bits, False, 128, scale=pow2)
+        np.testing.assert_array_equal(_decode(gb.encode(lin, t)), lin.dequantize().numpy())
+    awkward = torch.full((6, 4), 0.0123, dtype=torch.float16)  # 0.0123 * 13 needs more than 11 bits
+    with pytest.raises(QuantlmError, match="Q4_1 is not exact.*use Q5_0"):
+        gb.encode(_lin(4, False, 128, scale=awkward), "Q4_1", name="blk.0.ffn_up")
+
+
+@pytest.mark.parametrize("t", ["TQ1_0", "TQ2_0", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("kind, width, mp", [("column", 512, 2), ("row", 512, 2), ("row", 1024, 4)])
+def test_ternary_types_are_lossless_inside_shards(t, kind, width, mp):
+    tw = _ternary(width=width, mp=mp, kind=kind)
+    enc = gb.encode(tw, t, name="blk.0.attn_q")
+    assert enc.exact
+    np.testing.assert_array_equal(_decode(enc), tw.dequantize().numpy())
+
+
+def test_choose_type_is_the_smallest_exact_type():
+    cases = {(4, True, 128): "Q4_0", (3, True, 128): "Q4_0", (2, True, 32): "Q4_0", (5, True, 128): "Q5_0",
+             (6, True, 128): "Q8_0", (8, True, 128): "Q8_0", (6, True, -1): "Q6_K", (3, True, -1): "Q3_K",
+             (2, True, -1): "Q2_K", (4, True, -1): "Q4_0", (5, True, -1): "Q5_0", (3, False, 128): "Q4_0",
+             (4, False, 128): "Q5_0", (7, False, -1): "Q8_0", (5, False, -1): "Q6_K", (6, True, 256): "Q6_K"}
+    for (bits, sym, gs), want in cases.items():
+        assert gb.choose_type(_lin(bits, sym, gs)) == want, (bits, sym, gs)
+    assert gb.choose_type(_lin(3, True, 128), kquant_grouped=True) == "Q3_K"
+    assert gb.choose_type(_lin(6, True, 128, width=256)) == "Q8_0"
+    assert gb.choose_type(_lin(3, True, -1, width=96)) == "Q4_0"  # K types need 256-multiples
+    assert gb.choose_type(_ternary()) == "TQ1_0"
+
+
+def test_asymmetric_8_bit_has_no_exact_home():
+    with pytest.raises(QuantlmError, match=r"blk\.1\.attn_k.*asymmetric 8-bit.*sym: true"):
+        gb.choose_type(_lin(8, False, 128), name="blk.1.attn_k")
+    with pytest.raises(QuantlmError, match=r"Q4_0 cannot hold.*asymmetric 4-bit.*would work: Q4_1 \(if .*\), Q5_0"):
+        gb.encode(_lin(4, False, 128), "Q4_0")
+
+
+def test_odd_widths_name_the_layer_the_type_and_what_works():
+    lin = _lin(4, True, -1, width=172)
+    with pytest.raises(QuantlmError, match=r"model\.layers\.0\.mlp\.down_proj.*Q4_0.*multiple of 32.*172.*F16.*F32"):
+        gb.encode(lin, "Q4_0", name="model.layers.0.mlp.down_proj")
+    with pytest.raises(QuantlmError, match=r"blk\.0\.attn_v: Q3_K.*multiple of 256.*96 wide.*would work: Q4_0, Q4_1, Q5_0"):
+        gb.encode(_lin(3, True, -1, width=96), "Q3_K", name="blk.0.attn_v")
+    with pytest.raises(QuantlmError, match="TQ2_0.*multiple of 256.*would work: Q4_0, Q8_0"):
+        gb.encode(_ternary(width=96, mp=1), "TQ2_0", name="blk.0.ffn_down")
+    with pytest.raises(QuantlmError, match="multiple of 32"):
+        gb.bytes_per_row("Q8_0", 100)
+
+
+def test_groups_that_split_a_block_are_refused():
+    with pytest.raises(QuantlmError, match="group size 16 is not a multiple of its 32-weight blocks.*kquant_grouped"):
+        gb.encode(_lin(4, True, 16), "Q4_0")
+
+
+def test_straddling_ternary_shards_need_merge_and_report_the_change():
+    tw = _ternary(width=768, mp=2, kind="row")  # 384-wide shards: the middle 256-block holds two scales
+    with pytest.raises(QuantlmError, match=r"blk\.3\.ffn_down.*TQ1_0.*384.*merge_shard_scales=True.*Q4_0"):
+        gb.encode(tw, "TQ1_0", name="blk.3.ffn_down")
+    with pytest.raises(QuantlmError, match="TQ1_0 cannot hold"):
+        gb.choose_type(tw, name="blk.3.ffn_down")
+    assert gb.choose_type(tw, merge_shard_scales=True) == "TQ1_0"
+    np.testing.assert_array_equal(_decode(gb.encode(tw, "Q4_0")), tw.dequantize().numpy())  # 32 | 384
+    enc = gb.encode(tw, "TQ1_0", merge_shard_scales=True)
+    assert not enc.exact and enc.changed_blocks == 8  # one block per row
+    got, ref = _decode(enc), tw.dequantize().numpy()
+    np.testing.assert_array_equal(got[:, :256], ref[:, :256])
+    np.testing.assert_array_equal(got[:, 512:], ref[:, 512:])
+    assert np.abs(got - ref).max() == pytest.approx(enc.weight_error)
+    lo, hi = sorted(tw.scales.float().tolist())
+    assert 0 < enc.scale_error <= hi - lo
+
+
+@pytest.mark.parametrize("bits, t, group_size", [(3, "Q3_K", 32), (6, "Q6_K", 64), (2, "Q2_K", 32),
+                                                 (6, "Q6_K", 16), (3, "Q3_K", 128)])
+def test_kquant_for_grouped_codes_is_opt_in_and_reports_its_error(bits, t, group_size):
+    lin = _lin(bits, True, group_size)
+    with pytest.raises(QuantlmError, match=f"{t} cannot hold.*kquant_grouped=True"):
+        gb.encode(lin, t, name="blk.0.attn_output")
+    enc = gb.encode(lin, t, kquant_grouped=True)
+    assert not enc.exact and enc.changed_blocks == 6 * 2
+    got, ref = _decode(enc), lin.dequantize().numpy()
+    assert np.abs(got - ref).max() == pytest.approx(enc.weight_error, rel=1e-6)
+    rel = enc.scale_error / float(lin.scale.float().max())
+    assert 0 < rel < {"Q6_K": 0.01, "Q3_K": 0.04, "Q2_K": 0.07}[t]
+    if bits == 2:  # symmetric Q2_K keeps the zero code exactly zero: the offset is 2 * the new scale
+        assert np.all(got[lin.q.numpy() == 2] == 0)
+
+
+def test_kquant_uniform_groups_stay_exact():
+    lin = _lin(6, True, 64)
+    same = QuantizedLinear(lin.q, lin.scale[:, :1].expand(-1, 8).contiguous(), lin.zero, 6, 64, True)
+    enc = gb.encode(same, "Q6_K", kquant_grouped=True)
+    assert enc.exact
+    np.testing.assert_array_equal(_decode(enc), same.dequantize().numpy())
