@@ -133,7 +133,7 @@ def test_groups_that_split_a_block_are_refused():
 
 def test_straddling_ternary_shards_need_merge_and_report_the_change():
     tw = _ternary(width=768, mp=2, kind="row")  # 384-wide shards: the middle 256-block holds two scales
-    with pytest.raises(QuantlmError, match=r"blk\.3\.ffn_down.*TQ1_0.*384.*merge_shard_scales=True.*Q4_0"):
+    with pytest.raises(QuantlmError, match=r"blk\.3\.ffn_down.*TQ1_0.*384.*would work: Q4_0.*TQ1_0 with merge_shard_scales=True"):
         gb.encode(tw, "TQ1_0", name="blk.3.ffn_down")
     with pytest.raises(QuantlmError, match="TQ1_0 cannot hold"):
         gb.choose_type(tw, name="blk.3.ffn_down")
@@ -171,3 +171,112 @@ def test_kquant_uniform_groups_stay_exact():
     enc = gb.encode(same, "Q6_K", kquant_grouped=True)
     assert enc.exact
     np.testing.assert_array_equal(_decode(enc), same.dequantize().numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole files: a tiny LLaMA written with GGUFWriter and read back
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer_dir):
+    from gguf_tiny import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("gguf-llama"), tiny_tokenizer_dir)
+
+
+def _read_back(path, cfg):
+    """{HF-order gguf name: fp32 weights} through GGUFReader + gguf-py's dequantizer, q/k rows un-permuted."""
+    from quantlm.formats.gguf import rope_permutation
+
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape([int(n) for n in reversed(t.shape)])
+        for kind, heads in ((".attn_q.", cfg["num_attention_heads"]), (".attn_k.", cfg["num_key_value_heads"])):
+            if kind in t.name:
+                inverse = torch.argsort(rope_permutation(w.shape[0], heads))
+                w = w[inverse]
+        out[t.name] = w
+    return out
+
+
+@pytest.mark.parametrize("variant", ["F16", "Q8_0", "Q4_0", "TQ1_0"])
+def test_written_gguf_holds_quantlm_weights(tiny_dir, tmp_path, variant):
+    from gguf_tiny import dequantized_state, load_tensors, quantize_linears, ternarize_linears
+
+    from quantlm.formats.gguf import gguf_name, read_gguf_header, write_gguf
+
+    cfg, state = load_tensors(tiny_dir)
+    if variant == "F16":
+        tensors = state
+    elif variant == "TQ1_0":
+        tensors = ternarize_linears(state, mp=1)  # o_proj's 256-wide rows hold one shard (see the block tests)
+    else:
+        tensors = quantize_linears(state, bits=8 if variant == "Q8_0" else 4, group_size=32 if variant == "Q4_0"
+                                   else 128)
+    path = tmp_path / f"tiny-{variant}.gguf"
+    report = write_gguf(path, cfg, tensors, tiny_dir)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+    assert report["file_type"] == variant and not report["changes"]
+
+    header = read_gguf_header(path)
+    assert header["consistent"] and header["file_bytes"] == path.stat().st_size
+    assert header["payload_bytes"] == sum(r["nbytes"] for r in report["tensors"])
+    data_bytes = header["file_bytes"] - header["header_bytes"] - header["padding_bytes"]
+    assert 8 * header["payload_bytes"] == 8 * data_bytes
+    by_type = {t["name"]: t["type"] for t in header["tensors"]}
+    assert by_type["token_embd.weight"] == "F16" and by_type["output.weight"] == "F16"
+    assert by_type["blk.0.attn_norm.weight"] == "F32" and by_type["blk.1.ffn_down.weight"] == variant
+    md = header["metadata"]
+    assert md["general.architecture"] == "llama" and md["llama.block_count"] == 2
+    assert md["llama.attention.head_count_kv"] == 2 and md["llama.rope.dimension_count"] == 64
+    assert md["general.quantization_version"] == 2 if variant != "F16" else "general.quantization_version" not in md
+    assert md["tokenizer.ggml.model"] == "gpt2" and len(md["tokenizer.ggml.tokens"]) == 512
+
+    reader = gguf.GGUFReader(path)  # the header parser agrees with gguf-py's reader
+    assert [(t.name, int(t.data_offset), int(t.n_bytes), t.tensor_type.name) for t in reader.tensors] == \
+        [(t["name"], t["offset"], t["nbytes"], t["type"]) for t in header["tensors"]]
+    assert header["header_bytes"] == reader.data_offset
+
+    want = {gguf_name(k): v for k, v in dequantized_state(tensors).items()}
+    got = _read_back(path, cfg)
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+
+
+def test_tokenizer_metadata_matches_the_hf_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from quantlm.formats.gguf import tokenizer_metadata
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    md = tokenizer_metadata(tiny_dir, 520)
+    assert md["tokenizer.ggml.tokens"][:len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert md["tokenizer.ggml.tokens"][-1] == "[PAD519]" and md["tokenizer.ggml.token_type"][-1] == 5
+    assert md["tokenizer.ggml.token_type"][0] == 3 and md["tokenizer.ggml.token_type"][300] == 1
+    assert md["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and md["tokenizer.ggml.padding_token_id"] == 1
+    assert md["tokenizer.ggml.add_bos_token"] is False
+    assert all(len(m.split(" ")) == 2 for m in md["tokenizer.ggml.merges"])
+
+
+def test_tied_head_is_omitted_and_bad_inputs_fail_before_writing(tmp_path, tiny_tokenizer_dir):
+    from gguf_tiny import load_tensors, quantize_linears, save_tiny_llama
+
+    from quantlm.formats.gguf import read_gguf_header, write_gguf
+
+    model_dir = save_tiny_llama(tmp_path / "tied", tiny_tokenizer_dir, tied=True, layers=1)
+    cfg, state = load_tensors(model_dir)
+    state.pop("lm_head.weight", None)
+    path = tmp_path / "out" / "tied.gguf"
+    report = write_gguf(path, cfg, quantize_linears(state, bits=4, group_size=-1), model_dir)
+    names = [t["name"] for t in read_gguf_header(path)["tensors"]]
+    assert "output.weight" not in names and "token_embd.weight" in names
+    assert report["file_type"] == "Q4_0"
+
+    bad = dict(quantize_linears(state, bits=3, group_size=64))
+    with pytest.raises(QuantlmError, match=r"model\.layers\.0\..*Q3_K cannot hold.*kquant_grouped=True"):
+        write_gguf(tmp_path / "out" / "bad.gguf", cfg, bad, model_dir, linear_type="Q3_K")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tied.gguf"]
+    report = write_gguf(tmp_path / "out" / "k.gguf", cfg, bad, model_dir, linear_type="Q3_K", kquant_grouped=True)
+    assert len(report["changes"]) == 7 and all(c["weight_error"] > 0 for c in report["changes"])

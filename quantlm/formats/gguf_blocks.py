@@ -165,7 +165,7 @@ def _ternary_misfit(type_name: str, tw: TernaryWeight, merge_shard_scales: bool 
         return f"rows must be a multiple of {bs} weights, and this one is {in_f} wide"
     if tw.kind != COLUMN and tw.mp > 1 and (in_f // tw.mp) % bs and not merge_shard_scales:
         return (f"its {tw.mp} row-parallel scale shards are {in_f // tw.mp} weights wide, not a multiple of {bs}, so "
-                f"blocks straddle two scales (merge_shard_scales=True gives each such block one merged scale)")
+                "blocks straddle two scales")
     return None
 
 
@@ -235,7 +235,7 @@ def choose_type(w: QuantizedLinear | TernaryWeight, *, kquant_grouped: bool = Fa
 
 def _half_bytes(d: Tensor) -> Tensor:
     """fp16 values as their 2 little-endian bytes: [..., 2] uint8."""
-    return d.to(torch.float16).contiguous().view(torch.uint8).reshape(*d.shape, 2)
+    return d.to(torch.float16).reshape(-1).clone().view(torch.uint8).reshape(*d.shape, 2)
 
 
 def _pack_bits(x: Tensor, width: int) -> Tensor:
