@@ -280,3 +280,21 @@ def test_tied_head_is_omitted_and_bad_inputs_fail_before_writing(tmp_path, tiny_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tied.gguf"]
     report = write_gguf(tmp_path / "out" / "k.gguf", cfg, bad, model_dir, linear_type="Q3_K", kquant_grouped=True)
     assert len(report["changes"]) == 7 and all(c["weight_error"] > 0 for c in report["changes"])
+    with pytest.raises(QuantlmError, match="not tied.*lm_head"):
+        write_gguf(tmp_path / "out" / "untied.gguf", {**cfg, "tie_word_embeddings": False}, state, model_dir)
+
+
+def test_plain_float_linears_take_gguf_py_round_to_nearest_on_request(tiny_dir, tmp_path):
+    from gguf_tiny import load_tensors
+
+    from quantlm.formats.gguf import read_gguf_header, write_gguf
+
+    cfg, state = load_tensors(tiny_dir)
+    path = tmp_path / "rtn.gguf"
+    report = write_gguf(path, cfg, state, tiny_dir, linear_type="Q4_0")
+    assert report["file_type"] == "Q4_0" and len(report["changes"]) == 14
+    assert all("round-to-nearest" in c["note"] for c in report["changes"])
+    types = {t["name"]: t["type"] for t in read_gguf_header(path)["tensors"]}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["token_embd.weight"] == "F16"
+    with pytest.raises(QuantlmError, match="cannot be written as Q6_K.*quantize it with quantlm"):
+        write_gguf(tmp_path / "k.gguf", cfg, state, tiny_dir, linear_type="Q6_K")

@@ -21,7 +21,7 @@ gguf = pytest.importorskip("gguf")
 
 N_CTX = 256
 # |mean NLL (llama.cpp) - mean NLL (transformers)|, nats per token; the F16 bound is the criterion
-NLL_TOL = {"F16": 1e-3, "Q8_0": 5e-3, "Q4_0": 1e-2, "Q6_K": 1e-2, "Q3_K": 1e-2, "TQ1_0": 1e-2, "TQ2_0": 1e-2}
+NLL_TOL = {"F16": 1e-3, "Q8_0": 5e-3, "Q4_0": 1e-2, "Q6_K": 1e-2, "Q3_K": 1e-2, "Q2_K": 1e-2, "TQ1_0": 1e-2, "TQ2_0": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _tensors(state, variant):
         return state, {}
     if variant in ("TQ1_0", "TQ2_0"):
         return ternarize_linears(state, mp=1), {"linear_type": variant}
-    bits, group, opts = {"Q8_0": (8, 128, {}), "Q4_0": (4, 128, {}), "Q6_K": (6, -1, {}),
+    bits, group, opts = {"Q8_0": (8, 128, {}), "Q4_0": (4, 128, {}), "Q6_K": (6, -1, {}), "Q2_K": (2, -1, {}),
                          "Q3_K": (3, 32, {"linear_type": "Q3_K", "kquant_grouped": True})}[variant]
     return quantize_linears(state, bits=bits, group_size=group), opts
 

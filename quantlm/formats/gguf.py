@@ -208,7 +208,10 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     hp = _hparams(config)
     if float_type not in gb.FLOAT_TYPES:
         raise QuantlmError(f"float_type {float_type!r}: use one of {', '.join(gb.FLOAT_TYPES)}")
-    tied = hp["tied"] or "lm_head.weight" not in tensors
+    tied = hp["tied"]
+    if not tied and "lm_head.weight" not in tensors:
+        raise QuantlmError("config says the LM head is not tied (tie_word_embeddings false) but no lm_head.weight "
+                           "was given; pass the whole state dict")
     entries = []  # (gguf name, hf name, array, raw dtype, report row)
     linear_weights: dict[str, int] = {}
     for hf_name, w in tensors.items():
@@ -266,8 +269,6 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     missing = {"token_embd.weight", "output_norm.weight"} - {e[0] for e in entries}
     if missing:
         raise QuantlmError(f"tensors lack {', '.join(sorted(missing))}: pass the whole model's state dict")
-    if not tied and "output.weight" not in {e[0] for e in entries}:
-        raise QuantlmError("config says the LM head is not tied but no lm_head.weight was given")
     main_type = max(linear_weights, key=linear_weights.get) if linear_weights else float_type
     quantized = main_type not in gb.FLOAT_TYPES
     tok_meta = tokenizer_metadata(tokenizer_dir, hp["vocab"])
