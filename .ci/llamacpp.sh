@@ -30,7 +30,7 @@ if [ "$PHASE" != test ]; then
   # torch first and alone (CPU wheel from the machine's disk), then the rest, which must not replace it
   "$VENV/bin/pip" install -q torch==2.13.0
   "$VENV/bin/pip" install -q -e . torch==2.13.0 gguf==0.19.0 transformers==5.24.0 tokenizers==0.23.3 pytest \
-    "${wheels[0]}"
+    sentencepiece protobuf "${wheels[0]}"  # sentencepiece + protobuf: the SentencePiece tokenizer test
   "$VENV/bin/python" -c "import torch, llama_cpp; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 fi
 if [ "$PHASE" != install ]; then

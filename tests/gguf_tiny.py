@@ -20,11 +20,12 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def save_tiny_llama(out: Path, tokenizer_dir: Path, *, tied: bool = False, seed: int = 0, layers: int = 2) -> Path:
+def save_tiny_llama(out: Path, tokenizer_dir: Path, *, tied: bool = False, seed: int = 0, layers: int = 2,
+                    vocab_size: int = 512) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          rms_norm_eps=1e-5, tie_word_embeddings=tied, initializer_range=0.08,
                          architectures=["LlamaForCausalLM"])
@@ -104,3 +105,52 @@ def hf_model(model_dir: Path, state: dict[str, torch.Tensor]):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+def train_sentencepiece_dir(out: Path, text: str, vocab_size: int = 512) -> Path:
+    """A LLaMA-style SentencePiece BPE (byte fallback, identity normalization, <unk>/<s>/</s> = 0/1/2) trained
+    with the sentencepiece library and converted by transformers into a tokenizer directory (adds <s>)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.txt").write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(out / "train.txt"), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    (out / "train.txt").unlink()
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)  # writes the converted tokenizer.json
+    return out
+
+
+def metaspace_bpe_dir(out: Path, text: str, vocab_size: int = 512) -> Path:
+    """A SentencePiece-style BPE built with `tokenizers` alone: <unk>/<s>/</s>, the 256 <0xXX> byte pieces,
+    Metaspace (prepend first, no split), byte fallback, and a post-processor adding <s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
+    trained.train_from_iterator([text], trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    learned = sorted((i, t) for t, i in model["vocab"].items() if t not in specials)
+    vocab = {t: i for i, t in enumerate(specials + byte_pieces + [t for _, t in learned])}
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out)
+    return out

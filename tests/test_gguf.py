@@ -3,6 +3,8 @@ and whole LLaMA files written with GGUFWriter and read back (header sizes, tenso
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -258,6 +260,39 @@ def test_tokenizer_metadata_matches_the_hf_tokenizer(tiny_dir):
     assert md["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and md["tokenizer.ggml.padding_token_id"] == 1
     assert md["tokenizer.ggml.add_bos_token"] is False
     assert all(len(m.split(" ")) == 2 for m in md["tokenizer.ggml.merges"])
+
+
+def test_sentencepiece_style_tokenizer_metadata(tmp_path, corpus_text):
+    from gguf_tiny import metaspace_bpe_dir
+    from transformers import AutoTokenizer
+
+    from quantlm.formats.gguf import tokenizer_metadata
+
+    d = metaspace_bpe_dir(tmp_path / "spm", corpus_text[:50_000])
+    tok = AutoTokenizer.from_pretrained(d)
+    md = tokenizer_metadata(d, 512)
+    assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.add_space_prefix"] is True
+    assert md["tokenizer.ggml.add_bos_token"] is True and md["tokenizer.ggml.bos_token_id"] == 1
+    types = md["tokenizer.ggml.token_type"]
+    assert types[:4] == [2, 3, 3, 6] and types[258] == 6 and set(types[259:]) == {1}  # unk, <s>, </s>, bytes
+    merges = json.loads((d / "tokenizer.json").read_text())["model"]["merges"]
+    scores = md["tokenizer.ggml.scores"]
+    for rank, (a, b) in enumerate(merges[:50]):  # llama.cpp merges the best score first: -rank of its merge
+        assert scores[tok.convert_tokens_to_ids(a + b)] == -rank
+    assert "tokenizer.ggml.merges" not in md
+
+
+def test_unsupported_tokenizers_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from quantlm.formats.gguf import tokenizer_metadata
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
+    with pytest.raises(QuantlmError, match="byte-level BPE or SentencePiece-style BPE.*WordLevel"):
+        tokenizer_metadata(tmp_path, 8)
 
 
 def test_tied_head_is_omitted_and_bad_inputs_fail_before_writing(tmp_path, tiny_tokenizer_dir):

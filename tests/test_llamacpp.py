@@ -121,3 +121,45 @@ def test_llamacpp_runs_the_export_like_transformers(tiny_dir, tmp_path, sample_t
             for _ in range(steps):
                 seq_hf.append(int(model(input_ids=torch.tensor([seq_hf])).logits[0, -1].argmax()))
         assert seq_cpp == seq_hf
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "metaspace-bpe"])
+def test_llamacpp_tokenizes_sentencepiece_like_transformers(tmp_path, corpus_text, kind):
+    """LLaMA-style vocabularies: a real SentencePiece BPE (converted by transformers) and a Metaspace BPE built
+    with `tokenizers`, exported as llama.cpp's SentencePiece ("llama") vocabulary with merge-rank scores.
+
+    Known difference: a text that begins with a space gets one more prefix space in llama.cpp (as in the
+    sentencepiece library itself) than in transformers' Metaspace, which skips the prefix then.
+    """
+    from gguf_tiny import hf_model, load_tensors, metaspace_bpe_dir, save_tiny_llama, train_sentencepiece_dir
+    from transformers import AutoTokenizer
+
+    from quantlm.formats.gguf import write_gguf
+
+    if kind == "sentencepiece":
+        pytest.importorskip("sentencepiece")
+        pytest.importorskip("google.protobuf")  # transformers' conversion of tokenizer.model
+        tok_dir = train_sentencepiece_dir(tmp_path / "tok", corpus_text[:200_000])
+    else:
+        tok_dir = metaspace_bpe_dir(tmp_path / "tok", corpus_text[:200_000])
+    model_dir = save_tiny_llama(tmp_path / "model", tok_dir, layers=1)
+    cfg, state = load_tensors(model_dir)
+    path = tmp_path / "spm.gguf"
+    write_gguf(path, cfg, state, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = corpus_text[250_000:256_000].lstrip()
+    llm = _llama(path)
+    for sample in (text, "Hello world, Anne Elliot's sister.\nNew line \u00e9 \u4e2d  two  spaces 12345"):
+        ids = tok(sample)["input_ids"]
+        assert ids[0] == tok.bos_token_id
+        assert llm.tokenize(sample.encode("utf-8"), add_bos=True, special=False) == ids
+        # llama-cpp-python's detokenize keeps the prefix space that transformers' decoder strips
+        assert llm.detokenize(ids[1:]).decode("utf-8").removeprefix(" ") == sample
+    ids = tok(text)["input_ids"][:N_CTX]
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    from gguf_tiny import dequantized_state
+
+    with torch.no_grad():
+        want = hf_model(model_dir, dequantized_state(state))(input_ids=torch.tensor([ids])).logits[0].float()
+    assert abs(_mean_nll(got, ids) - _mean_nll(want, ids)) < NLL_TOL["F16"]
