@@ -253,7 +253,8 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     ``linear_type`` names one (for every linear, or per HF name in a mapping); a plain float linear given a
     block type is quantized by gguf-py's round-to-nearest (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/TQ1_0/TQ2_0), reported as
     such. ``kquant_grouped`` / ``merge_shard_scales``: the opt-ins of ``gguf_blocks.encode``; what they
-    changed is in the report. A tied LM head (``tie_word_embeddings`` or no ``lm_head.weight``) is omitted.
+    changed is in the report. A tied LM head (``tie_word_embeddings``) is omitted; an untied config without
+    ``lm_head.weight`` is an error. Nothing is written unless every tensor can be.
 
     Report: {"path", "file_type", "quantization_version", "tensors": [{"name", "source", "type", "shape"
     (HF [out, in]), "nbytes", "exact", "scale_error", "weight_error", "note"}], "payload_bytes",
@@ -269,7 +270,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     if not tied and "lm_head.weight" not in tensors:
         raise QuantlmError("config says the LM head is not tied (tie_word_embeddings false) but no lm_head.weight "
                            "was given; pass the whole state dict")
-    entries = []  # (gguf name, hf name, array, raw dtype, report row)
+    entries = []  # (gguf name, array, raw ggml type or None, report row)
     linear_weights: dict[str, int] = {}
     for hf_name, w in tensors.items():
         name = gguf_name(hf_name)
@@ -307,8 +308,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
             if type_name in gb.FLOAT_TYPES:
                 arr, raw = _float_array(t, type_name)
             elif type_name in _RTN_TYPES:
-                if t.shape[-1] % gb.TYPES[type_name].block_size:
-                    gb.bytes_per_row(type_name, t.shape[-1], hf_name)
+                gb.bytes_per_row(type_name, t.shape[-1], hf_name)  # the width check, with the layer's name
                 src = t.to(torch.float16).to(torch.float32).numpy()
                 arr, raw = gguf.quants.quantize(src, gguf.GGMLQuantizationType[type_name]), \
                     gguf.GGMLQuantizationType[type_name]
