@@ -19,11 +19,11 @@ def main():
     rtn, layerwise = "--rtn" in sys.argv, "--layerwise" in sys.argv
     t0 = time.perf_counter()
     import quantlm
-    from quantlm.checkpoint import load_causal_lm
     from quantlm.formats.registry import Layout
     from quantlm.formats.writer import dense_state_dict, write_checkpoint
     from quantlm.gptq.pipeline import quantize_blocks
     from quantlm.gptq.settings import GPTQSettings
+    from quantlm.hf_checkpoint import load_causal_lm
     from quantlm.metadata import ModelMeta
     from quantlm.models.blocks import LLAMA
     from quantlm.recipes import to_dict

@@ -85,8 +85,8 @@ def temperature_scan(model: Path, corpora: list[str], window: int, windows: int 
     sys.path.insert(0, str(REPO))
     import torch
 
-    from quantlm.checkpoint import load_causal_lm, load_tokenizer
     from quantlm.eval.datasets import load_text_source
+    from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer
 
     lm, tok = load_causal_lm(model), load_tokenizer(model)
     out = {}

@@ -90,7 +90,7 @@ def linear_hessians(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def float_hessians(model_dir: Path, tokens: torch.Tensor) -> tuple[dict, dict]:
-    from quantlm.checkpoint import load_causal_lm
+    from quantlm.hf_checkpoint import load_causal_lm
 
     model = load_causal_lm(model_dir)
     H = linear_hessians(model, tokens)
@@ -129,7 +129,7 @@ def end_to_end_scores(model_dir: Path, tokens: torch.Tensor, heldout: torch.Tens
     ``output_error``: relative squared error of the final hidden states vs the float model on held-out windows;
     ``own_path_error``: sum of tr((W-Q) H_q (W-Q)^T) with H_q from the quantized model's own activations on the
     calibration windows - the objective a true-sequential GPTQ minimises, block by block."""
-    from quantlm.checkpoint import load_causal_lm
+    from quantlm.hf_checkpoint import load_causal_lm
 
     model = load_causal_lm(model_dir)
 
@@ -188,7 +188,7 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(work, args.seed)
-    from quantlm.checkpoint import load_tokenizer
+    from quantlm.hf_checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     tokens = calibration_tokens(tokenizer, None, args.nsamples, args.seqlen, seed=args.seed)

@@ -76,9 +76,9 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from quantlm.checkpoint import load_causal_lm, load_tokenizer
     from quantlm.eval.tasks import TASKS, load_docs, task_files
     from quantlm.eval.zeroshot import encode_request, evaluate_task, loglikelihoods
+    from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(args.model_dir), load_tokenizer(args.model_dir)
     max_length = args.max_length or model.config.max_position_embeddings

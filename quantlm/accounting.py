@@ -191,7 +191,7 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, block_map
 
 def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
     """A ModelSpec for an HF LLaMA config dict (family from its quantization_config / TriLM marker)."""
-    from quantlm.checkpoint import block_map_for
+    from quantlm.hf_checkpoint import block_map_for
 
     block_map_for(config, name)
     try:
@@ -307,7 +307,7 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     Each block-linear tensor is matched to its format's declaration (what it encodes, its code bits); a tensor the
     format does not declare counts at its stored size as ``meta``.
     """
-    from quantlm.checkpoint import block_map_for, read_config
+    from quantlm.hf_checkpoint import block_map_for, read_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -375,7 +375,7 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
     if path.is_dir() and any(path.glob("*.safetensors")) and bits is None and layout is None:
         return budget_from_checkpoint(path)
     if path.is_dir() or path.suffix == ".json":
-        from quantlm.checkpoint import read_config
+        from quantlm.hf_checkpoint import read_config
 
         config = read_config(path)
         spec = spec_from_config(config, path.name if path.is_dir() else path.parent.name or text)

@@ -19,10 +19,10 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     """Write the checkpoint in ``model_dir`` to ``out_dir`` in format ``fmt``; returns a short report."""
     from quantlm.accounting import checkpoint_layout
     from quantlm.atomic import output_dir
-    from quantlm.checkpoint import block_map_for, read_config
     from quantlm.formats.loader import read_linears
     from quantlm.formats.registry import Layout, formats_for, get_format
     from quantlm.formats.writer import write_checkpoint
+    from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.metadata import ModelMeta, read_meta
     from quantlm.quantized import QuantizedLinear, TernaryWeight
     from quantlm.versions import library_versions

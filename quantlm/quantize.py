@@ -74,7 +74,7 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
                      device: str = "cpu") -> dict:
     """Every check that needs no compute, so bad input fails in a second with nothing written."""
     from quantlm.accounting import spec_from_config
-    from quantlm.checkpoint import block_map_for, read_config
+    from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.quantized import check_group_size
 
     config = read_config(model_dir)
@@ -123,9 +123,9 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
 
     from quantlm.atomic import output_dir, write_json
     from quantlm.calibration import calibration_tokens
-    from quantlm.checkpoint import block_map_for, load_causal_lm, load_tokenizer
     from quantlm.formats.writer import dense_state_dict, write_checkpoint
     from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
+    from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer
     from quantlm.metadata import ModelMeta
     from quantlm.versions import library_versions
 

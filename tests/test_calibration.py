@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from quantlm.calibration import calibration_tokens, default_calibration_path, load_documents, sample_windows
-from quantlm.checkpoint import load_tokenizer
 from quantlm.errors import QuantlmError
+from quantlm.hf_checkpoint import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from quantlm.checkpoint import load_causal_lm, load_tokenizer
 from quantlm.errors import QuantlmError
 from quantlm.eval.datasets import TextSource, load_text_source
 from quantlm.eval.perplexity import perplexity, resolve_window
+from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from quantlm.checkpoint import load_causal_lm, load_tokenizer
 from quantlm.errors import QuantlmError
 from quantlm.eval.tasks import TASKS, expand_tasks, load_docs
 from quantlm.eval.zeroshot import (
@@ -18,6 +17,7 @@ from quantlm.eval.zeroshot import (
     loglikelihoods,
     zeroshot,
 )
+from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")

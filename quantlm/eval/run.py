@@ -71,7 +71,7 @@ def deployed_sizes(model_dir: Path, config: dict) -> dict:
 
 def _preflight(model_dir: Path, recipe: EvalRecipe) -> tuple[dict, list, list[str]]:
     """Check the model directory, window and data before any model weights are loaded."""
-    from quantlm.checkpoint import block_map_for, read_config
+    from quantlm.hf_checkpoint import block_map_for, read_config
 
     if not model_dir.is_dir():
         raise QuantlmError(f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory")
@@ -133,8 +133,8 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     loader, so no optional library is needed."""
     import torch
 
-    from quantlm.checkpoint import load_tokenizer
     from quantlm.formats.loader import load_model
+    from quantlm.hf_checkpoint import load_tokenizer
 
     model_dir = Path(model_dir)
     config, sources, tasks = _preflight(model_dir, recipe)

@@ -122,7 +122,7 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     packed block linears kept packed. Needs no optional library (optimum, GPTQModel, compressed-tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantlm.checkpoint import block_map_for, load_causal_lm, read_config
+    from quantlm.hf_checkpoint import block_map_for, load_causal_lm, read_config
 
     path = Path(model_dir)
     cfg = read_config(path)

@@ -31,7 +31,7 @@ class Unpacked(Format):
         return read(name + ".weight")
 
     def layout_from_config(self, config):
-        from quantlm.checkpoint import is_trilm
+        from quantlm.hf_checkpoint import is_trilm
 
         dtype = {"float32": "F32", "bfloat16": "BF16"}.get(str(config.get("dtype") or config.get("torch_dtype")), "F16")
         if is_trilm(config):

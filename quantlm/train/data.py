@@ -102,7 +102,7 @@ def _tokenizer_hash(tokenizer) -> str:
 
 def load_or_train_tokenizer(recipe, sources: list[Path] | None = None):
     """The recipe's tokenizer: a local HF folder, or a byte-level BPE trained on the corpus and cached."""
-    from quantlm.checkpoint import load_tokenizer
+    from quantlm.hf_checkpoint import load_tokenizer
     from quantlm.tokenizer import train_bpe_tokenizer
 
     if recipe.tokenizer:
