@@ -6,7 +6,6 @@ Orchestration only: load the model and tokenizer, draw calibration windows, run 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -96,20 +95,6 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     return config
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """No transformers loading bars: the per-block bar is quantlm's progress, and errors stay one line."""
-    import transformers.utils.logging as tlog
-
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
-
-
 def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: str | os.PathLike, *,
                    device: str = "cpu", overwrite: bool = False, rtn: bool = False, progress: bool = True) -> dict:
     """Quantize the LLaMA-like checkpoint in ``model_dir`` with ``recipe``; write its formats to ``out_dir``.
@@ -127,6 +112,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
     from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer
     from quantlm.metadata import ModelMeta
+    from quantlm.progress import quiet_library_bars
     from quantlm.versions import library_versions
 
     t0 = time.perf_counter()
@@ -134,7 +120,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     config = validate_request(model_dir, recipe, out_dir, overwrite, device)
     block_map = block_map_for(config, str(model_dir))
     cal = recipe.calibration
-    with quiet_transformers():
+    with quiet_library_bars():
         tokenizer = load_tokenizer(model_dir)
         tokens = calibration_tokens(tokenizer, cal.data or None, cal.nsamples, cal.seqlen, cal.seed)
         model = load_causal_lm(model_dir, dtype=torch.float32)

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "progress", True) is False:
-        _hide_library_progress_bars()
+        from quantlm.progress import set_library_bars
+
+        set_library_bars(False)  # --no-progress: process-wide, which is why only the command line does it
     try:
         return int(args.func(args) or 0)
     except QuantlmError as e:
@@ -65,16 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"quantlm {args.command}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
         return 130
-
-
-def _hide_library_progress_bars() -> None:
-    """--no-progress also silences the bars transformers draws (loading weights, writing shards); process-wide,
-    which is why only the command line does it."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_progress_bar()
 
 
 def run() -> None:

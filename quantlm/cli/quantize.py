@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (must not exist)")
     p.add_argument("--recipe", metavar="YAML", help="quant recipe YAML (e.g. recipes/quantlm-4bit.yaml)")
     add_recipe_flags(p, QuantRecipe, aliases=ALIASES)
-    p.add_argument("--asym", dest="recipe__gptq__sym", action="store_false", help="same as --no-sym")
+    p.add_argument("--asym", dest="recipe__gptq__sym", action="store_const", const=False, default=None,
+                   help="same as --no-sym")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N] (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (only once complete)")
     p.add_argument("--rtn", action="store_true", help="round-to-nearest baseline instead of GPTQ")
