@@ -23,7 +23,7 @@ def _other_value(tp, default):
     if origin is typing.Literal:
         v = next(a for a in args if a != default)
         return v, ["--X", v]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         return 7, ["--X", "7"]
     if origin is tuple:
         inner = args[0]
