@@ -34,7 +34,7 @@ def test_quantize_with_flags_and_formats(tiny_model_dir, tmp_path, capsys):
     rc, stdout, _ = run(capsys, tiny_model_dir, "--bits", 3, "--group-size", 4, "--asym", "--no-act-order",
                         "--damp", 0.05, "--seed", 2, "--format", "unpacked,compressed-tensors", "--out", out, *FAST)
     assert rc == 0, stdout
-    assert sorted(p.name for p in out.iterdir()) == ["compressed-tensors", "report.json", "unpacked"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantlm-output", "compressed-tensors", "report.json", "unpacked"]
     report = json.load(open(out / "report.json"))
     r = report["recipe"]
     assert (r["bits"], r["group_size"], r["sym"], r["act_order"], r["damp"]) == (3, 4, False, False, 0.05)
