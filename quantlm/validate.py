@@ -1,0 +1,398 @@
+"""Input checks that run before any compute: the one checkpoint reader of every command, text files, devices.
+
+Checkpoint (``check_model``, or its parts):
+1. ``check_checkpoint``: config.json and the safetensors headers only (no tensor data; milliseconds for any
+   size). Every tensor the LLaMA architecture expects, by name derived from the config
+   (``expected_tensors``), is present with the right shape and a floating dtype; none is unexpected; every
+   shard the index names exists, is complete and holds what the index says; no tensor is in two files.
+   Packed checkpoints (a ``quantization_config``, or a ``ternary.json``) store their block linears in their
+   own layout: those tensors are left to the format's reader.
+2. ``check_tokenizer_fits``: the tokenizer's ids fit the model's embedding rows.
+3. ``check_seqlen``: a calibration/evaluation length within the model's context.
+4. ``check_data``: streams every tensor once (one tensor in memory at a time) for NaN/Inf, and for values beyond
+   float16's range when the export is float16.
+
+Text inputs (``read_text``, ``iter_lines``): binary or non-UTF-8 files are a ``QuantlmError`` naming the path,
+the byte, its offset and line, and the fix. ``check_device``: a device string against the devices present.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantlm.errors import QuantlmError
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+FP16_MAX = 65504.0
+# Tensors transformers ignores when loading a LLaMA (old checkpoints saved the rotary buffers).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_CHUNK = 1 << 24  # elements per reduction in the data check (64 MB of fp32 temporaries)
+
+
+# --------------------------------------------------------------------------------------- architecture
+
+def _int(config: dict, key: str, where: str) -> int:
+    try:
+        value = int(config[key])
+    except KeyError:
+        raise QuantlmError(f"{where}: config.json lacks {key!r}; is this a complete LLaMA config?") from None
+    except (TypeError, ValueError):
+        raise QuantlmError(f"{where}: config.json {key}={config[key]!r} is not an integer") from None
+    if value <= 0:
+        raise QuantlmError(f"{where}: config.json {key}={value} must be positive")
+    return value
+
+
+def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a LLaMA checkpoint with this config stores (HF names)."""
+    hidden = _int(config, "hidden_size", where)
+    inter = _int(config, "intermediate_size", where)
+    heads = _int(config, "num_attention_heads", where)
+    layers = _int(config, "num_hidden_layers", where)
+    vocab = _int(config, "vocab_size", where)
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    q, k = heads * head_dim, kv * head_dim
+    linears = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (k, hidden), "self_attn.v_proj": (k, hidden),
+               "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+               "mlp.down_proj": (hidden, inter)}
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in linears.items():
+            out[p + name + ".weight"] = shape
+            if (config.get("attention_bias") and name.startswith("self_attn")) or \
+                    (config.get("mlp_bias") and name.startswith("mlp")):
+                out[p + name + ".bias"] = (shape[0],)
+        out[p + "input_layernorm.weight"] = (hidden,)
+        out[p + "post_attention_layernorm.weight"] = (hidden,)
+    out["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (vocab, hidden)
+    return out
+
+
+def is_packed(model_dir: Path, config: dict) -> bool:
+    """Block linears stored in a packed layout (GPTQ, compressed-tensors, packed ternary)."""
+    return bool(config.get("quantization_config")) or (Path(model_dir) / "ternary.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What ``check_checkpoint`` read: the config and every tensor's header entry and file."""
+
+    path: Path
+    config: dict
+    tensors: dict  # name -> accounting.HeaderEntry
+    files: dict  # name -> Path of the safetensors file holding it
+    packed: bool
+    problems: tuple[str, ...] = field(default=())  # non-fatal notes (e.g. ignored buffers)
+
+    @property
+    def vocab_rows(self) -> int:
+        return int(self.tensors["model.embed_tokens.weight"].shape[0])
+
+    @property
+    def max_positions(self) -> int | None:
+        v = self.config.get("max_position_embeddings")
+        return int(v) if v else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+
+def _one_line(where: Path, problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return f"{where}: {problems[0]}{more}"
+
+
+def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files (accounting's rules) and the index's weight map, if the checkpoint is sharded."""
+    from quantlm.accounting import safetensors_files
+
+    index = model_dir / "model.safetensors.index.json"
+    weight_map = None
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise QuantlmError(f"{index}: not a valid safetensors index (needs a weight_map object); re-download "
+                               "it or delete it if the checkpoint is a single model.safetensors") from None
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise QuantlmError(f"{model_dir}: shard {missing[0]} named by model.safetensors.index.json is missing"
+                               + (f" ({len(missing)} shards missing)" if len(missing) > 1 else "")
+                               + "; re-download or re-export the checkpoint")
+    return safetensors_files(model_dir), weight_map
+
+
+def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None) -> CheckpointInfo:
+    """Headers-only check of a LLaMA checkpoint directory (see the module docstring); returns what it read."""
+    from quantlm.accounting import read_safetensors_header
+    from quantlm.checkpoint import block_map_for, read_config
+    from quantlm.models.blocks import LLAMA
+
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise QuantlmError(f"{model_dir}: no such directory; pass a Hugging Face checkpoint directory")
+    if config is None:
+        config = read_config(model_dir)
+    block_map_for(config, str(model_dir))
+    expected = expected_tensors(config, str(model_dir))
+    packed = is_packed(model_dir, config)
+    files, weight_map = _shard_files(model_dir)
+    tensors, where = {}, {}
+    problems: list[str] = []
+    for f in files:
+        entries, _ = read_safetensors_header(f)
+        for e in entries:
+            if e.name in tensors:
+                problems.append(f"tensor {e.name} is stored twice ({where[e.name].name} and {f.name}); remove the "
+                                "stray file")
+            tensors[e.name], where[e.name] = e, f
+    if weight_map is not None:
+        for name, fname in weight_map.items():
+            if name not in tensors or where[name].name != Path(fname).name:
+                problems.append(f"the index puts tensor {name} in {fname}, which does not hold it; the index and the "
+                                "shards do not match: re-download or re-export the checkpoint")
+                break
+    missing = [n for n in expected if n not in tensors and not (packed and LLAMA.block_linear_of(n))]
+    unexpected = [n for n in tensors if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+                  and not (packed and LLAMA.block_linear_of(n))
+                  and not (n == "lm_head.weight" and config.get("tie_word_embeddings"))]
+    for n in missing:
+        close = difflib.get_close_matches(n, unexpected, n=1, cutoff=0.8)
+        hint = f" (the file has {close[0]!r}: a mangled name?)" if close else ""
+        problems.append(f"tensor {n} is missing{hint}; transformers would initialise it at random: re-export the "
+                        "checkpoint with every weight")
+    for n in unexpected:
+        problems.append(f"unexpected tensor {n} (shape {list(tensors[n].shape)}) that the config's LLaMA "
+                        "architecture does not have; fix the checkpoint or its config.json")
+    for n, shape in expected.items():
+        e = tensors.get(n)
+        if e is None:
+            continue
+        if tuple(e.shape) != shape:
+            problems.append(f"tensor {n} has shape {list(e.shape)}, the config implies {list(shape)}; the weights "
+                            "and config.json do not match")
+        elif e.dtype not in FLOAT_DTYPES:
+            problems.append(f"tensor {n} is stored as {e.dtype}; a LLaMA weight is a float tensor (F32, F16, BF16)")
+    if (config.get("tie_word_embeddings") and "lm_head.weight" in tensors
+            and tuple(tensors["lm_head.weight"].shape) != expected["model.embed_tokens.weight"]):
+        problems.append(f"tensor lm_head.weight has shape {list(tensors['lm_head.weight'].shape)}, the config implies "
+                        f"{list(expected['model.embed_tokens.weight'])}")
+    if problems:
+        raise QuantlmError(_one_line(model_dir, problems))
+    return CheckpointInfo(model_dir, config, tensors, where, packed)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def check_data(model: str | os.PathLike | CheckpointInfo, export_dtype: str | None = None, *,
+               fix: str = "--export-dtype bfloat16") -> dict:
+    """Stream every tensor once: NaN/Inf anywhere is an error; with ``export_dtype`` float16, so are values whose
+    magnitude exceeds float16's 65504 (they would become inf). ``fix`` is the option the error suggests.
+    Returns ``{"tensors", "bytes", "seconds", "absmax"}``."""
+    import torch
+    from safetensors import safe_open
+
+    info = model if isinstance(model, CheckpointInfo) else check_checkpoint(model)
+    fp16 = str(export_dtype).replace("torch.", "") in ("float16", "fp16", "half") if export_dtype else False
+    t0 = time.perf_counter()
+    by_file: dict[Path, list[str]] = {}
+    for name, f in info.files.items():
+        by_file.setdefault(f, []).append(name)
+    nbytes, absmax = 0, 0.0
+    for f, names in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in names:
+                    if info.tensors[name].dtype not in FLOAT_DTYPES:
+                        continue
+                    t = st.get_tensor(name)
+                    nbytes += t.numel() * t.element_size()
+                    m = _absmax(t)
+                    if not m < float("inf"):  # NaN or Inf
+                        flat = t.reshape(-1)
+                        nan = int(torch.isnan(flat).sum())
+                        inf = int(torch.isinf(flat).sum())
+                        raise QuantlmError(f"{info.path}: tensor {name} holds {nan} NaN and {inf} Inf values (of "
+                                           f"{flat.numel()}); the checkpoint is broken (a diverged or corrupted "
+                                           "run): fix or re-export it")
+                    if fp16 and m > FP16_MAX and t.dtype != torch.float16:
+                        raise QuantlmError(f"{info.path}: tensor {name} has values up to {m:.4g}, beyond float16's "
+                                           f"range ({FP16_MAX:.0f}), which would become inf in the float16 export; "
+                                           f"use {fix} or fix the checkpoint")
+                    absmax = max(absmax, m)
+                    del t
+        except QuantlmError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors on damaged data, as one line
+            raise QuantlmError(f"{f}: cannot read tensor data ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                               "the file is corrupt: re-download or re-export it") from None
+    return {"tensors": len(info.tensors), "bytes": nbytes, "seconds": time.perf_counter() - t0, "absmax": absmax}
+
+
+def _absmax(t) -> float:
+    """max |t| in float (NaN if any NaN, inf if any inf), reduced in chunks to bound the temporaries."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return 0.0
+    m = 0.0
+    for i in range(0, flat.numel(), _CHUNK):
+        v = float(flat[i:i + _CHUNK].abs().amax())
+        if v != v:
+            return v
+        m = max(m, v)
+    return m
+
+
+# ---------------------------------------------------------------------------------- tokenizer, lengths
+
+def tokenizer_size(model_dir: str | os.PathLike) -> int | None:
+    """Largest token id + 1 of the directory's ``tokenizer.json`` (vocabulary plus added tokens); None without
+    one (e.g. a sentencepiece-only tokenizer: check ``len(tokenizer)`` with ``check_tokenizer_fits``)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(read_text(path, "tokenizer file"))
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [int(t["id"]) for t in data.get("added_tokens") or []]
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        raise QuantlmError(f"{path}: not a valid tokenizer.json; copy the model's tokenizer files again") from None
+    return max(ids) + 1 if ids else 0
+
+
+def check_tokenizer_fits(n_tokens: int | None, vocab_rows: int, where: str | os.PathLike = "model") -> None:
+    """The tokenizer's ids (``n_tokens`` = largest id + 1, or ``len(tokenizer)``) index the embedding rows."""
+    if n_tokens is not None and n_tokens > vocab_rows:
+        raise QuantlmError(f"{where}: the tokenizer has {n_tokens} tokens but the model embeds only {vocab_rows}; "
+                           "this tokenizer belongs to another model: use the model's own tokenizer files")
+
+
+def check_seqlen(seqlen: int, config: dict, *, flag: str = "--seqlen", allow_flag: str | None = None,
+                 allow: bool = False) -> None:
+    """``seqlen`` within the model's context (``max_position_embeddings``), unless ``allow``."""
+    if seqlen is None or allow:
+        return
+    if seqlen <= 0:
+        raise QuantlmError(f"{flag} {seqlen} must be positive")
+    ctx = config.get("max_position_embeddings")
+    if ctx and seqlen > int(ctx):
+        extra = f", or pass {allow_flag} to go beyond it on purpose" if allow_flag else ""
+        raise QuantlmError(f"{flag} {seqlen} exceeds the model's context (max_position_embeddings {ctx}); "
+                           f"use {flag} {ctx} or less{extra}")
+
+
+def check_model(model_dir: str | os.PathLike, *, config: dict | None = None, export_dtype: str | None = None,
+                seqlen: int | None = None, allow_long_seqlen: bool = False, data: bool = True,
+                fix: str = "--export-dtype bfloat16", seqlen_flag: str = "--seqlen",
+                allow_flag: str | None = None) -> CheckpointInfo:
+    """Everything above in order (headers, tokenizer, length, then the data pass); what commands call before
+    loading a model."""
+    info = check_checkpoint(model_dir, config)
+    check_tokenizer_fits(tokenizer_size(model_dir), info.vocab_rows, model_dir)
+    if seqlen is not None:
+        check_seqlen(seqlen, info.config, flag=seqlen_flag, allow_flag=allow_flag, allow=allow_long_seqlen)
+    if data:
+        check_data(info, export_dtype, fix=fix)
+    return info
+
+
+# -------------------------------------------------------------------------------------------- devices
+
+def check_device(device: str) -> str:
+    """``device`` (cpu, cuda, cuda:N, mps) parsed and checked against the devices present; returns it."""
+    import torch
+
+    text = str(device).strip()
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise QuantlmError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    if d.type == "cpu":
+        return text
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QuantlmError(f"device {device!r} requested but no CUDA GPU is visible; use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise QuantlmError(f"device {device!r}: only {n} CUDA GPU(s) visible (cuda:0..cuda:{n - 1}); pick one "
+                               "of them")
+        return text
+    if d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise QuantlmError(f"device {device!r} requested but MPS is not available; use --device cpu")
+        return text
+    raise QuantlmError(f"device {device!r} is not supported by quantlm; use cpu or cuda[:N]")
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+_MAGIC = {b"\x1f\x8b": "gzip-compressed", b"BZh": "bzip2-compressed", b"PK\x03\x04": "a zip archive",
+          b"\xfd7zXZ": "xz-compressed", b"(\xb5/\xfd": "zstd-compressed", b"PAR1": "a parquet file"}
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise QuantlmError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise QuantlmError(f"{what} {path} is a directory; pass a text file")
+    if not os.access(path, os.R_OK):
+        raise QuantlmError(f"{what} {path} is not readable (permission denied); fix its permissions")
+
+
+def _decode(path: Path, raw: bytes, what: str, offset: int = 0, line: int | None = None) -> str:
+    for magic, kind in _MAGIC.items():
+        if offset == 0 and raw.startswith(magic):
+            raise QuantlmError(f"{what} {path} is {kind}, not text; decompress or convert it to a UTF-8 text file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        at = line if line is not None else raw.count(b"\n", 0, nul) + 1
+        raise QuantlmError(f"{what} {path} is binary, not text (NUL byte at offset {offset + nul}, line {at}); "
+                           "pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        raise QuantlmError(f"{what} {path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {offset + e.start}, "
+                           f"line {at}); convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8"
+                           f"{path.suffix}") from None
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """The whole file as text; a one-line ``QuantlmError`` for a missing, unreadable, binary, compressed or
+    non-UTF-8 file (naming the path, the byte, its offset and line, and the fix). A UTF-8 BOM is dropped."""
+    path = Path(path)
+    _check_file(path, what)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise QuantlmError(f"{what} {path} cannot be read ({e.strerror})") from None
+    return _decode(path, raw, what)
+
+
+def iter_lines(path: str | os.PathLike, what: str = "text file") -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a large text file, read as a stream, with ``read_text``'s errors."""
+    path = Path(path)
+    _check_file(path, what)
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, _decode(path, raw, what, offset, lineno)
+                offset += len(raw)
+    except OSError as e:
+        raise QuantlmError(f"{what} {path} cannot be read ({e.strerror})") from None
