@@ -58,6 +58,15 @@ def _chmod_default(path: Path, directory: bool) -> None:
 
 # ------------------------------------------------------------------------------------------- files
 
+def refuse_install_location(path: str | os.PathLike, flag: str = "output") -> None:
+    """Nothing is ever written into quantlm's installed package (its shipped data lives there)."""
+    from quantlm.paths import is_inside_install
+
+    if is_inside_install(path):
+        raise QuantlmError(f"{flag} {path} is inside quantlm's installed package; write outputs elsewhere, e.g. "
+                           "relative to the working directory")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (same suffix) to write; it replaces ``path`` only on success.
@@ -65,6 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The file keeps the mode of the file it replaces, or gets the umask's default (not mkstemp's 0600).
     """
     path = Path(path)
+    refuse_install_location(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
@@ -98,6 +108,7 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:
 def append_jsonl(path: str | os.PathLike, record: dict) -> Path:
     """Append one JSON line; a single write of a whole line, flushed, so readers never see half a record."""
     path = Path(path)
+    refuse_install_location(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, default=str) + "\n"
     with open(path, "a", encoding="utf-8") as f:
@@ -193,6 +204,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, protect: Iter
     """
     raw = Path(path)
     out = _resolved(raw)
+    refuse_install_location(out, flag)
     for p in protect:
         if p is None or str(p) == "":
             continue

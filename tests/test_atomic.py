@@ -1,7 +1,13 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from quantlm import atomic
 from quantlm.atomic import atomic_path, output_dir, write_text
 from quantlm.errors import QuantlmError
 
@@ -33,14 +39,6 @@ def test_output_dir_appears_only_when_complete(tmp_path):
 
 
 # --------------------------------------------------------------------------- never delete what we did not write
-
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-
-from quantlm import atomic
 
 
 def _dead_pid() -> int:
@@ -218,3 +216,13 @@ def test_remove_output_and_replace_dir_touch_only_quantlm_outputs(tmp_path):
     atomic.replace_dir(tmp_path / "new", tmp_path / "dst")
     assert (tmp_path / "dst" / "v").read_text() == "2" and not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "theirs"]
+
+
+def test_nothing_is_written_into_the_installed_package():
+    from quantlm.paths import recipes_dir
+
+    with pytest.raises(QuantlmError, match="inside quantlm's installed package"):
+        write_text(recipes_dir() / "results" / "x.json", "{}")
+    with pytest.raises(QuantlmError, match="inside quantlm's installed package"):
+        atomic.check_output(recipes_dir().parent / "suite-tiny")
+    assert not (recipes_dir() / "results").exists()

@@ -1,13 +1,12 @@
-from pathlib import Path
-
 import pytest
 
 from quantlm import recipes
 from quantlm.errors import QuantlmError
+from quantlm.paths import recipes_dir
 from quantlm.recipes import QuantRecipe
 from quantlm.specs import PRESETS
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = recipes_dir()
 ALL_YAML = sorted(RECIPES.rglob("*.yaml"))
 
 

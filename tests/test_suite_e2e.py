@@ -11,11 +11,12 @@ import yaml
 
 from quantlm import recipes, suite
 from quantlm.cli import main
+from quantlm.paths import recipes_dir
 from quantlm.train.recipe import TrainRecipe
 from quantlm.train.run import train
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_RECIPE = REPO / "recipes" / "floatlm-micro.yaml"
+TRAIN_RECIPE = recipes_dir() / "floatlm-micro.yaml"
 
 
 @pytest.fixture(scope="module")

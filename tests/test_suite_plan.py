@@ -6,8 +6,9 @@ import pytest
 from quantlm import suite
 from quantlm.cli import main
 from quantlm.errors import QuantlmError
+from quantlm.paths import recipes_dir
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = recipes_dir()
 
 
 def test_spectra_plan_has_36_quantlm_jobs_per_seed():

@@ -94,7 +94,7 @@ def test_truncated_corrupt_and_missing_shards(tiny_model_dir, tmp_path):
     names = sorted(tensors)
     save_file({n: tensors[n] for n in names[:5]}, sharded / "model-00001-of-00002.safetensors")
     save_file({n: tensors[n] for n in names[5:]}, sharded / "model-00002-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {n: "model-0000%d-of-00002.safetensors" % (1 if i < 5 else 2)
+    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 if i < 5 else 2}-of-00002.safetensors"
                                             for i, n in enumerate(names)}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     validate.check_model(sharded)
