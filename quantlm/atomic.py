@@ -75,8 +75,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     refuse_install_location(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    if path.is_dir():
+        raise QuantlmError(f"{path} is a directory; name a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise QuantlmError(f"cannot write {path}: a part of its folder {path.parent} is a file; choose another "
+                           "path") from None
+    except PermissionError:
+        raise QuantlmError(f"cannot write {path}: {path.parent} is not writable; choose a writable location") from None
+    except OSError as e:
+        raise QuantlmError(f"cannot write {path}: {e.strerror}; choose another location") from None
     os.close(fd)
     try:
         mode = path.stat().st_mode & 0o7777
@@ -228,6 +238,19 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, protect: Iter
             raise QuantlmError(f"{flag} {raw} is not a quantlm output (no {MARKER} marker) and is not empty; "
                                f"--overwrite replaces only quantlm outputs: choose another {flag} or empty it yourself")
     _check_writable(out, raw, need_bytes, flag)
+    return out
+
+
+def check_dir_writable(path: str | os.PathLike, flag: str = "--results", need_bytes: int | None = None) -> Path:
+    """A folder that outputs are added to (records, plots, a suite's root): an existing directory or one that can
+    be created, writable, outside the install, with ``need_bytes`` free. Call it before computing."""
+    raw = Path(path)
+    out = _resolved(raw)
+    refuse_install_location(out, flag)
+    if out.exists() and not out.is_dir():
+        raise QuantlmError(f"{flag} {raw} is a file, not a directory; choose a folder")
+    # an existing folder must itself be writable; a new one needs a writable ancestor
+    _check_writable(out / "_" if out.is_dir() else out, raw, need_bytes, flag)
     return out
 
 

@@ -226,3 +226,15 @@ def test_nothing_is_written_into_the_installed_package():
     with pytest.raises(QuantlmError, match="inside quantlm's installed package"):
         atomic.check_output(recipes_dir().parent / "suite-tiny")
     assert not (recipes_dir() / "results").exists()
+
+
+def test_write_errors_are_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(QuantlmError, match="is a directory; name a file"):
+        write_text(tmp_path, "x")
+    with pytest.raises(QuantlmError, match="a part of its folder .* is a file"):
+        write_text(tmp_path / "f" / "g.txt", "x")
+    with pytest.raises(QuantlmError, match="is a file, not a directory"):
+        atomic.check_dir_writable(tmp_path / "f")
+    assert atomic.check_dir_writable(tmp_path / "new" / "records") == (tmp_path / "new" / "records").resolve()
+    assert not (tmp_path / "new").exists()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantlm import paths
+from quantlm import paths, validate
 from quantlm.atomic import output_dir, write_json
 from quantlm.errors import QuantlmError
 
@@ -77,6 +77,17 @@ def _records_text(records, text_field: str, where: Path) -> Iterator[str]:
         yield str(rec[text_field])
 
 
+def _jsonl_records(src: Path) -> Iterator:
+    for lineno, line in validate.iter_lines(src, "corpus file"):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QuantlmError(f"corpus file {src}:{lineno} is not valid JSON ({e.msg}); a .jsonl corpus holds one "
+                               "JSON object per line") from None
+
+
 def iter_documents(sources: list[Path], text_field: str = "text") -> Iterator[str]:
     """Every document of the corpus, in order."""
     for src in sources:
@@ -91,13 +102,15 @@ def iter_documents(sources: list[Path], text_field: str = "text") -> Iterator[st
             for batch in ds.iter(batch_size=1000):
                 yield from (str(t) for t in batch[text_field])
         elif src.suffix in TEXT_SUFFIXES:
-            yield src.read_text(encoding="utf-8", errors="replace")
+            yield validate.read_text(src, "corpus file")
         elif src.suffix == ".jsonl":
-            with open(src, encoding="utf-8") as f:
-                lines = (json.loads(line) for line in f if line.strip())
-                yield from _records_text(lines, text_field, src)
+            yield from _records_text(_jsonl_records(src), text_field, src)
         elif src.suffix == ".json":
-            data = json.loads(src.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(validate.read_text(src, "corpus file"))
+            except json.JSONDecodeError as e:
+                raise QuantlmError(f"corpus file {src} is not valid JSON ({e.msg} at line {e.lineno}); fix it or "
+                                   "use one JSON object per line (.jsonl)") from None
             yield from _records_text(data if isinstance(data, list) else [data], text_field, src)
         elif src.suffix == ".parquet":
             import pyarrow.parquet as pq

@@ -28,7 +28,15 @@ import torch
 from torch.nn import functional as F
 
 from quantlm import locks, recipes
-from quantlm.atomic import append_jsonl, check_output, output_dir, terminate_raises, write_json, write_text
+from quantlm.atomic import (
+    append_jsonl,
+    check_output,
+    output_dir,
+    refuse_install_location,
+    terminate_raises,
+    write_json,
+    write_text,
+)
 from quantlm.errors import QuantlmError
 from quantlm.models.blocks import LLAMA
 from quantlm.train import checkpoints as ckpt
@@ -220,6 +228,7 @@ def train(recipe: TrainRecipe, out_dir: str | os.PathLike, *, resume: bool = Fal
         recipe = recipes.override(recipe, dict(overrides))
     out = Path(out_dir)
     final = Path(final_dir) if final_dir is not None else out / "final"
+    refuse_install_location(out, "--out")
     ctx = init_distributed()
     threads = torch.get_num_threads()
     try:
