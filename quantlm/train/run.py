@@ -132,9 +132,19 @@ def _started(out: Path) -> bool:
 _STUB_FILES = ("recipe.yaml", "metrics.jsonl")
 
 
-def _remove_stub(out: Path, created: bool) -> None:
-    """Remove what a run that never reached a checkpoint wrote (and the folder, if this run created it and it is
-    empty now), so that a clean rerun is not refused."""
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what a run would create."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_stub(out: Path, created: Path | bool | None) -> None:
+    """Remove what a run that never reached a checkpoint wrote (and the folders this run created, ``created``
+    being the outermost, if they are empty now), so that a clean rerun is not refused."""
     if _started(out):
         return
     for name in _STUB_FILES:
@@ -143,8 +153,24 @@ def _remove_stub(out: Path, created: bool) -> None:
     for name in ("hf", "checkpoints"):
         shutil.rmtree(out / name, ignore_errors=True)
     if created:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if empty
+        _prune_empty(out, created if isinstance(created, Path) else out)
+
+
+def _prune_empty(out: Path, top: Path | None) -> None:
+    """Remove ``out`` and its parents up to ``top`` (the outermost folder this run created) while empty."""
+    if top is None:
+        return
+    top, d = Path(os.path.abspath(top)), Path(os.path.abspath(out))
+    while d == top or top in d.parents:
+        try:
+            d.rmdir()  # only if empty
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+        if d == top:
+            break
+        d = d.parent
 
 
 def _final_matches(final: Path, recipe: TrainRecipe) -> bool:
@@ -241,31 +267,43 @@ def train(recipe: TrainRecipe, out_dir: str | os.PathLike, *, resume: bool = Fal
             return final
         if final_dir is not None and ctx.is_main:
             check_output(final, overwrite=True, protect=[out], flag="final checkpoint")  # fail before training
-        with _run_lock(out, ctx):
-            created = not out.exists()
-            _prepare_run_dir(out, recipe, resume, ctx)
-            if final_dir is None and final.is_dir() and (final / "config.json").is_file():
-                log.info("%s is already complete", final)
-                return final
+        created = _first_missing(out)  # before the lock, which lives beside ``out``
+        try:
+            return _locked_train(recipe, out, resume, ctx, on_step, progress, final_dir, final, keep_scratch,
+                                 created)
+        except BaseException:
             if ctx.is_main:
-                for warning in recipe.schedule_warnings():
-                    log.warning("train recipe: %s", warning)
-            if recipe.threads:
-                torch.set_num_threads(recipe.threads)
-            try:
-                with terminate_raises():
-                    result = _train(recipe, out, resume, ctx, on_step, progress, final)
-            except BaseException:
-                if ctx.is_main:
-                    _remove_stub(out, created)
-                raise
-            if final_dir is not None and not keep_scratch and ctx.is_main:
-                _remove_scratch(out)
-            ctx.barrier()
-            return result
+                _prune_empty(out, created)  # the folders a failed run created (the lock's, too) go
+            raise
     finally:
         torch.set_num_threads(threads)  # the caller's setting, not the recipe's, outlives the run
         ctx.close()
+
+
+def _locked_train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
+                  on_step: Callable[[dict], None] | None, progress: bool, final_dir, final: Path,
+                  keep_scratch: bool, created: Path | None) -> Path:
+    with _run_lock(out, ctx):
+        _prepare_run_dir(out, recipe, resume, ctx)
+        if final_dir is None and final.is_dir() and (final / "config.json").is_file():
+            log.info("%s is already complete", final)
+            return final
+        if ctx.is_main:
+            for warning in recipe.schedule_warnings():
+                log.warning("train recipe: %s", warning)
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        try:
+            with terminate_raises():
+                result = _train(recipe, out, resume, ctx, on_step, progress, final)
+        except BaseException:
+            if ctx.is_main:
+                _remove_stub(out, created)
+            raise
+        if final_dir is not None and not keep_scratch and ctx.is_main:
+            _remove_scratch(out)
+        ctx.barrier()
+        return result
 
 
 def _remove_scratch(out: Path) -> None:
