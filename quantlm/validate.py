@@ -136,8 +136,13 @@ def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     return safetensors_files(model_dir), weight_map
 
 
-def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None) -> CheckpointInfo:
-    """Headers-only check of a LLaMA checkpoint directory (see the module docstring); returns what it read."""
+def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
+                     headers: dict | None = None) -> CheckpointInfo:
+    """Headers-only check of a LLaMA checkpoint directory (see the module docstring); returns what it read.
+
+    ``headers``: ``{file: [HeaderEntry, ...]}`` a caller already read with ``accounting.read_safetensors_header``
+    (so ``quantlm size`` reads every header once); without it the headers are read here.
+    """
     from quantlm.accounting import read_safetensors_header
     from quantlm.checkpoint import block_map_for, read_config
     from quantlm.models.blocks import LLAMA
@@ -151,10 +156,12 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None) -
     expected = expected_tensors(config, str(model_dir))
     packed = is_packed(model_dir, config)
     files, weight_map = _shard_files(model_dir)
+    if headers is not None:
+        files = [Path(f) for f in headers]
     tensors, where = {}, {}
     problems: list[str] = []
     for f in files:
-        entries, _ = read_safetensors_header(f)
+        entries = headers[f] if headers is not None else read_safetensors_header(f)[0]
         for e in entries:
             if e.name in tensors:
                 problems.append(f"tensor {e.name} is stored twice ({where[e.name].name} and {f.name}); remove the "
@@ -226,9 +233,9 @@ def check_data(model: str | os.PathLike | CheckpointInfo, export_dtype: str | No
                         flat = t.reshape(-1)
                         nan = int(torch.isnan(flat).sum())
                         inf = int(torch.isinf(flat).sum())
-                        raise QuantlmError(f"{info.path}: tensor {name} holds {nan} NaN and {inf} Inf values (of "
-                                           f"{flat.numel()}); the checkpoint is broken (a diverged or corrupted "
-                                           "run): fix or re-export it")
+                        raise QuantlmError(f"{info.path}: tensor {name} holds NaN or Inf values ({nan} NaN, {inf} "
+                                           f"Inf of {flat.numel()}); the checkpoint is broken (a diverged or "
+                                           "corrupted run): fix or re-export it")
                     if fp16 and m > FP16_MAX and t.dtype != torch.float16:
                         raise QuantlmError(f"{info.path}: tensor {name} has values up to {m:.4g}, beyond float16's "
                                            f"range ({FP16_MAX:.0f}), which would become inf in the float16 export; "

@@ -60,8 +60,8 @@ def test_header_problems_are_one_line_errors(tiny_model_dir, tmp_path, edit, mat
 
 
 @pytest.mark.parametrize("value, dtype, export, match", [
-    (float("nan"), torch.float32, None, "holds 1 NaN and 0 Inf"),
-    (float("inf"), torch.bfloat16, None, "holds 0 NaN and 1 Inf"),
+    (float("nan"), torch.float32, None, r"holds NaN or Inf values \(1 NaN, 0 Inf"),
+    (float("inf"), torch.bfloat16, None, r"holds NaN or Inf values \(0 NaN, 1 Inf"),
     (1e5, torch.bfloat16, "float16", "beyond float16's range .* --export-dtype bfloat16"),
 ])
 def test_data_problems_name_the_tensor_and_the_fix(tiny_model_dir, tmp_path, value, dtype, export, match):
@@ -158,3 +158,13 @@ def test_devices():
             continue
         with pytest.raises(QuantlmError, match=match):
             validate.check_device(bad)
+
+
+def test_headers_read_by_the_caller_are_not_read_again(tiny_model_dir, monkeypatch):
+    from quantlm import accounting
+
+    f = tiny_model_dir / "model.safetensors"
+    entries, _ = accounting.read_safetensors_header(f)
+    monkeypatch.setattr(accounting, "read_safetensors_header", lambda *a: pytest.fail("read twice"))
+    info = validate.check_checkpoint(tiny_model_dir, headers={f: entries})
+    assert info.files["model.norm.weight"] == f
