@@ -17,8 +17,9 @@ from quantlm.errors import QuantlmError
 def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
                  overwrite: bool = False) -> dict:
     """Write the checkpoint in ``model_dir`` to ``out_dir`` in format ``fmt``; returns a short report."""
+    from quantlm import validate
     from quantlm.accounting import checkpoint_layout
-    from quantlm.atomic import output_dir
+    from quantlm.atomic import check_output, output_dir
     from quantlm.formats.loader import read_linears
     from quantlm.formats.registry import Layout, formats_for, get_format
     from quantlm.formats.writer import write_checkpoint
@@ -35,10 +36,8 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     if fmt not in formats_for(source.family):
         raise QuantlmError(f"{src} holds a {source.family}; it exports to {', '.join(formats_for(source.family))}, "
                            f"not {fmt}")
-    if out.exists() and not overwrite:
-        raise QuantlmError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-    if out.resolve() == src.resolve():
-        raise QuantlmError(f"output directory {out} is the model directory; choose another --out")
+    check_output(out, overwrite, protect=[src])
+    validate.check_checkpoint(src, config)
     target = dataclasses.replace(source, format=fmt)
     Layout(**dataclasses.asdict(target))  # the target format's own checks
     if source.family == "quantlm" and source.format == "unpacked" and fmt != "unpacked":
@@ -57,6 +56,6 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
                      sym=source.sym if source.family == "quantlm" else None, seed=old.seed if old else None,
                      method=old.method if old else None, settings=old.settings if old else {},
                      info={"exported_from": source.format}, versions=library_versions())
-    with output_dir(out, overwrite=overwrite) as tmp:
+    with output_dir(out, overwrite=overwrite, protect=[src]) as tmp:
         write_checkpoint(tmp, config, dense, linears, target, block_map, meta, src)
     return {"source": str(src), "from": source.format, "to": fmt, "out": str(out), "family": source.family}

@@ -71,28 +71,37 @@ SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(GPTQSettings(bits=b, gro
 
 def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwrite: bool,
                      device: str = "cpu") -> dict:
-    """Every check that needs no compute, so bad input fails in a second with nothing written."""
+    """Every check that needs no compute, so bad input fails in a second with nothing written: the output
+    location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
+    and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit)."""
+    from quantlm import validate
     from quantlm.accounting import spec_from_config
+    from quantlm.atomic import check_output
     from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.quantized import check_group_size
 
     config = read_config(model_dir)
     block_map_for(config, str(model_dir))
-    if out_dir.exists() and not overwrite:
-        raise QuantlmError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
-    if out_dir.resolve() == model_dir.resolve():
-        raise QuantlmError(f"output directory {out_dir} is the model directory; choose another --out")
-    if str(device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     spec = spec_from_config(config, str(model_dir))
     if spec.family != "floatlm":
         raise QuantlmError(f"{model_dir} holds a {spec.family}, not a FloatLM; quantize the FloatLM it came from")
     for rel, (_, in_f) in spec.linear_shapes().items():
         check_group_size(recipe.gptq.group_size, in_f, rel)
+    check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(config, recipe))
+    validate.check_device(device)
+    validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
     return config
+
+
+def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
+    """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
+    from quantlm.accounting import budget_from_spec, spec_from_config
+
+    spec = spec_from_config(config, "model").with_family("quantlm", recipe.gptq.bits)
+    total = 0
+    for fmt in recipe.export.formats:
+        total += int(budget_from_spec(spec, recipe.layout(fmt), with_reference=False).total_bits("exact") // 8)
+    return total
 
 
 def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: str | os.PathLike, *,
@@ -141,7 +150,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     hf_config = model.config.to_dict()
     t1 = time.perf_counter()
     paths = {}
-    with output_dir(out_dir, overwrite=overwrite) as tmp:
+    with output_dir(out_dir, overwrite=overwrite, protect=[model_dir]) as tmp:
         for fmt in recipe.export.formats:
             write_checkpoint(tmp / fmt, hf_config, dense, linears, recipe.layout(fmt), block_map, meta, model_dir)
             paths[fmt] = str(out_dir / fmt)

@@ -156,9 +156,12 @@ def load(path: str | os.PathLike, expect: type | None = None):
     """Load a recipe YAML; ``expect`` checks its kind (e.g. ``QuantRecipe``)."""
     import yaml
 
-    path = Path(path)
+    from quantlm.paths import resolve_input
+
+    path = resolve_input(path)
     if not path.is_file():
-        raise QuantlmError(f"recipe file {path} does not exist; pass the path of a YAML under recipes/")
+        raise QuantlmError(f"recipe file {path} does not exist; pass a YAML path or a shipped recipe name "
+                           "(e.g. quantlm-4bit, suite-tiny; see `quantlm size --list` for model presets)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -6,8 +6,9 @@ import pytest
 from quantlm import suite
 from quantlm.cli import main
 from quantlm.errors import QuantlmError
+from quantlm.paths import recipes_dir
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = recipes_dir()
 
 
 def test_spectra_plan_has_36_quantlm_jobs_per_seed():
@@ -36,9 +37,9 @@ def test_spectra_dry_run_lists_sizes_without_model_files(capsys):
 def _manifest(tmp_path: Path, **extra) -> Path:
     (tmp_path / "fl").mkdir(exist_ok=True)
     text = {
-        "kind": "suite", "name": "t", "output": "out",
-        "models": [{"name": "floatlm-a", "family": "floatlm", "path": "fl"},
-                   {"name": "trilm-a", "family": "trilm", "path": "tri"}],
+        "kind": "suite", "name": "t", "output": str(tmp_path / "out"),  # outputs and paths are cwd-relative
+        "models": [{"name": "floatlm-a", "family": "floatlm", "path": str(tmp_path / "fl")},
+                   {"name": "trilm-a", "family": "trilm", "path": str(tmp_path / "tri")}],
         "bits": [3, 8], "seeds": [0, 1], "quant": {"calibration": {"nsamples": 4, "seqlen": 16}},
         "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}, **extra,
     }
@@ -104,7 +105,12 @@ def test_quantize_job_hash_is_pinned_across_processes():
     assert other.stdout.strip() == mine == "b309739c9193f3fd"
 
 
-def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
+def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
+    for name in ("fl", "tri"):  # the suite checks the checkpoints it is given before any job runs
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        shutil.copytree(tiny_model_dir, tmp_path / name)
     manifest, base = suite.load_manifest(_manifest(tmp_path))
     ran = []
 

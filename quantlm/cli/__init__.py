@@ -17,14 +17,21 @@ from quantlm.errors import QuantlmError
 SUBCOMMANDS = ("size", "quantize", "export", "train", "eval", "plot", "suite")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block) naming the fix, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="quantlm",
         description="Quantize, size and compare FloatLMs, QuantLMs and TriLMs (the Spectra suite).",
     )
     parser.add_argument("--version", action="version", version=f"quantlm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in SUBCOMMANDS:
         importlib.import_module(f"quantlm.cli.{name}").register(sub)
     return parser
@@ -45,7 +52,10 @@ def _unknown_option(parser: argparse.ArgumentParser, command: str | None, unknow
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line argument error already printed
+        return int(e.code or 0)
     if unknown:
         prog = f"quantlm {args.command}" if args.command else "quantlm"
         print(f"{prog}: error: {_unknown_option(parser, args.command, unknown)}", file=sys.stderr)
@@ -67,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"quantlm {args.command}: interrupted; completed outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen fault: one line, the traceback on request
+        if args.verbose:
+            raise
+        print(f"quantlm {args.command}: unexpected error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+              f" (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 def run() -> None:

@@ -17,7 +17,7 @@ def register(sub) -> None:
         "overrides it. Each format is written to OUT_DIR/<format>/, with OUT_DIR/report.json.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (must not exist)")
-    p.add_argument("--recipe", metavar="YAML", help="quant recipe YAML (e.g. recipes/quantlm-4bit.yaml)")
+    p.add_argument("--recipe", metavar="YAML", help="quant recipe: a YAML path or a shipped name (quantlm-3bit, quantlm-4bit, quantlm-6bit, quantlm-8bit)")
     add_recipe_flags(p, QuantRecipe, aliases=ALIASES)
     p.add_argument("--asym", dest="recipe__gptq__sym", action="store_const", const=False, default=None,
                    help="same as --no-sym")

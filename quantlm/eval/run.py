@@ -133,11 +133,17 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     loader, so no optional library is needed."""
     import torch
 
+    from quantlm import validate
+    from quantlm.atomic import check_dir_writable
     from quantlm.formats.loader import load_model
     from quantlm.hf_checkpoint import load_tokenizer
 
     model_dir = Path(model_dir)
+    validate.check_device(device)
     config, sources, tasks = _preflight(model_dir, recipe)
+    validate.check_model(model_dir, config=config, seqlen=recipe.window, seqlen_flag="--window")
+    if results_dir is not None:
+        check_dir_writable(results_dir, "--results")
     start = time.perf_counter()
     info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config), **deployed_sizes(model_dir, config)}
     tokenizer = load_tokenizer(model_dir)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from quantlm import paths
 from quantlm.errors import QuantlmError
 from quantlm.eval.recipe import EvalRecipe
 from quantlm.quantize import ExportSettings, QuantRecipe
@@ -33,8 +34,9 @@ class SuiteModel:
     name: str = doc("label in tables and plots, e.g. floatlm-99m")
     family: Literal["floatlm", "trilm"] = doc("floatlm (quantized at every bitwidth) or trilm (evaluated as is)")
     preset: str = doc("preset for the paper-convention size; empty: sized from the checkpoint alone", "")
-    path: str = doc("checkpoint directory; relative to the manifest's folder; empty: <output>/models/<name>", "")
-    train: str = doc("train recipe YAML that produces the checkpoint when it does not exist yet", "")
+    path: str = doc("checkpoint directory, relative to the working directory; empty: <output>/models/<name>", "")
+    train: str = doc("train recipe YAML that produces the checkpoint when it does not exist yet (beside the "
+                     "manifest, in the working directory, or a shipped recipe name)", "")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class SuiteManifest:
 
     name: str = doc("suite name")
     models: tuple[SuiteModel, ...] = doc("FloatLMs and TriLMs of the suite")
-    output: str = doc("output root, relative to the manifest's folder", "runs/suite")
+    output: str = doc("output root, relative to the working directory", "runs/suite")
     bits: tuple[int, ...] = doc("QuantLM bitwidths", (3, 4, 6, 8))
     group_size: dict[int, int] = doc("group size per bitwidth (-1: per-channel)", default_factory=lambda: {
         3: 128, 4: 128, 6: -1, 8: -1})
@@ -98,10 +100,10 @@ class Job:
 
 
 def load_manifest(path: str | os.PathLike) -> tuple[SuiteManifest, Path]:
-    """The manifest and the folder its relative paths are resolved against."""
+    """The manifest (a path or a shipped name) and the folder its train recipes are looked up in first."""
     from quantlm import recipes
 
-    path = Path(path)
+    path = paths.resolve_input(path)
     return recipes.load(path, expect=SuiteManifest), path.resolve().parent
 
 
@@ -116,21 +118,26 @@ def _quant_name(model: SuiteModel, bits: int, rtn: bool) -> str:
     return f"{base}-{bits}bit" + ("-rtn" if rtn else "")
 
 
+def output_root(manifest: SuiteManifest) -> Path:
+    """Where a suite writes: its ``output``, relative to the working directory (never the install)."""
+    return paths.resolve_output(manifest.output).resolve()
+
+
 def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
     """Every job of the suite, in an order that satisfies dependencies."""
-    root = (base / manifest.output).resolve()
+    root = output_root(manifest)
     jobs: list[Job] = []
     eval_hash = recipe_hash(manifest.eval)
     heldout = {}
     if manifest.heldout_ppl:
-        recipe_path = (base / manifest.heldout_ppl).resolve()
+        recipe_path = paths.resolve_input(manifest.heldout_ppl, base).resolve()
         heldout = {"heldout": str(root / "data" / "corpus-heldout.txt"), "heldout_recipe": str(recipe_path)}
         eval_hash = _hash(eval_hash, _file_digest(recipe_path))
     for m in manifest.models:
-        ckpt = (base / m.path).resolve() if m.path else root / "models" / m.name
+        ckpt = paths.resolve_output(m.path).resolve() if m.path else root / "models" / m.name
         producer: tuple[str, ...] = ()
         if m.train:
-            train_path = (base / m.train).resolve()
+            train_path = paths.resolve_input(m.train, base).resolve()
             tid = f"train/{m.name}"
             jobs.append(Job(tid, "train", m.name, m.family, ckpt, _hash("train", _file_digest(train_path)),
                             source=train_path, preset=m.preset))
