@@ -1,7 +1,8 @@
 """``quantlm`` command line: thin subcommands over library functions.
 
-Each subcommand lives in ``quantlm/cli/<name>.py`` with ``register(subparsers)``; modules import their heavy
-dependencies (torch, transformers) inside the handler so that ``quantlm size`` starts fast.
+Each subcommand lives in ``quantlm/cli/<name>.py`` with ``register(subparsers)``. Commands whose flags are
+generated from recipe dataclasses import torch to build their parser, so ``main`` builds only the parser of the
+command being run (the others get a one-line stub), and ``quantlm --help`` lists them all without importing one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import sys
 from quantlm import __version__
 from quantlm.errors import QuantlmError
 
-SUBCOMMANDS = ("size", "quantize", "export", "train", "eval", "plot", "suite")
+SUBCOMMANDS = {
+    "size": "model sizes in bits (presets, config.json files, checkpoint directories)",
+    "quantize": "quantize a LLaMA-like checkpoint with GPTQ at 2..8 bits",
+    "export": "re-write a checkpoint in another format (pack a TriLM, convert a packed QuantLM)",
+    "train": "train a FloatLM or a TriLM from a recipe",
+    "eval": "perplexity and zero-shot tasks of a model on local data; appends a result record",
+    "plot": "size-vs-quality plots and scaling-law fits from result records",
+    "suite": "regenerate a suite: every FloatLM x bitwidth x seed, evaluated, sized and plotted",
+}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,7 +33,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, that subcommand's real parser and one-line stubs for the others."""
     parser = OneLineParser(
         prog="quantlm",
         description="Quantize, size and compare FloatLMs, QuantLMs and TriLMs (the Spectra suite).",
@@ -32,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quantlm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name in SUBCOMMANDS:
-        importlib.import_module(f"quantlm.cli.{name}").register(sub)
+    for name, summary in SUBCOMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(f"quantlm.cli.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
 
 
@@ -51,7 +64,9 @@ def _unknown_option(parser: argparse.ArgumentParser, command: str | None, unknow
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in SUBCOMMANDS else None)
     try:
         args, unknown = parser.parse_known_args(argv)
     except SystemExit as e:  # --help, --version, or a one-line argument error already printed
