@@ -155,3 +155,26 @@ def test_manifest_errors(tmp_path):
         suite.select(suite.plan(manifest, base), ["nope"])
     with pytest.raises(QuantlmError, match="bits=9 is outside 2..8"):
         suite.load_manifest(_manifest(tmp_path, bits=[9]))
+
+
+def test_models_trained_by_the_suite_are_not_preflighted_as_checkpoints(tmp_path, monkeypatch):
+    """A model the suite trains has no checkpoint yet: the pre-flight checks only the checkpoints a manifest names."""
+    import yaml
+
+    m = {"kind": "suite", "name": "t", "output": str(tmp_path / "out"), "bits": [4], "seeds": [0],
+         "models": [{"name": "floatlm-micro", "family": "floatlm", "preset": "floatlm-micro",
+                     "train": "floatlm-micro.yaml"}],  # a shipped train recipe
+         "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(m))
+    manifest, base = suite.load_manifest(tmp_path / "m.yaml")
+    ran = []
+
+    def fake(job, manifest, progress=True):
+        ran.append(job.id)
+        out = job.out if job.kind == "eval" else job.out / suite.JOB_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+
+    monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
+    s = suite.run(manifest, base, progress=False)
+    assert ran[0] == "train/floatlm-micro" and not s.failed and len(s.done) == 4

@@ -97,7 +97,7 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
     chosen = select(jobs, only)
     root = output_root(manifest)
     check_dir_writable(root, "suite output", need_bytes=_bytes_to_write(manifest, base, chosen))
-    for src in sorted({j.source for j in chosen if j.source is not None and not j.needs}):
+    for src in sorted({j.source for j in chosen if j.kind != "train" and j.source is not None and not j.needs}):
         # the checkpoints the manifest names are checked before any job runs, not when their turn comes
         _require_checkpoint(Job(f"model {src.name}", "eval", src.name, "", src, "", source=src))
         validate.check_checkpoint(src)

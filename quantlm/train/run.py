@@ -34,10 +34,10 @@ from quantlm.atomic import (
     output_dir,
     refuse_install_location,
     terminate_raises,
-    write_json,
     write_text,
 )
 from quantlm.errors import QuantlmError
+from quantlm.metadata import ModelMeta, read_meta, write_meta
 from quantlm.models.blocks import LLAMA
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
@@ -45,6 +45,7 @@ from quantlm.train.distributed import DistContext, init_distributed, wrap_model
 from quantlm.train.metrics import device_peak_flops, flops_per_token
 from quantlm.train.recipe import TrainRecipe
 from quantlm.train.schedule import schedule_for
+from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path
             model.config.quantlm_family = "floatlm"
             model.to(dtype).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / "quantlm.json", {"family": recipe.family_name, "model": recipe.spec().name,
-                                          "recipe": recipes.to_dict(recipe),
-                                          "recipe_hash": recipes.recipe_hash(recipe), **info})
+        write_meta(tmp, ModelMeta(producer="train", family=recipe.family_name, format="unpacked",
+                                  model=recipe.spec().name, preset=recipe.model, settings=recipes.to_dict(recipe),
+                                  info={"recipe_hash": recipes.recipe_hash(recipe), **info},
+                                  versions=library_versions()))
     return path
 
 
@@ -178,12 +180,14 @@ def _final_matches(final: Path, recipe: TrainRecipe) -> bool:
     if not (final / "config.json").is_file():
         return False
     try:
-        meta = json.loads((final / "quantlm.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = read_meta(final)
+    except QuantlmError:
         return False
-    if "recipe_hash" in meta:
-        return meta["recipe_hash"] == recipes.recipe_hash(recipe)
-    return meta.get("recipe") == json.loads(json.dumps(recipes.to_dict(recipe)))
+    if meta is None:
+        return False
+    if "recipe_hash" in meta.info:
+        return meta.info["recipe_hash"] == recipes.recipe_hash(recipe)
+    return meta.settings == json.loads(json.dumps(recipes.to_dict(recipe)))
 
 
 @contextlib.contextmanager
