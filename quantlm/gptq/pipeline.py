@@ -194,8 +194,8 @@ def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Te
             first.to("cpu")
     for kw in kwargs_by_size.values():
         kw["use_cache"] = False
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
+        for key in ("past_key_values", "past_key_value", "cache"):  # no KV cache across calibration batches
+            kw.pop(key, None)
     return hidden, kwargs_by_size
 
 
