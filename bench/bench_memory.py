@@ -50,9 +50,16 @@ GRIDS = {
     ],
     # the Spectra recipe (512 x 2048) on reduced blocks: every storage dtype and offload mode
     "spectra-99m": [
-        dict(preset="floatlm-99m", layers=2, nsamples=512, seqlen=2048, activation_dtype=a, offload=o)
-        for a, o in [("float32", "host"), ("bfloat16", "host"), ("float16", "host"), ("float32", "disk"),
-                     ("bfloat16", "disk")]
+        dict(preset="floatlm-99m", layers=L, nsamples=512, seqlen=2048, activation_dtype=a, offload=o)
+        for a, o, L in [("float32", "host", 2), ("bfloat16", "host", 1), ("float16", "host", 1), ("float32", "disk", 1),
+                        ("bfloat16", "disk", 2)]
+    ],
+    # the per-block extrapolation: the same run with a few blocks and with all of them (fewer tokens)
+    "blocks": [
+        dict(preset="floatlm-99m", layers=2, nsamples=32, seqlen=512),
+        dict(preset="floatlm-99m", layers=16, nsamples=32, seqlen=512),
+        dict(preset="floatlm-390m", layers=2, nsamples=16, seqlen=1024),
+        dict(preset="floatlm-390m", layers=24, nsamples=16, seqlen=1024),
     ],
     "spectra-390m": [
         dict(preset="floatlm-390m", layers=2, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="host"),
@@ -189,8 +196,23 @@ def _load(paths) -> list[dict]:
     return recs
 
 
+def replan(rec: dict, available: int = 10**13) -> dict:
+    """The dry-run plan of a recorded run, recomputed with the current constants (same location and batch)."""
+    from quantlm.gptq.memory import MemorySettings, plan_memory
+    from quantlm.specs import get_preset
+
+    c, p = rec["config"], rec["dry_plan"]
+    settings = MemorySettings(activation_dtype=c["activation_dtype"], offload=p["hidden_states"],
+                              forward_dtype=c["forward_dtype"], batch_size=p["batch_size"],
+                              replay_cache_gb=c["replay_cache_gb"])
+    config = get_preset(c["preset"]).to_hf_config(num_hidden_layers=c["layers"]).to_dict()
+    return plan_memory(config, c["nsamples"], c["seqlen"], settings, 4, 128, "cpu", available_bytes=available,
+                       weights_dtype=c.get("weights_dtype", "float32"), disk_available_bytes=10**13)
+
+
 def cmd_fit(args) -> None:
-    """Fit BASELINE_CPU, K_FWD_D, K_FWD_F: measured - (exact terms) = base + bt*(kd*d + kf*f)*fbytes + rest."""
+    """Fit BASELINE_CPU and K_FWD (forward-bound runs) from measured peaks; the exact terms and the solve
+    working set (measured on the solver alone, bench/quantize_memory.md) are subtracted first."""
     import numpy as np
 
     from quantlm.gptq import memory as M
@@ -198,34 +220,37 @@ def cmd_fit(args) -> None:
     recs = _load(args.results)
     rows, ys = [], []
     for r in recs:
-        p = r["dry_plan"]
+        p = replan(r)
         b, s = p["bytes"], p["shape"]
         d, f = s["hidden"], s["intermediate"]
         fbytes = M.DTYPE_BYTES[p["forward_dtype"]]
         bt = p["batch_size"] * p["seqlen"]
         exact = b["weights"] + b["results"] + b["tokens"] + b["hidden_buffers"] + b["replay_cache"]
         ws = p["working_sets"]
-        widest = max(d, f)
-        fixed_fwd = bt * widest * 4 + widest * widest * 4 + (2 * bt * d * M.DTYPE_BYTES[p["activation_dtype"]]
-                                                             if p["hidden_states"] == "disk" else 0)
         if ws["solve"] > ws["forward"]:
-            continue  # solve-bound: says nothing about the forward constants
-        rows.append([1.0, bt * d * fbytes, bt * f * fbytes])
-        ys.append(r["measured_peak_bytes"] - exact - fixed_fwd - ws["block_copy"])
-    A, y = np.array(rows), np.array(ys)
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    print(f"BASELINE_CPU = {coef[0]:.4g}  K_FWD_D = {coef[1]:.3f}  K_FWD_F = {coef[2]:.3f}  ({len(ys)} runs)")
-    print(f"current: BASELINE_CPU = {M.BASELINE_CPU:.4g}  K_FWD_D = {M.K_FWD_D}  K_FWD_F = {M.K_FWD_F}")
+            continue  # solve-bound: says nothing about the forward constant
+        widest = max(d, f)
+        fixed = bt * widest * 4 + widest * widest * 4 + ws["block_copy"]
+        if p["hidden_states"] == "disk":
+            fixed += 2 * bt * d * M.DTYPE_BYTES[p["activation_dtype"]]
+        rows.append([1.0, bt * (d + f) * fbytes])
+        ys.append(r["measured_peak_bytes"] - exact - fixed)
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
+    print(f"fitted ({len(ys)} forward-bound runs): BASELINE_CPU = {coef[0]:.4g}  K_FWD = {coef[1]:.3f}")
+    print(f"in memory.py:            BASELINE_CPU = {M.BASELINE_CPU:.4g}  K_FWD = {M.K_FWD}")
+    if args.apply:
+        M.BASELINE_CPU, M.K_FWD = float(coef[0]), float(coef[1])
     cmd_table(args)
 
 
 def cmd_table(args) -> None:
     recs = _load(args.results)
     print("| shape | blocks | windows x tokens | batch | storage | hidden states | forward | measured peak (GB) "
-          "| predicted, dry (GB) | dry/measured | predicted, in-run (GB) | quantize (s) | load avg |")
+          "| predicted (GB) | predicted / measured | in-run prediction (GB) | quantize (s) | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in recs:
-        c, p, q = r["config"], r["dry_plan"], r["plan"]
+        c, q = r["config"], r["plan"]
+        p = replan(r)
         m = r["measured_peak_bytes"]
         print(f"| {c['preset']} | {c['layers']} | {c['nsamples']} x {c['seqlen']} | {p['batch_size']} | "
               f"{c['activation_dtype']} | {p['hidden_states']} | {c['forward_dtype']} | {m / 1e9:.3f} | "
@@ -357,6 +382,7 @@ def main() -> None:
     for name in ("fit", "table"):
         p = sub.add_parser(name)
         p.add_argument("results", nargs="+")
+        p.add_argument("--apply", action="store_true", help="fit: show the table with the fitted constants")
     er = sub.add_parser("errors")
     er.add_argument("--preset", default="floatlm-99m")
     er.add_argument("--layers", type=int, default=0, help="0: all blocks of the preset")

@@ -41,20 +41,27 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---- fitted constants (bench/quantize_memory.md, "memory model"); bytes unless stated -----------------
 # Process baseline of a quantize run on the CPU: interpreter, torch, transformers, the model object
-# without its weights, allocator slack.
-BASELINE_CPU = 560e6
+# without its weights (~401 MB when the pipeline starts), plus what the run itself adds besides the modelled
+# terms (oneDNN primitive caches, thread pools, allocator arenas: BASELINE_GROWTH, the fitted difference).
+BASELINE_CPU = 535e6
+BASELINE_GROWTH = 134e6
 # On a GPU the CUDA runtime and libraries add host memory (not measured on this project's machines yet:
 # a conservative guess that bench/gpu_check.sh records next to the measured value).
 BASELINE_CUDA_EXTRA = 2.5e9
-# Forward working set per token of a batch: K_FWD_D values of width hidden and K_FWD_F of width
-# intermediate, in the forward dtype; plus the Hessian hook's fp32 copy of the widest input (intermediate).
-K_FWD_D = 10.0
-K_FWD_F = 4.0
-# Solve working set: K_SOLVE_H fp32 matrices [in, in] and K_SOLVE_W fp32 matrices [rows, in].
-K_SOLVE_H = 6.0
-K_SOLVE_W = 5.0
+# Forward working set per token of a batch: K_FWD values of width hidden + intermediate in the forward dtype
+# (norm, attention and MLP temporaries, and the allocator's slack: tensors below glibc's 32 MB mmap threshold
+# stay in the heap); plus the Hessian hook's fp32 copy of the widest input and its [in, in] accumulator.
+# One constant for d + f because every Spectra shape has f ~ 2.5-3 d, so separate ones are not identifiable.
+K_FWD = 1.06
+# Solve working set: K_SOLVE_H fp32 matrices [in, in] (the group's H and the solver's copies: permuted H,
+# Cholesky factor, its inverse) and K_SOLVE_W fp32 matrices [rows, in] (stacked W, its transpose, codes, errors);
+# measured on the solver alone for down_proj and gate/up of the 3.9B shape (bench/quantize_memory.md).
+K_SOLVE_H = 4.0
+K_SOLVE_W = 4.2
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
+# Share of a GPU's memory left after the plan that the auto replay cache may take.
+GPU_REPLAY_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -260,8 +267,8 @@ def plan_memory(config: dict, nsamples: int, seqlen: int, settings: MemorySettin
     ``settings.max_memory_gb``, else what the machine has now); ``device_available_bytes``: free GPU
     memory (default: asked from torch when ``device`` is CUDA). ``weights_dtype``: the dtype the model is
     loaded in (a bf16 checkpoint may be loaded as bf16: the pipeline upcasts one block at a time).
-    ``baseline_bytes``: the process's memory besides the model (default: the fitted constant; the
-    pipeline passes its measured RSS minus the weights). Returns a JSON-able dict: the shape, every
+    ``baseline_bytes``: the process's memory besides the model when the pipeline starts (default: the
+    fitted constant; the pipeline passes its measured RSS minus the weights, and BASELINE_GROWTH is added). Returns a JSON-able dict: the shape, every
     component in bytes, the chosen ``hidden_states`` location (device / host / disk), batch size and
     replay cache, ``predicted_peak_bytes`` (host) and ``predicted_device_peak_bytes`` (GPU runs),
     ``fits`` and, when it does not, ``fixes``: settings that would fit.
@@ -339,7 +346,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     widest_in = max(i for _, i in groups)
     solve = max(K_SOLVE_H * i * i * 4 + K_SOLVE_W * r * i * 4 for r, i in groups)
     bt = batch * seqlen
-    forward = bt * (K_FWD_D * d + K_FWD_F * f) * fbytes + bt * widest_in * 4 + widest_in * widest_in * 4
+    forward = bt * K_FWD * (d + f) * fbytes + bt * widest_in * 4 + widest_in * widest_in * 4
     if place == "disk":
         forward += 2 * bt * d * sbytes  # staging of one read and one write
     # block copies: an upcast (weights stored in half precision) and/or a forward-dtype copy
@@ -348,13 +355,14 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if cap is None:  # auto replay cache
         if on_gpu and device_available is not None:
             dev_fixed = block_params * (4 + (fbytes if fbytes != 4 else 0)) + (buffers if place == "device" else 0)
-            cap = max(0.0, FIT_FRACTION * device_available - dev_fixed - max(forward, solve))
+            # half of what is left: the GPU working sets are not measured yet, fragmentation is not modelled
+            cap = max(0.0, GPU_REPLAY_SHARE * (FIT_FRACTION * device_available - dev_fixed - max(forward, solve)))
         else:
             cap = 0.0 if on_gpu else 4 * 2**30
     replay = replay_bytes(shape, tokens, fbytes, cap, true_sequential)
     weights = n_params * wbytes
     results = result_bytes(shape, group_size, rtn)
-    base = BASELINE_CPU if baseline_bytes is None else float(baseline_bytes)
+    base = BASELINE_CPU if baseline_bytes is None else float(baseline_bytes) + BASELINE_GROWTH
     if on_gpu and baseline_bytes is None:
         base += BASELINE_CUDA_EXTRA
     host = {"baseline": base, "weights": weights, "results": results, "tokens": tokens * 8,

@@ -407,9 +407,8 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
     nsamples, seqlen = tokens.shape
     batches = batches_of(nsamples, bs)
     width = get_submodule(layers[0], block_map.linears[0]).weight.shape[1]
-    replay_on = device if device.type == "cuda" and where != "host" else torch.device("cpu")
-    if device.type == "cuda" and where == "host" and settings.replay_cache_gb == -1:
-        replay_on = device  # auto cache on a GPU is sized from the device's free memory
+    # replay records stay where they are computed on a GPU (the plan sizes the cache from its free memory)
+    replay_on = device if device.type == "cuda" else torch.device("cpu")
 
     state = None
     if where == "disk":
