@@ -378,6 +378,9 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         check_plan(plan)
         if plan.get("warning"):
             log.warning(plan["warning"])
+        log.info("memory plan: hidden states on %s (%s, batch %d), predicted peak %.2f GB of %.2f GB available",
+                 plan["hidden_states"], plan["activation_dtype"], plan["batch_size"],
+                 plan["predicted_peak_bytes"] / 1e9, plan["available_bytes"] / 1e9)
         where, bs, cache_bytes = plan["hidden_states"], plan["batch_size"], plan["replay_cache_bytes"]
     else:
         where = {"auto": "device" if device.type == "cuda" else "host", "none": "device"}.get(
@@ -416,9 +419,13 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
         folder = Path(settings.offload_dir) if settings.offload_dir else default_offload_dir(fingerprint)
         state = RunState.open(folder, fingerprint, settings.resume)
 
+    opened: list[HiddenStates] = []
+
     def store(name: str | None, create: bool = True) -> HiddenStates:
-        return HiddenStates(batches, seqlen, width, storage, where=where, device=device, dtype=fwd,
-                            path=state.dir / name if state is not None else None, create=create)
+        hs = HiddenStates(batches, seqlen, width, storage, where=where, device=device, dtype=fwd,
+                          path=state.dir / name if state is not None else None, create=create)
+        opened.append(hs)
+        return hs
 
     results: dict[str, GPTQResult] = {}
     reports: list[ModuleReport] = []
@@ -446,8 +453,27 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
             state.mark_started()
     kwargs_by_size = {b: _cast_floats(to_device(kw, device), fwd) for b, kw in kwargs_by_size.items()}
     ntokens = tokens.numel()
-    method = "rtn" if rtn else "gptq"
     tf32 = settings.hessian_tf32 or bool(getattr(recipe, "hessian_tf32", False))
+    try:
+        _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
+                     replay_on, cache_bytes, tf32, ntokens, progress, results, reports)
+    except BaseException:
+        if state is not None:
+            log.warning("the disk-offloaded run stopped; its state is kept in %s: run again to resume", state.dir)
+        raise
+    finally:
+        for hs in opened:
+            hs.close()
+    if state is not None:
+        state.remove()
+    return results, reports, start
+
+
+def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
+                 replay_on, cache_bytes, tf32, ntokens, progress, results, reports) -> None:
+    """Quantize blocks ``start``.. in order (``hidden``: the inputs of block ``start``), filling ``results``
+    and ``reports``; each block's outputs become the next block's inputs."""
+    method = "rtn" if rtn else "gptq"
     for i in range(start, len(layers)):
         block = layers[i]
         bar = tqdm(total=len(block_map.linears), desc=f"{method} block {i + 1}/{len(layers)}",
@@ -497,7 +523,3 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
             state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    hidden.close()
-    if state is not None:
-        state.remove()
-    return results, reports, start
