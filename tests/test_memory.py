@@ -148,6 +148,15 @@ def test_replay_model_follows_the_all_or_nothing_rule():
     assert replay_bytes(shape, tokens, 4, 10**12, true_sequential=False) == 0
 
 
+def test_plan_from_a_checkpoint_config_alone(tiny_model_dir, tmp_path):
+    from quantlm.gptq.memory import plan_for_checkpoint
+
+    plan = plan_for_checkpoint(tiny_model_dir, 512, 2048, MemorySettings(), 4, 4, available_bytes=10**11)
+    assert plan["shape"]["hidden"] == 64 and plan["shape"]["layers"] == 2 and plan["fits"]
+    with pytest.raises(QuantlmError, match="config.json"):
+        plan_for_checkpoint(tmp_path, 8, 8)
+
+
 def test_settings_validate():
     with pytest.raises(QuantlmError):
         MemorySettings(batch_size=-1)

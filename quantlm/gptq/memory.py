@@ -298,6 +298,23 @@ def plan_memory(config: dict, nsamples: int, seqlen: int, settings: MemorySettin
     return plan
 
 
+def plan_for_checkpoint(model_dir: str | os.PathLike, nsamples: int, seqlen: int,
+                        settings: MemorySettings | None = None, bits: int = 4, group_size: int = 128,
+                        device: str = "cpu", **kw) -> dict:
+    """``plan_memory`` from a checkpoint folder's ``config.json`` alone (no weights needed: a plan can be made
+    before downloading them); ``kw`` as ``plan_memory`` (e.g. ``weights_dtype``, ``available_bytes``)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise QuantlmError(f"{path} not found; a memory plan needs the model's config.json") from None
+    except ValueError as e:
+        raise QuantlmError(f"{path} is not valid JSON ({e})") from None
+    return plan_memory(config, nsamples, seqlen, settings, bits, group_size, device, **kw)
+
+
 def _candidates(settings: MemorySettings, dev: str, nsamples: int):
     """(hidden-state location, batch size, replay cap or None for auto) in the order auto tries them."""
     if settings.offload == "auto":
