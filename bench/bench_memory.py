@@ -9,9 +9,10 @@ Subcommands:
           results; prints the constants and predicted/measured per run.
   table   markdown table of sweep results.
   errors  the effect of the storage and forward dtypes on layer error and output error: the same weights
-          and calibration windows quantized with each setting, scored with the SAME float-model Hessians
-          (layer error = sum over linears of tr((W - Q) H (W - Q)^T)) and on held-out windows (relative
-          squared error of the final hidden states against the float model), over several seeds.
+          and calibration windows (shipped C4 sample) quantized with each setting, scored with the SAME
+          float-model Hessians (layer error = sum over linears of tr((W - Q) H (W - Q)^T)) and on held-out
+          WikiText-2 test windows (relative squared error of the final hidden states against the float
+          model), over several seeds (seed = random init and calibration windows).
 
 Examples (bench/quantize_memory.md has the ones that were run):
   python bench/bench_memory.py one --preset floatlm-99m --layers 2 --nsamples 512 --seqlen 2048
@@ -261,14 +262,16 @@ def cmd_table(args) -> None:
 
 # ------------------------------------------------------------------------------------------ errors
 
-def _tokenizer(work: Path):
+def _tokenizer(work: Path, vocab: int):
+    """A BPE (at most 8192 tokens, as bench/quantize_cpu.md) trained on the shipped corpus, cached in ``work``."""
     from quantlm.checkpoint import load_tokenizer
     from quantlm.tokenizer import train_bpe_tokenizer
 
-    tok_dir = work / "tokenizer-8192"
+    vocab = min(8192, vocab)
+    tok_dir = work / f"tokenizer-{vocab}"
     if not (tok_dir / "tokenizer.json").is_file():
         text = (REPO / "data" / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
-        train_bpe_tokenizer([text], vocab_size=8192, out_dir=tok_dir)
+        train_bpe_tokenizer([text], vocab_size=vocab, out_dir=tok_dir)
     return load_tokenizer(tok_dir)
 
 
@@ -306,7 +309,7 @@ def cmd_errors(args) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from quantlm.calibration import calibration_tokens, load_documents
+    from quantlm.calibration import calibration_tokens
     from quantlm.gptq.memory import MemorySettings
     from quantlm.gptq.pipeline import quantize_blocks
     from quantlm.gptq.solver import reconstruction_error
@@ -315,7 +318,7 @@ def cmd_errors(args) -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(work)
+    tok = _tokenizer(work, get_preset(args.preset).to_hf_config().vocab_size)
     variants = {
         "fp32": MemorySettings(),
         "bf16 storage": MemorySettings(activation_dtype="bfloat16"),
@@ -325,7 +328,9 @@ def cmd_errors(args) -> None:
     }
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants}
-    docs = load_documents(str(REPO / "data" / "corpus"))
+    from quantlm.eval.datasets import load_text_source
+
+    held_ids = tok(load_text_source("wikitext2").text, return_tensors="pt").input_ids[0]
     out = {"env": _env(), "commit": _git_commit(), "args": vars(args), "loadavg_start": os.getloadavg(), "runs": []}
     for seed in args.seeds:
         config = get_preset(args.preset).to_hf_config(num_hidden_layers=args.layers) if args.layers else \
@@ -333,9 +338,7 @@ def cmd_errors(args) -> None:
         torch.manual_seed(seed)
         base = LlamaForCausalLM(config).eval()
         calib = calibration_tokens(tok, None, args.nsamples, args.seqlen, seed)
-        from quantlm.calibration import sample_windows
-
-        heldout = sample_windows(tok, docs, args.heldout, args.seqlen, seed=1000 + seed)
+        heldout = held_ids[: args.heldout * args.seqlen].view(args.heldout, args.seqlen)  # WikiText-2 test
         H = _float_hessians(base, calib)
         ref = _final_hidden(base, heldout)
         for name, settings in variants.items():
