@@ -14,6 +14,7 @@ from pathlib import Path
 
 from quantlm.calibration import CalibrationSettings
 from quantlm.errors import QuantlmError
+from quantlm.gptq.memory import MemorySettings
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.recipes import doc, to_dict
 
@@ -48,6 +49,8 @@ class QuantRecipe:
     gptq: GPTQSettings = doc("grid, solver and block order", GPTQSettings())
     calibration: CalibrationSettings = doc("calibration text and windows", CalibrationSettings())
     export: ExportSettings = doc("storage formats written", ExportSettings())
+    memory: MemorySettings = doc("where calibration activations live, their dtype, the forward dtype",
+                                 MemorySettings())
 
     def __post_init__(self):
         from quantlm.formats.registry import get_format
@@ -93,6 +96,15 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     return config
 
 
+def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
+    """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
+    from quantlm.gptq.memory import plan_for_checkpoint
+
+    g, c = recipe.gptq, recipe.calibration
+    return plan_for_checkpoint(model_dir, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, device,
+                               true_sequential=g.true_sequential)
+
+
 def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
     """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
     from quantlm.accounting import budget_from_spec, spec_from_config
@@ -136,7 +148,8 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     check_quantizable(model, block_map, recipe.gptq)
     t_load = time.perf_counter() - t0
 
-    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, rtn=rtn, progress=progress)
+    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, rtn=rtn, progress=progress,
+                          memory=recipe.memory)
     linears = {name: res.stored(name) for name, res in run.results.items()}
     dense = dense_state_dict(model, skip=set(linears))
     g = recipe.gptq
@@ -163,6 +176,9 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
             "total_error": float(sum(m.error for m in run.modules)),
             "seconds": {"load": t_load, "quantize": run.seconds, "write": t_write,
                         "total": time.perf_counter() - t0},
+            "predicted_peak_bytes": (run.plan or {}).get("predicted_peak_bytes"),
+            "measured_peak_bytes": run.measured_peak_bytes,
+            "memory": run.memory_report(),
             "paths": paths,
             "out_dir": str(out_dir),
         }

@@ -48,7 +48,8 @@ SPECIAL = {"bits": (3, ["--X", "3"]), "group_size": (64, ["--X", "64"]), "format
            "min_lr_ratio": (0.2, ["--X", "0.2"]), "betas": ((0.8, 0.9), ["--X", "0.8,0.9"]),
            "batch_tokens": (8192, ["--X", "8192"]), "seq_len": (256, ["--X", "256"]),
            "model": ("floatlm-micro", ["--X", "floatlm-micro"]), "family": ("trilm", ["--X", "trilm"]),
-           "corpus": (("data/corpus",), ["--X", "data/corpus"]), "lr": ((0.004,), ["--X", "0.004"])}
+           "corpus": (("data/corpus",), ["--X", "data/corpus"]), "lr": ((0.004,), ["--X", "0.004"]), "replay_cache_gb": (2.0, ["--X", "2"]),
+           "max_memory_gb": (20.0, ["--X", "20"]), "offload_dir": ("/tmp/off", ["--X", "/tmp/off"])}
 
 
 @pytest.mark.parametrize("command,cls", [("quantize", QuantRecipe), ("eval", EvalRecipe), ("train", TrainRecipe)])

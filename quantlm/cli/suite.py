@@ -60,7 +60,7 @@ def _print_plan(rows, only, manifest) -> None:
     if only:
         df = df[df["job"].map(lambda j: any(fnmatch.fnmatch(j, p) or j == p for p in only))]
     show = df.copy()
-    for c in ("paper_GB", "exact_GB", "disk_GB"):
+    for c in ("paper_GB", "exact_GB", "disk_GB", "peak_mem_GB"):
         if c in show:
             show[c] = show[c].map(lambda v: "" if v != v or v is None else f"{v:.3f}")
     if "bits" in show:

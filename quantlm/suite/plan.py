@@ -78,8 +78,14 @@ class SuiteManifest:
 
 
 def quantize_job_hash(recipe: QuantRecipe, rtn: bool, source: str) -> str:
-    """What determines a quantization's weights: the math, the calibration (seed included), RTN, the source."""
-    return _hash("quantize", to_dict(recipe.gptq), to_dict(recipe.calibration), rtn, source)
+    """What determines a quantization's weights: the math, the calibration (seed included), RTN, the source, and
+    the activation/forward dtypes where they are not the fp32 defaults (where activations live does not)."""
+    from quantlm.gptq.memory import MemorySettings
+
+    numerics = {k: getattr(recipe.memory, k) for k in ("activation_dtype", "forward_dtype")
+                if getattr(recipe.memory, k) != getattr(MemorySettings(), k)}
+    parts = ("quantize", to_dict(recipe.gptq), to_dict(recipe.calibration), rtn, source)
+    return _hash(*parts, numerics) if numerics else _hash(*parts)
 
 
 @dataclass(frozen=True)
@@ -219,8 +225,33 @@ def describe_plan(manifest: SuiteManifest, base: Path) -> list[dict]:
                 row["disk_GB"] = size.total_bits("exact") / 8e9
             else:
                 row["disk_GB"] = 0.0
+        if job.kind == "quantize":
+            row["peak_mem_GB"] = _job_peak_memory(job, manifest)
         rows.append(row)
     return rows
+
+
+def _job_peak_memory(job: Job, manifest: SuiteManifest) -> float | None:
+    """The predicted peak host memory of a quantize job (its memory plan), from the checkpoint's config.json or,
+    before the model exists, its preset's."""
+    from quantlm.gptq.memory import plan_memory
+    from quantlm.specs import get_preset, is_preset
+
+    recipe = job.payload["recipe"]
+    cfg_path = job.source / "config.json" if job.source is not None else None
+    if cfg_path is not None and cfg_path.is_file():
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    elif job.preset and is_preset(job.preset.replace("quantlm-", "floatlm-").rsplit("-", 1)[0]):
+        config = get_preset(job.preset.replace("quantlm-", "floatlm-").rsplit("-", 1)[0]).to_hf_config().to_dict()
+    else:
+        return None
+    g, c = recipe.gptq, recipe.calibration
+    try:
+        p = plan_memory(config, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, manifest.device,
+                        true_sequential=g.true_sequential)
+    except QuantlmError:
+        return None
+    return p["predicted_peak_bytes"] / 1e9
 
 
 def _job_budget(job: Job, acc):
