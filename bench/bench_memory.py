@@ -260,7 +260,6 @@ def cmd_table(args) -> None:
 def _tokenizer(work: Path, vocab: int):
     """A BPE (at most 8192 tokens, as bench/quantize_cpu.md) trained on the shipped corpus, cached in ``work``."""
     from quantlm.hf_checkpoint import load_tokenizer
-
     from quantlm.tokenizer import train_bpe_tokenizer
 
     vocab = min(8192, vocab)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from quantlm.hf_checkpoint import load_causal_lm
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq.hessian import HessianAccumulator, tf32_matmul
@@ -28,6 +27,7 @@ from quantlm.gptq.memory import (
 )
 from quantlm.gptq.offload import HiddenStates, RunState, batches_of
 from quantlm.gptq.pipeline import CRASH_ENV, quantize_blocks
+from quantlm.hf_checkpoint import load_causal_lm
 from quantlm.models.blocks import LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
