@@ -14,7 +14,7 @@ import sys
 from quantlm import __version__
 from quantlm.errors import QuantlmError
 
-SUBCOMMANDS = ("size", "quantize", "export", "train", "eval", "plot", "suite")
+SUBCOMMANDS = ("size", "quantize", "export", "bench", "train", "eval", "plot", "suite")
 
 
 def build_parser() -> argparse.ArgumentParser:
