@@ -246,5 +246,30 @@ def measure(path: str, threads: int, prompt_tokens: int, decode_tokens: int, rep
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
 
+def token_nll(path: str | os.PathLike, windows, *, threads: int = 1):
+    """Per-token negative log-likelihood (nats) llama.cpp gives a GGUF model on each window of token ids: tokens
+    1..L-1 of every window, predicted from the ones before (no BOS added), concatenated as float64. Runs in this
+    process, so llama_cpp must be importable here."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise QuantlmError(INSTALL_HINT.format(python=sys.executable)) from None
+    import numpy as np
+
+    windows = [list(map(int, w)) for w in windows]
+    n_ctx = max(len(w) for w in windows)
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+    out = []
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        out.append(logz - logits[np.arange(len(w) - 1), w[1:]])
+    return np.concatenate(out)
+
+
 if __name__ == "__main__":  # the child process of bench(): one model, one JSON line on stdout
     print(json.dumps(measure(**json.loads(sys.argv[1]))))
