@@ -238,3 +238,17 @@ def test_predicted_type_per_recipe(tiny256, bits, group, want):
     linear = [r for r in b.records if r.role == "block_linear"]
     assert all(r.dtype == "U8" for r in linear)
     assert sum(r.bits("exact") for r in linear) == gb.bits_per_weight(want) * sum(r.params * r.count for r in linear)
+
+
+def test_quantize_reports_the_kquant_changes(tiny256, tmp_path, capsys):
+    out = tmp_path / "q3k"
+    argv = ["quantize", str(tiny256), "--bits", "3", "--group-size", "32", "--formats", "gguf", "--gguf-type", "Q3_K",
+            "--out", str(out), *FAST]
+    assert main(argv) == 2  # grouped 3-bit codes fit Q3_K only with re-quantized scales: asked for, not assumed
+    assert "kquant_grouped=True" in capsys.readouterr().err and not out.exists()
+    assert main(argv + ["--kquant-grouped"]) == 0
+    assert "changed 14 tensor(s) written as Q3_K: largest scale change" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["changes"]["gguf"]) == 14 and all(c["weight_error"] > 0 for c in report["changes"]["gguf"])
+    assert_size_is_predicted(out / "gguf", tiny256 / "config.json",
+                             Layout("quantlm", "gguf", bits=3, group_size=32, gguf_type="Q3_K", kquant_grouped=True))

@@ -21,7 +21,7 @@ def register(sub) -> None:
                     "Needs llama_cpp: `bash .ci/llamacpp.sh` builds a virtualenv with it.")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_GGUF",
                    help=".gguf file, quantlm gguf export directory or checkpoint directory")
-    add_recipe_flags(p, BenchSettings)
+    add_recipe_flags(p, BenchSettings, aliases={"gguf_type": ("--type",)})
     p.add_argument("--python", help="interpreter that has llama_cpp (default: this one), e.g. .venv-llamacpp/bin/python")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     p.add_argument("--out", help="write the records to this file (JSON or CSV by --format) instead of stdout")
