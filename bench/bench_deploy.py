@@ -112,7 +112,7 @@ def main() -> int:
     (work / "bench.json").write_text(json.dumps(records, indent=1))
     import platform
 
-    versions = subprocess.run([args.python, "-c", "import llama_cpp, gguf, torch, transformers; print(json.dumps("
+    versions = subprocess.run([args.python, "-c", "import json, llama_cpp, gguf, torch, transformers; print(json.dumps("
                                "{'llama_cpp': llama_cpp.__version__, 'torch': torch.__version__, 'transformers': "
                                "transformers.__version__, 'python': __import__('platform').python_version()}))"],
                               capture_output=True, text=True, env={**env, "PYTHONPATH": ""}).stdout
