@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quantlm.errors import QuantlmError
-from quantlm.formats.registry import DTYPE_BITS, Layout, get_format, layout_of_config
+from quantlm.formats.registry import DTYPE_BITS, LOG2_3, Layout, get_format, layout_of_config
 from quantlm.models.blocks import LLAMA, BlockMap
 from quantlm.specs import ModelSpec, get_preset, is_preset
 
@@ -72,6 +72,7 @@ class TensorRecord:
     code_bits: float | None = None  # information per parameter for codes (b, or log2(3) for trits)
     paper_bits_per_param: float = 0.0
     count: int = 1
+    storage: str = ""  # the file's own type where ``dtype`` is only its byte view (a GGUF block type: Q4_0, ...)
 
     @property
     def numel(self) -> int:
@@ -100,7 +101,8 @@ class ModelBudget:
     layout: str = ""  # what the exact convention assumes
     source: str = "preset"  # preset | config | checkpoint
     floatlm_equivalent: ModelBudget | None = field(default=None, compare=False)
-    header_bytes: int = 0  # safetensors headers, reported apart from the payload
+    header_bytes: int = 0  # safetensors or GGUF headers, reported apart from the payload
+    file_bytes: int = 0  # the files on disk (payload + headers + alignment padding); 0 when not measured
 
     @property
     def params(self) -> int:
@@ -130,8 +132,10 @@ class ModelBudget:
         row["ratio_to_floatlm"] = bits / ref.total_bits(convention) if ref is not None else 1.0
         row["layout"] = self.layout
         row["source"] = self.source
-        if self.source == "checkpoint":
+        if self.source in ("checkpoint", "gguf"):
+            row["payload_bytes"] = self.total_bits("exact") / 8
             row["header_bytes"] = self.header_bytes
+            row["file_bytes"] = self.file_bytes
         return row
 
 
@@ -173,10 +177,11 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, block_map
     emb_paper = 16.0 * paper_vocab(vocab) / vocab
     records = [TensorRecord(block_map.embed_path + ".weight", (vocab, h), fd, "embedding", "weight", vocab * h,
                             None, emb_paper)]
-    records += [TensorRecord(lp + norm + ".weight", (h,), fd, "norm", "weight", h, count=n) for norm in block_map.norms]
+    nd = get_format(layout.format).norm_dtype(layout)
+    records += [TensorRecord(lp + norm + ".weight", (h,), nd, "norm", "weight", h, count=n) for norm in block_map.norms]
     for name, (out_f, in_f) in spec.linear_shapes().items():
         records += _linear_records(lp + name, out_f, in_f, layout, block_map.shard_kind(name), n)
-    records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), fd, "norm", "weight", h))
+    records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), nd, "norm", "weight", h))
     if not spec.tie_word_embeddings:
         records.append(TensorRecord(block_map.head_path + ".weight", (vocab, h), fd, "lm_head", "weight",
                                     vocab * h, None, emb_paper))
@@ -322,11 +327,13 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     entries: list[HeaderEntry] = []
     header_bytes = 0
     by_file = {}
+    file_bytes = 0
     for f in safetensors_files(model_dir):
         e, hb = read_safetensors_header(f)
         entries += e
         header_bytes += hb
         by_file[f] = e
+        file_bytes += f.stat().st_size
     from quantlm.validate import check_checkpoint
 
     check_checkpoint(model_dir, config, headers=by_file)  # missing, unexpected or misshapen tensors: one line
@@ -352,12 +359,116 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None), block_map=block_map,
                            source="config", with_reference=False)
     return ModelBudget(label, layout.family, tuple(records), layout.bits, layout.describe() + " (as stored)",
-                       "checkpoint", ref, header_bytes)
+                       "checkpoint", ref, header_bytes, file_bytes)
 
 
 def _float_record(e: HeaderEntry, role: str) -> TensorRecord:
     rows, cols = e.shape
     return TensorRecord(e.name, e.shape, e.dtype, role, "weight", rows * cols, None, 16.0 * paper_vocab(rows) / rows)
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+_GGUF_FLOATS = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8")
+
+
+def gguf_file(path: str | os.PathLike) -> Path | None:
+    """The GGUF file a path names: a ``.gguf`` file, or a directory holding ``model.gguf`` (a quantlm gguf
+    export) and no safetensors; None otherwise."""
+    from quantlm.formats.gguf import GGUF_FILE
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / GGUF_FILE).is_file() and not any(path.glob("*.safetensors")):
+        return path / GGUF_FILE
+    return None
+
+
+def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None,
+                     block_map: BlockMap = LLAMA) -> ModelBudget:
+    """The bit budget of a GGUF file from its header alone (metadata and tensor table; no tensor data is read).
+
+    Tensors keep the file's names (``blk.0.attn_q.weight``). A block-type tensor counts as uint8
+    ``[rows, bytes per row]`` with its ggml type in ``storage``, so ``exact`` is 8 x the file's tensor payload.
+    Family, bitwidth and group size come from the ``quantlm.*`` keys quantlm writes; for a file from elsewhere
+    they are inferred from the block linears' types (TQ: TriLM, float: FloatLM, else a per-channel QuantLM of
+    the type's code width), which only the ``paper`` and ``entropy`` conventions use.
+    """
+    from quantlm.formats import gguf_blocks as gb
+    from quantlm.formats.gguf import hf_name, read_gguf_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise QuantlmError(f"{path}: no such GGUF file; check the path")
+    header = read_gguf_header(path)
+    md, tensors = header["metadata"], header["tensors"]
+    roles = {t["name"]: _gguf_role(hf_name(t["name"]), block_map) for t in tensors}
+    linear_types = [t["type"] for t in tensors if roles[t["name"]] == "block_linear"]
+    main = max(set(linear_types), key=linear_types.count) if linear_types else "F16"
+    family = md.get("quantlm.family")
+    if family not in ("floatlm", "quantlm", "trilm"):
+        family = "trilm" if main.startswith("TQ") else "floatlm" if main in _GGUF_FLOATS else "quantlm"
+    bits = md.get("quantlm.bits")
+    if family == "quantlm" and bits is None:
+        bits = int(gb.CODE_FIELD_BITS.get(main, 8))
+    group = int(md.get("quantlm.group_size", -1))
+    paper = paper_bits_per_weight(family, bits, None if group == -1 else group)
+    info = {"quantlm": bits, "trilm": LOG2_3}.get(family)
+    records = []
+    for t in tensors:
+        role, shape, n, typ = roles[t["name"]], tuple(t["shape"]), int(t["n_elements"]), t["type"]
+        params, pbits, code_bits = (n, 0.0, None) if role in ("block_linear", "embedding", "lm_head", "norm") \
+            else (0, 0.0, None)
+        if role == "block_linear":
+            pbits = paper
+            if info is not None and typ in gb.CODE_FIELD_BITS:
+                code_bits = info + gb.scale_bits_per_weight(typ)
+        elif role in ("embedding", "lm_head"):
+            pbits = 16.0 * paper_vocab(shape[0]) / shape[0]
+        part = "weight" if params else "meta"
+        if typ in _GGUF_FLOATS:
+            records.append(TensorRecord(t["name"], shape, typ, role, part, params, code_bits, pbits))
+        else:
+            rows = shape[0] if len(shape) > 1 else 1
+            records.append(TensorRecord(t["name"], (rows, t["nbytes"] // rows), "U8", role,
+                                        "codes" if params else "meta", params, code_bits, pbits, storage=typ))
+    label = name or md.get("general.name") or path.stem
+    counts = {ty: linear_types.count(ty) for ty in sorted(set(linear_types), key=linear_types.count, reverse=True)}
+    what = ", ".join(f"{ty} x {c}" for ty, c in counts.items()) or "none"
+    return ModelBudget(label, family, tuple(records), bits if family == "quantlm" else None,
+                       f"GGUF as stored: block linears {what}", "gguf", _gguf_reference(md, tensors, label),
+                       header["header_bytes"], header["file_bytes"])
+
+
+def _gguf_role(hf: str | None, block_map: BlockMap) -> str:
+    if hf is None:
+        return "other"
+    if block_map.block_linear_of(hf) is not None:
+        return "block_linear"
+    if hf.startswith(block_map.embed_path + "."):
+        return "embedding"
+    if hf.startswith(block_map.head_path + "."):
+        return "lm_head"
+    return "norm" if block_map.is_norm(hf) else "other"
+
+
+def _gguf_reference(md: dict, tensors: list[dict], label: str) -> ModelBudget | None:
+    """The FloatLM (fp16) of the shape a GGUF header describes, for the ``x FloatLM`` ratios."""
+    arch = md.get("general.architecture", "llama")
+    emb = next((t for t in tensors if t["name"] == "token_embd.weight"), None)
+    try:
+        heads = int(md[f"{arch}.attention.head_count"])
+        spec = ModelSpec(name=label, family="floatlm", size="custom", hidden_size=int(emb["shape"][1]),
+                         intermediate_size=int(md[f"{arch}.feed_forward_length"]), num_attention_heads=heads,
+                         num_hidden_layers=int(md[f"{arch}.block_count"]),
+                         num_key_value_heads=int(md.get(f"{arch}.attention.head_count_kv", heads)),
+                         vocab_size=int(emb["shape"][0]),
+                         max_position_embeddings=int(md.get(f"{arch}.context_length", 2048)),
+                         tie_word_embeddings=not any(t["name"] == "output.weight" for t in tensors), vocab_multiple=1)
+    except (KeyError, TypeError, QuantlmError):
+        return None
+    return budget_from_spec(spec, source="config", with_reference=False)
 
 
 # ------------------------------------------------------------------------------------------- front door
@@ -367,7 +478,8 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
            sym: bool = True, g_idx: bool = False) -> ModelBudget:
     """Bit budget of a preset name, a config.json path, or a checkpoint directory.
 
-    A checkpoint directory is measured as stored. ``bits``/``group_size`` turn a FloatLM preset or config into the
+    A checkpoint directory, a ``.gguf`` file or a quantlm gguf export directory is measured as stored (a GGUF from
+    its header alone). ``bits``/``group_size`` turn a FloatLM preset or config into the
     QuantLM of that bitwidth; ``layout`` (or ``quant_format``, ``ternary_format``, ``sym``, ``g_idx``) chooses the
     storage the ``exact`` convention assumes for a preset or config (default: packed, as deployed).
     """
@@ -377,6 +489,11 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
         check_bits(bits)
     text = str(model)
     path = Path(text)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        if bits is not None or layout is not None:
+            raise QuantlmError(f"{path}: a GGUF file is measured as stored; --bits and a layout do not apply to it")
+        return budget_from_gguf(gguf)
     if path.is_dir() and any(path.glob("*.safetensors")) and bits is None and layout is None:
         return budget_from_checkpoint(path)
     if path.is_dir() or path.suffix == ".json":
@@ -438,7 +555,7 @@ def per_tensor(b: ModelBudget, expand: bool = True) -> list[dict]:
             one = replace(r, name=name, count=count)
             rows.append({
                 "model": b.model, "tensor": name, "role": r.role, "part": r.part, "shape": list(r.shape),
-                "dtype": r.dtype, "params": r.params * count, "bits_paper": one.bits("paper"),
+                "dtype": r.dtype, "storage": r.storage or r.dtype, "params": r.params * count, "bits_paper": one.bits("paper"),
                 "bits_exact": one.bits("exact"), "bits_entropy": one.bits("entropy"),
             })
     return rows

@@ -3,6 +3,8 @@
 An unpacked TriLM packs to ``ternary-1.6`` / ``ternary-2`` (and back to ``unpacked``); a packed QuantLM export
 (gptq or compressed-tensors) converts to the other packed format or to the dequantized ``unpacked`` one. Every
 value goes through the registry: decoded by the source format, encoded by the target, so a round trip is exact.
+Any of them also exports to ``gguf`` (llama.cpp): a FloatLM as F16, a TriLM as TQ1_0 / TQ2_0, a packed QuantLM in
+the block type that holds its GPTQ codes exactly.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from quantlm.errors import QuantlmError
 
 
 def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
-                 overwrite: bool = False) -> dict:
-    """Write the checkpoint in ``model_dir`` to ``out_dir`` in format ``fmt``; returns a short report."""
+                 overwrite: bool = False, options: dict | None = None) -> dict:
+    """Write the checkpoint in ``model_dir`` to ``out_dir`` in format ``fmt``; returns a short report.
+
+    ``options``: layout fields of the target (``float_dtype``; for gguf ``gguf_type``, ``kquant_grouped``,
+    ``merge_shard_scales``). The report's ``changes`` lists what an opt-in changed in the weights (empty when
+    the export is lossless)."""
     from quantlm import validate
     from quantlm.accounting import checkpoint_layout
     from quantlm.atomic import check_output, output_dir
     from quantlm.formats.loader import read_linears
     from quantlm.formats.registry import Layout, formats_for, get_format
-    from quantlm.formats.writer import write_checkpoint
+    from quantlm.formats.writer import write_checkpoint, written_changes
     from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.metadata import ModelMeta, read_meta
     from quantlm.quantized import QuantizedLinear, TernaryWeight
@@ -38,11 +44,15 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
                            f"not {fmt}")
     check_output(out, overwrite, protect=[src])
     validate.check_checkpoint(src, config)
-    target = dataclasses.replace(source, format=fmt)
+    try:
+        target = dataclasses.replace(source, format=fmt, **(options or {}))
+    except TypeError as e:
+        raise QuantlmError(f"export options {sorted(options or {})}: {e}") from None
     Layout(**dataclasses.asdict(target))  # the target format's own checks
     if source.family == "quantlm" and source.format == "unpacked" and fmt != "unpacked":
         raise QuantlmError(f"{src} is a dequantized (unpacked) QuantLM: its integer codes are gone; export from its "
                            "gptq or compressed-tensors sibling, or quantize again with --formats " + fmt)
+    get_format(fmt).preflight(src, config, target)
     dense, linears = read_linears(src, config, source, block_map)
     for name, value in list(linears.items()):
         if source.family == "trilm" and not isinstance(value, TernaryWeight):
@@ -58,4 +68,6 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
                      info={"exported_from": source.format}, versions=library_versions())
     with output_dir(out, overwrite=overwrite, protect=[src]) as tmp:
         write_checkpoint(tmp, config, dense, linears, target, block_map, meta, src)
-    return {"source": str(src), "from": source.format, "to": fmt, "out": str(out), "family": source.family}
+        changes = written_changes(tmp)
+    return {"source": str(src), "from": source.format, "to": fmt, "out": str(out), "family": source.family,
+            "layout": target.describe(), "changes": changes}

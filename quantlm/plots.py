@@ -1,5 +1,6 @@
 """Quality against size, the Spectra way: one curve per family (FloatLM, QuantLM per bitwidth, TriLM) against
-model size in bits (log axis) and against parameters, plus scaling-law fits L(N) = A / N^alpha + eps.
+model size in bits (log axis) and against parameters, plus scaling-law fits L(N) = A / N^alpha + eps; and, for
+deployed models, against llama.cpp's decode speed and peak memory (columns ``decode_tok_s``, ``rss_mb``).
 
 Inputs are the records DataFrame of :func:`quantlm.eval.records.load_records`; the columns used are
 ``model``, ``label`` (the curve), ``params``, ``size_bits_<convention>`` and the metric column (e.g.
@@ -25,6 +26,8 @@ X_AXES = {
     "size_bits_exact": "model size (bits, exact storage)",
     "size_bits_entropy": "model size (bits, entropy convention)",
     "params": "parameters",
+    "decode_tok_s": "decode speed (tokens/s, llama.cpp, batch 1)",
+    "rss_mb": "peak resident memory (MB, llama.cpp)",
 }
 _FIXED_COLORS = {"FloatLM": "#1f77b4", "TriLM": "#d62728"}
 _QUANT_COLORS = {8: "#2ca02c", 6: "#8c564b", 4: "#9467bd", 3: "#ff7f0e", 2: "#7f7f7f"}

@@ -27,7 +27,11 @@ REPORT_NAME = "report.json"
 class ExportSettings:
     """Which storage formats a quantization is written in (one folder each under OUT)."""
 
-    formats: tuple[str, ...] = doc("export formats: unpacked, gptq, compressed-tensors", ("unpacked",))
+    formats: tuple[str, ...] = doc("export formats: unpacked, gptq, compressed-tensors, gguf", ("unpacked",))
+    gguf_type: str = doc("gguf: ggml type of the block linears (empty: the smallest exact one: Q4_0 for <= 4 bits, "
+                         "Q5_0, Q8_0, or Q6_K/Q3_K/Q2_K per channel)", "")
+    kquant_grouped: bool = doc("gguf: allow Q6_K/Q3_K/Q2_K for grouped codes (re-quantizes the group scales; the "
+                               "largest changes are reported)", False)
 
     def __post_init__(self):
         from quantlm.formats.registry import formats_for
@@ -40,6 +44,8 @@ class ExportSettings:
         for f in self.formats:
             if f not in known:
                 raise QuantlmError(f"unknown QuantLM format {f!r}; choose from {', '.join(known)}")
+        if (self.gguf_type or self.kquant_grouped) and "gguf" not in self.formats:
+            raise QuantlmError("gguf_type / kquant_grouped set, but gguf is not among the formats; add --formats gguf")
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,9 @@ class QuantRecipe:
     def layout(self, fmt: str):
         from quantlm.formats.registry import Layout
 
-        g = self.gptq
-        return Layout("quantlm", fmt, bits=g.bits, group_size=g.group_size, sym=g.sym)
+        g, e = self.gptq, self.export
+        gguf = {"gguf_type": e.gguf_type, "kquant_grouped": e.kquant_grouped} if fmt == "gguf" else {}
+        return Layout("quantlm", fmt, bits=g.bits, group_size=g.group_size, sym=g.sym, **gguf)
 
     def with_bits(self, bits: int, group_size: int) -> QuantRecipe:
         return replace(self, gptq=replace(self.gptq, bits=bits, group_size=group_size))
@@ -93,6 +100,10 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(config, recipe))
     validate.check_device(device)
     validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
+    from quantlm.formats.registry import get_format
+
+    for fmt in recipe.export.formats:
+        get_format(fmt).preflight(model_dir, config, recipe.layout(fmt))
     return config
 
 
@@ -129,7 +140,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
 
     from quantlm.atomic import output_dir, write_json
     from quantlm.calibration import calibration_tokens
-    from quantlm.formats.writer import dense_state_dict, write_checkpoint
+    from quantlm.formats.writer import dense_state_dict, write_checkpoint, written_changes
     from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
     from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer
     from quantlm.metadata import ModelMeta
@@ -182,6 +193,9 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
             "paths": paths,
             "out_dir": str(out_dir),
         }
+        changes = {fmt: c for fmt in paths if (c := written_changes(tmp / fmt))}
+        if changes:  # what an opt-in (K-quant scales) changed in the weights, per format
+            report["changes"] = changes
         write_json(tmp / REPORT_NAME, report)
     log.info("quantized %d modules in %.1fs (%s), wrote %s", len(linears), run.seconds, report["method"],
              ", ".join(paths.values()))

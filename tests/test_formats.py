@@ -227,7 +227,7 @@ def test_every_registered_format_round_trips_and_sizes_as_declared(exports, tiny
     from quantlm.formats.registry import FORMATS, formats_for
 
     dirs = {("quantlm", f): Path(exports[4]["paths"][f]) for f in ("unpacked", "gptq", "compressed-tensors")}
-    for f in formats_for("trilm"):
+    for f in (f for f in formats_for("trilm") if f != "gguf"):  # GGUF: tests/test_gguf.py (256-wide rows)
         d = tmp_path / f
         export_model(tiny_trilm_dir, f, d) if f != "unpacked" else shutil.copytree(tiny_trilm_dir, d)
         dirs[("trilm", f)] = d

@@ -163,3 +163,70 @@ def test_llamacpp_tokenizes_sentencepiece_like_transformers(tmp_path, corpus_tex
     with torch.no_grad():
         want = hf_model(model_dir, dequantized_state(state))(input_ids=torch.tensor([ids])).logits[0].float()
     assert abs(_mean_nll(got, ids) - _mean_nll(want, ids)) < NLL_TOL["F16"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the commands: a trained TriLM exported with `quantlm export`, and `quantlm bench`
+
+
+@pytest.fixture(scope="module")
+def trained_trilm(tmp_path_factory):
+    """trilm-tiny (hidden 256, FFN 768: whole TQ blocks, one scale shard) trained briefly on the shipped corpus."""
+    from pathlib import Path
+
+    from quantlm import recipes
+    from quantlm.train.recipe import TrainRecipe
+    from quantlm.train.run import train
+
+    recipe = recipes.load(Path(__file__).resolve().parent.parent / "recipes" / "trilm-tiny.yaml", expect=TrainRecipe)
+    return train(recipe, tmp_path_factory.mktemp("trilm") / "run", progress=False,
+                 overrides={"steps": 60, "warmup_steps": 6, "checkpoint_interval": 0})
+
+
+@pytest.mark.parametrize("variant", ["TQ1_0", "TQ2_0"])
+def test_llamacpp_runs_a_trained_trilm_exported_by_the_command(trained_trilm, tmp_path, corpus_text, variant):
+    from gguf_tiny import hf_model, load_tensors
+    from transformers import AutoTokenizer
+
+    from quantlm.cli import main
+
+    out = tmp_path / variant
+    assert main(["export", str(trained_trilm), "--format", "gguf", "--type", variant, "--out", str(out)]) == 0
+    cfg, state = load_tensors(trained_trilm)
+    # what the file holds: gamma * W_t with fp16 scales, the embedding and head in fp16, norms in fp32
+    ref = {k: v.float() if "norm" in k else v.half().float() for k, v in state.items()}
+    exact = {k: w for k, w in _file_weights(out / "model.gguf", ref).items() if ".mlp." in k or ".self_attn." in k}
+    for k, w in exact.items():
+        assert torch.equal(w, ref[k]), k  # lossless: the trained TriLM's ternary weights, bit for bit
+    model = hf_model(trained_trilm, ref)
+    tok = AutoTokenizer.from_pretrained(trained_trilm)
+    text = corpus_text[-3000:-2000]  # the held-out tail of the corpus
+    ids = tok(text)["input_ids"][:N_CTX]
+    llm = _llama(out / "model.gguf")
+    assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)[:N_CTX] == ids
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0].float()
+    nll_cpp, nll_hf = _mean_nll(got, ids), _mean_nll(want, ids)
+    print(f"trained TriLM {variant}: NLL llama.cpp {nll_cpp:.5f} transformers {nll_hf:.5f}")
+    assert abs(nll_cpp - nll_hf) < NLL_TOL[variant]
+
+
+def test_bench_measures_each_model_in_its_own_process(tiny_dir, tmp_path):
+    from gguf_tiny import load_tensors, quantize_linears
+
+    from quantlm.deploy import BenchSettings, bench
+    from quantlm.formats.gguf import write_gguf
+
+    cfg, state = load_tensors(tiny_dir)
+    q4 = tmp_path / "q4.gguf"
+    write_gguf(q4, cfg, quantize_linears(state, bits=4, group_size=128), tiny_dir)
+    settings = BenchSettings(prompt_tokens=32, decode_tokens=16, repeats=2)
+    f16, q = bench([tiny_dir, q4], settings, progress=False)  # a checkpoint (exported on the fly) and a file
+    assert (f16["file_type"], q["file_type"]) == ("F16", "Q4_0") and f16["exported"] and not q["exported"]
+    assert q["gguf_bytes"] == q4.stat().st_size < f16["gguf_bytes"]
+    for r in (f16, q):
+        assert r["decode_tok_s"] > 0 and r["prompt_tok_s"] > 0 and len(r["decode_tok_s_all"]) == 2
+        assert r["rss_base_mb"] < r["rss_mb"] < 1000  # the child's own peak, not the parent's
+        assert r["threads"] == 1 and r["bits_per_weight"] == 8 * r["payload_bytes"] / r["params"]

@@ -71,6 +71,8 @@ def test_hash_decides_done_and_recipe_changes_invalidate(tmp_path):
     assert not suite.job_done(job)
     job.out.mkdir(parents=True)
     (job.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+    assert not suite.job_done(job)  # a quantization is done once every format it writes is there
+    (job.out / "unpacked").mkdir()
     assert suite.job_done(job)
     manifest2, _ = suite.load_manifest(_manifest(tmp_path, quant={"calibration": {"nsamples": 8, "seqlen": 16}}))
     job2 = next(j for j in suite.plan(manifest2, base) if j.id == job.id)
@@ -120,6 +122,8 @@ def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch, tiny_model_d
             raise RuntimeError("boom")
         out = job.out if job.kind == "eval" else job.out / suite.JOB_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
+        if job.kind == "quantize":
+            (job.out / "unpacked").mkdir()
         out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
 
     monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
@@ -135,7 +139,7 @@ def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch, tiny_model_d
 
     def fixed(job, m, progress=True):
         if job.id == "quantize/quantlm-a-3bit-s0":
-            job.out.mkdir(parents=True, exist_ok=True)
+            (job.out / "unpacked").mkdir(parents=True, exist_ok=True)
             (job.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": job.hash}}))
             ran.append(job.id)
             return
@@ -178,3 +182,59 @@ def test_models_trained_by_the_suite_are_not_preflighted_as_checkpoints(tmp_path
     monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
     s = suite.run(manifest, base, progress=False)
     assert ran[0] == "train/floatlm-micro" and not s.failed and len(s.done) == 4
+
+
+def test_deploy_adds_one_job_per_model_and_keeps_the_other_hashes(tmp_path):
+    manifest, base = suite.load_manifest(_manifest(tmp_path))
+    before = {j.id: j.hash for j in suite.plan(manifest, base)}
+    with_deploy, _ = suite.load_manifest(_manifest(tmp_path, deploy=True, bench={"threads": 1, "decode_tokens": 16}))
+    jobs = suite.plan(with_deploy, base)
+    after = {j.id: j.hash for j in jobs}
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["deploy/floatlm-a", "deploy/quantlm-a-3bit", "deploy/quantlm-a-8bit",
+                                                "deploy/trilm-a"]
+    d = next(j for j in jobs if j.id == "deploy/quantlm-a-3bit")
+    assert d.needs == ("quantize/quantlm-a-3bit-s0",) and d.source.name == "compressed-tensors"
+    q = next(j for j in jobs if j.id == "quantize/quantlm-a-3bit-s0")
+    assert q.payload["recipe"].export.formats == ("unpacked", "compressed-tensors")
+    # a quantization finished before deploy was switched on lacks the packed export: it runs again
+    q.out.mkdir(parents=True)
+    (q.out / "unpacked").mkdir()
+    (q.out / suite.JOB_FILE).write_text(json.dumps({"suite_job": {"hash": q.hash}}))
+    assert not suite.job_done(q)
+    (q.out / "compressed-tensors").mkdir()
+    assert suite.job_done(q)
+
+
+def test_deploy_jobs_without_llama_cpp_are_not_run_and_fail_nothing(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
+    import quantlm.deploy
+
+    for name in ("fl", "tri"):  # the suite checks the checkpoints it is given before any job runs
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        shutil.copytree(tiny_model_dir, tmp_path / name)
+
+    manifest, base = suite.load_manifest(_manifest(tmp_path, deploy=True))
+    monkeypatch.setattr(quantlm.deploy, "llama_cpp_available", lambda python=None: False)
+    ran = []
+
+    def fake(job, manifest, progress=True):
+        if job.kind == "deploy":
+            return real(job, manifest, progress)
+        ran.append(job.id)
+        out = job.out if job.kind == "eval" else job.out / suite.JOB_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for f in job.payload["recipe"].export.formats if job.kind == "quantize" else ():
+            (job.out / f).mkdir()
+        out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+
+    real = suite.run_job
+    monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
+    s = suite.run(manifest, base, progress=False)
+    assert not s.failed and not s.blocked and len(s.done) == len(ran) == 10
+    assert sorted(s.not_run) == ["deploy/floatlm-a", "deploy/quantlm-a-3bit", "deploy/quantlm-a-8bit",
+                                 "deploy/trilm-a"]
+    assert all("bash .ci/llamacpp.sh" in r for r in s.not_run.values())
+    status = json.loads((tmp_path / "out" / "suite-status.json").read_text())
+    assert sorted(status["not_run"]) == sorted(s.not_run)

@@ -18,7 +18,8 @@ from quantlm.errors import QuantlmError
 SUBCOMMANDS = {
     "size": "model sizes in bits (presets, config.json files, checkpoint directories)",
     "quantize": "quantize a LLaMA-like checkpoint with GPTQ at 2..8 bits",
-    "export": "re-write a checkpoint in another format (pack a TriLM, convert a packed QuantLM)",
+    "export": "re-write a checkpoint in another format (pack a TriLM, convert a packed QuantLM, GGUF)",
+    "bench": "decode/prompt speed and peak memory of models in llama.cpp (GGUF)",
     "train": "train a FloatLM or a TriLM from a recipe",
     "eval": "perplexity and zero-shot tasks of a model on local data; appends a result record",
     "plot": "size-vs-quality plots and scaling-law fits from result records",

@@ -59,6 +59,9 @@ def _run(args) -> int:
     s, g = report["seconds"], recipe.gptq
     print(f"{report['method']} {g.bits}-bit, group {g.group_size}: {len(report['modules'])} modules, "
           f"total error {report['total_error']:.4g}, {s['total']:.1f}s (quantize {s['quantize']:.1f}s)")
+    from quantlm.cli.export import print_changes
+
     for fmt, path in report["paths"].items():
         print(f"  {fmt}: {path}")
+        print_changes(report.get("changes", {}).get(fmt))
     return 0

@@ -11,19 +11,20 @@ def register(sub) -> None:
         description="Size in bits of FloatLMs, QuantLMs and TriLMs. With no MODEL: the whole Spectra suite "
                     "(54 presets) under the paper and exact conventions side by side.")
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="preset name (e.g. quantlm-3.9b-4bit), config.json path or checkpoint directory")
+                   help="preset name (e.g. quantlm-3.9b-4bit), config.json path, checkpoint directory or .gguf file "
+                        "(measured from its header alone)")
     p.add_argument("--convention", choices=["paper", "exact", "entropy", "all"], action="append",
                    help="accounting convention (repeatable; default: paper and exact)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     p.add_argument("--per-tensor", action="store_true", help="one row per stored tensor instead of per model")
     p.add_argument("--bits", type=int, help="account a FloatLM preset/config as the QuantLM of this bitwidth")
     p.add_argument("--group-size", type=int, help="QuantLM group size (-1: per-channel); default 128 at <=4 bits")
-    p.add_argument("--layout", choices=["compressed-tensors", "gptq", "unpacked"], default="compressed-tensors",
-                   help="QuantLM storage assumed by the exact convention")
+    p.add_argument("--layout", choices=["compressed-tensors", "gptq", "unpacked", "gguf"], default="compressed-tensors",
+                   help="QuantLM storage assumed by the exact convention (gguf: the smallest exact block type)")
     p.add_argument("--asym", action="store_true", help="QuantLM with asymmetric grids (zero points stored)")
     p.add_argument("--g-idx", action="store_true", help="QuantLM stores an int32 group index per input column")
-    p.add_argument("--ternary-layout", choices=["ternary-1.6", "ternary-2", "unpacked"], default="ternary-1.6",
-                   help="TriLM storage assumed by the exact convention")
+    p.add_argument("--ternary-layout", choices=["ternary-1.6", "ternary-2", "unpacked", "gguf"], default="ternary-1.6",
+                   help="TriLM storage assumed by the exact convention (gguf: TQ1_0)")
     p.add_argument("--list", action="store_true", help="list the preset names and exit")
     p.add_argument("--out", help="write the output to this file (atomically) instead of stdout")
     p.set_defaults(func=_run)
@@ -94,6 +95,10 @@ def _table(df, conventions: list[str], per_tensor: bool) -> str:
     if layouts is not None:
         kinds = sorted(set(layouts["layout"]))
         note = "\nexact convention assumes: " + "; ".join(kinds) + "\n"
+    if "file_bytes" in df:  # files measured as stored: the payload (= exact bits / 8) and what surrounds it
+        files = df[df.convention == conventions[0]].dropna(subset=["file_bytes"])
+        note += "".join(f"{r.model}: tensor payload {r.payload_bytes:,.0f} bytes (exact / 8), headers "
+                        f"{r.header_bytes:,.0f}, file {r.file_bytes:,.0f}\n" for r in files.itertuples())
     return table + "\n" + note
 
 

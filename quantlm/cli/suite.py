@@ -38,9 +38,13 @@ def _run(args) -> int:
         summary = suite.run(manifest, base, only=args.only, progress=args.progress)
         failed = bool(summary.failed)
         print(f"suite {manifest.name}: {len(summary.done)} jobs done, {len(summary.skipped)} already done, "
-              f"{len(summary.failed)} failed, {len(summary.blocked)} blocked")
+              f"{len(summary.failed)} failed, {len(summary.blocked)} blocked"
+              + (f", {len(summary.not_run)} not run here" if summary.not_run else ""))
         for job_id, err in {**summary.failed, **summary.blocked}.items():
             print(f"  {job_id}: {err}", file=sys.stderr)
+        for reason in dict.fromkeys(summary.not_run.values()):  # one line per reason (deploy: no llama_cpp)
+            ids = [j for j, r in summary.not_run.items() if r == reason]
+            print(f"  not run ({len(ids)} jobs, e.g. {ids[0]}): {reason}", file=sys.stderr)
         if args.only:  # one job of a scheduler's array: the report is built once all have run
             return 1 if failed else 0
     out = suite.report(manifest, base)

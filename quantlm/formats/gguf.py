@@ -8,11 +8,18 @@ written to a temporary sibling and renamed into place.
 
 :func:`read_gguf_header` parses the header only (metadata and tensor table) and says where every tensor's
 bytes are and how many there are, so a file's size can be accounted without reading its weights.
+
+:class:`GGUFFormat` is the ``gguf`` entry of the format registry: for a linear of a given shape under a layout it
+declares the one tensor the file stores (its ggml type: the layout's, or the smallest exact one for the recipe),
+so ``quantlm.accounting`` predicts a GGUF export's size from config + recipe, and it writes a whole model as
+``<out>/model.gguf`` with its ``quantlm.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import struct
@@ -26,6 +33,7 @@ from torch import Tensor
 from quantlm.atomic import atomic_path
 from quantlm.errors import QuantlmError
 from quantlm.formats import gguf_blocks as gb
+from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, register
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 
 ARCH = "llama"
@@ -56,6 +64,21 @@ def gguf_name(hf_name: str) -> str | None:
         return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     raise QuantlmError(f"{hf_name}: not a tensor of a LLaMA model; GGUF export covers LlamaForCausalLM "
                        "(embed_tokens, layers.N.{self_attn,mlp,*_layernorm}, norm, lm_head)")
+
+
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
+_HF_TOP_NAMES = {v: k for k, v in _TOP_NAMES.items()}
+
+
+def hf_name(name: str) -> str | None:
+    """The HF LLaMA tensor name of a llama.cpp tensor name (the inverse of :func:`gguf_name`); None if unknown."""
+    if name in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[name]
+    m = _GGUF_LAYER.match(name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
 
 
 def rope_permutation(rows: int, n_head: int) -> Tensor:
@@ -217,6 +240,18 @@ def tokenizer_metadata(tokenizer_dir: str | os.PathLike, vocab_size: int) -> dic
 # Writing
 
 
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """gguf-py logs every file it writes at INFO (temporary names included); quantlm reports the file itself."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _float_array(t: Tensor, type_name: str) -> tuple[np.ndarray, object]:
     import gguf
 
@@ -243,7 +278,8 @@ def _pick_type(w, hf_name: str, linear_type, float_type: str, kquant_grouped: bo
 def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, Tensor | QuantizedLinear | TernaryWeight],
                tokenizer_dir: str | os.PathLike, *, float_type: str = "F16",
                linear_type: str | Mapping[str, str] | None = None, kquant_grouped: bool = False,
-               merge_shard_scales: bool = False) -> dict:
+               merge_shard_scales: bool = False, metadata: Mapping[str, bool | int | str] | None = None,
+               model_name: str | None = None) -> dict:
     """Write a LLaMA GGUF for llama.cpp; return a report of what went where.
 
     config: the HF config.json as a dict. tensors: HF names (``model.layers.N.self_attn.q_proj.weight``, ...)
@@ -253,7 +289,8 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     ``linear_type`` names one (for every linear, or per HF name in a mapping); a plain float linear given a
     block type is quantized by gguf-py's round-to-nearest (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/TQ1_0/TQ2_0), reported as
     such. ``kquant_grouped`` / ``merge_shard_scales``: the opt-ins of ``gguf_blocks.encode``; what they
-    changed is in the report. A tied LM head (``tie_word_embeddings``) is omitted; an untied config without
+    changed is in the report. ``metadata``: extra key/value pairs for the header (quantlm's ``quantlm.*`` keys); ``model_name``: the
+    ``general.name`` (default: the file's stem). A tied LM head (``tie_word_embeddings``) is omitted; an untied config without
     ``lm_head.weight`` is an error. Nothing is written unless every tensor can be.
 
     Report: {"path", "file_type", "quantization_version", "tensors": [{"name", "source", "type", "shape"
@@ -310,9 +347,11 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
             elif type_name in _RTN_TYPES:
                 gb.bytes_per_row(type_name, t.shape[-1], hf_name)  # the width check, with the layer's name
                 src = t.to(torch.float16).to(torch.float32).numpy()
-                arr, raw = gguf.quants.quantize(src, gguf.GGMLQuantizationType[type_name]), \
-                    gguf.GGMLQuantizationType[type_name]
-                row.update(exact=False, note=f"round-to-nearest {type_name} by gguf-py (from the fp16 weights)")
+                raw = gguf.GGMLQuantizationType[type_name]
+                arr = gguf.quants.quantize(src, raw)
+                err = float(np.abs(gguf.quants.dequantize(arr, raw).reshape(src.shape) - src).max()) if src.size else 0.0
+                row.update(exact=False, weight_error=err,
+                           note=f"round-to-nearest {type_name} by gguf-py (from the fp16 weights)")
             else:
                 raise QuantlmError(f"{hf_name}: a plain float weight cannot be written as {type_name} (gguf-py "
                                    f"quantizes only {', '.join(_RTN_TYPES)}); quantize it with quantlm first")
@@ -331,9 +370,9 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     tok_meta = tokenizer_metadata(tokenizer_dir, hp["vocab"])
 
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _quiet("gguf.gguf_writer"):
         writer = gguf.GGUFWriter(str(tmp), ARCH)
-        writer.add_name(path.stem)
+        writer.add_name(model_name or path.stem)
         writer.add_block_count(hp["n_layer"])
         writer.add_context_length(hp["n_ctx"])
         writer.add_embedding_length(hp["hidden"])
@@ -350,11 +389,11 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
         writer.add_file_type(_FILE_TYPE.get(main_type, 1))
         if quantized:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, val in tok_meta.items():
+        for key, val in {**tok_meta, **dict(metadata or {})}.items():
             if isinstance(val, bool):
                 writer.add_bool(key, val)
             elif isinstance(val, int):
-                writer.add_uint32(key, val)
+                (writer.add_int32 if val < 0 else writer.add_uint32)(key, val)
             elif isinstance(val, str):
                 writer.add_string(key, val)
             elif key.endswith("token_type"):
@@ -496,3 +535,143 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
             "metadata": metadata, "metadata_bytes": ti_start - kv_start, "tensor_info_bytes": ti_end - ti_start,
             "header_bytes": data_start, "tensors": tensors, "payload_bytes": payload,
             "padding_bytes": file_bytes - data_start - payload, "consistent": bool(consistent)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gguf entry of the format registry
+
+GGUF_FILE = "model.gguf"
+_ALLOWED = {"floatlm": gb.FLOAT_TYPES + _RTN_TYPES, "quantlm": gb.FLOAT_TYPES + gb.LINEAR_TYPES,
+            "trilm": gb.FLOAT_TYPES + gb.TERNARY_TYPES}
+
+
+def quantlm_keys(layout: Layout) -> dict:
+    """The ``quantlm.*`` header keys: what the file's block linears are (family, bits, group size, shards), so a
+    GGUF file alone is accounted under every convention (``quantlm size FILE.gguf``)."""
+    keys: dict = {"quantlm.family": layout.family}
+    if layout.family == "quantlm":
+        keys.update({"quantlm.bits": layout.bits, "quantlm.group_size": layout.group_size, "quantlm.sym": layout.sym})
+    if layout.family == "trilm":
+        keys["quantlm.model_parallel"] = layout.mp
+    return keys
+
+
+class GGUFFormat(Format):
+    """A whole LLaMA model as one llama.cpp GGUF file: block linears in a ggml block type (bit-exact from GPTQ codes
+    or ternary weights), embedding and head in the float type, norms F32."""
+
+    name = "gguf"
+    families = ("floatlm", "quantlm", "trilm")
+    container = "gguf"
+
+    def check(self, layout):
+        if layout.float_dtype not in gb.FLOAT_TYPES:
+            raise QuantlmError(f"GGUF float type {layout.float_dtype!r}: use one of {', '.join(gb.FLOAT_TYPES)}")
+        t = layout.gguf_type
+        if t:
+            gb.ggml_type(t)
+            if t not in _ALLOWED[layout.family]:
+                raise QuantlmError(f"a {layout.family}'s block linears cannot be written as {t}; GGUF types for a "
+                                   f"{layout.family}: {', '.join(_ALLOWED[layout.family])}")
+        if layout.kquant_grouped and layout.family != "quantlm":
+            raise QuantlmError("kquant_grouped re-quantizes the group scales of GPTQ codes; it applies to a QuantLM")
+        if layout.merge_shard_scales and layout.family != "trilm":
+            raise QuantlmError("merge_shard_scales merges TriLM scale shards; it applies to a TriLM")
+
+    def describe(self, layout):
+        default = {"floatlm": layout.float_dtype, "quantlm": "the smallest exact type", "trilm": "TQ1_0"}
+        opts = [o for o, on in (("K-quant scales re-quantized", layout.kquant_grouped),
+                                ("straddling shard scales merged", layout.merge_shard_scales)) if on]
+        return (f"GGUF: block linears {layout.gguf_type or default[layout.family]}, embedding and head "
+                f"{layout.float_dtype}, norms F32" + "".join(f", {o}" for o in opts))
+
+    def linear_type(self, out: int, in_features: int, layout: Layout, kind: str, name: str = "") -> str:
+        """The ggml type of a block linear of this shape: the layout's ``gguf_type`` (checked to hold it exactly,
+        or with the layout's opt-ins), else the float type for a FloatLM and the smallest exact type otherwise
+        (``gguf_blocks.choose_type``: Q4_0 for <= 4-bit codes, ..., TQ1_0 for a TriLM). From shapes alone."""
+        name = name or f"a [{out}, {in_features}] block linear"
+        t = layout.gguf_type
+        if layout.family == "floatlm":
+            t = t or layout.float_dtype
+            if t not in gb.FLOAT_TYPES:
+                gb.bytes_per_row(t, in_features, name)
+            return t
+        if t in gb.FLOAT_TYPES:
+            return t
+        w = gb.shaped((out, in_features), bits=layout.bits if layout.family == "quantlm" else None, sym=layout.sym,
+                      group_size=layout.group_size, mp=layout.mp, kind=kind)
+        opts = {"kquant_grouped": layout.kquant_grouped, "merge_shard_scales": layout.merge_shard_scales}
+        if not t:
+            return gb.choose_type(w, name=name, **opts)
+        gb.check_fits(w, t, name=name, **opts)
+        return t
+
+    def linear_tensors(self, out, in_features, layout, kind):
+        t = self.linear_type(out, in_features, layout, kind)
+        params = out * in_features
+        if t in gb.FLOAT_TYPES:
+            code_bits = LOG2_3 + 16.0 * layout.mp / params if layout.family == "trilm" else None
+            return [TensorSpec(".weight", t, (out, in_features), "weight", params, code_bits)]
+        info = {"quantlm": layout.bits, "trilm": LOG2_3}.get(layout.family)  # a FloatLM's RTN blocks: as stored
+        code_bits = None if info is None else info + gb.scale_bits_per_weight(t)
+        return [TensorSpec(".weight", "U8", (out, gb.bytes_per_row(t, in_features)), "codes", params, code_bits)]
+
+    def norm_dtype(self, layout):
+        return "F32"
+
+    def preflight(self, model_dir, config, layout):
+        """Before any compute: a LLaMA config llama.cpp runs, a type for every linear, a tokenizer it reproduces."""
+        from quantlm.accounting import spec_from_config
+        from quantlm.hf_checkpoint import block_map_for
+
+        _hparams(config)
+        block_map = block_map_for(config, str(model_dir))
+        for rel, (out_f, in_f) in spec_from_config(config, str(model_dir)).linear_shapes().items():
+            self.linear_type(out_f, in_f, layout, block_map.shard_kind(rel), f"{block_map.layers_path}.N.{rel}")
+        tokenizer_metadata(model_dir, int(config["vocab_size"]))
+
+    def write(self, out, config, dense, linears, layout, block_map, meta, tokenizer_dir=None):
+        """``out/model.gguf`` (every tensor of ``dense`` and ``linears``, each linear in :meth:`linear_type`) and
+        ``out/quantlm.json``; checks that the file's size is the one the accounting predicts from the config."""
+        import dataclasses
+
+        from quantlm import accounting as acc
+        from quantlm.metadata import write_meta
+
+        if tokenizer_dir is None:
+            raise QuantlmError("a GGUF file embeds the tokenizer: pass the directory holding the model's tokenizer")
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors, types = dict(dense), {}
+        for name, value in linears.items():
+            out_f, in_f = value.shape
+            types[name + ".weight"] = self.linear_type(out_f, in_f, layout, block_map.shard_kind(name), name)
+            tensors[name + ".weight"] = value
+        label = meta.model
+        if meta.producer == "quantize":
+            from quantlm.eval.run import model_name
+
+            label = model_name(out, meta)
+        report = write_gguf(out / GGUF_FILE, config, tensors, tokenizer_dir, float_type=layout.float_dtype,
+                            linear_type=types, kquant_grouped=layout.kquant_grouped,
+                            merge_shard_scales=layout.merge_shard_scales, metadata=quantlm_keys(layout),
+                            model_name=label or None)
+        stored = acc.budget_from_gguf(out / GGUF_FILE)
+        predicted = acc.budget_from_spec(acc.spec_from_config(config, label or out.name), layout, block_map=block_map)
+        if not stored.total_bits("exact") == predicted.total_bits("exact") == 8 * report["payload_bytes"]:
+            raise AssertionError(f"{out / GGUF_FILE}: {report['payload_bytes']} payload bytes, but the gguf format "
+                                 f"declares {predicted.total_bits('exact') / 8:.0f} for this config and layout")
+        counts: dict[str, int] = {}
+        for t in types.values():
+            counts[t] = counts.get(t, 0) + 1
+        info = {**meta.info, "changes": report["changes"],
+                "gguf": {"file": GGUF_FILE, "file_type": report["file_type"], "linear_types": counts,
+                         "payload_bytes": report["payload_bytes"], "header_bytes": report["header_bytes"],
+                         "file_bytes": report["file_bytes"]}}
+        accounting = {"as_stored": {c: stored.total_bits(c) for c in acc.CONVENTIONS},
+                      "layout": layout.describe()}
+        write_meta(out, dataclasses.replace(meta, format=self.name, info=info, accounting=accounting))
+        return out
+
+
+GGUF = register(GGUFFormat())

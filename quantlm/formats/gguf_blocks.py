@@ -82,6 +82,35 @@ def bits_per_weight(type_name: str) -> float:
     return ggml_type(type_name).bits_per_weight
 
 
+# Bits per weight of each block type's code field (the rest of a block is scales, offsets and sub-scales):
+# TQ1_0 keeps 256 trits in 52 bytes (5 per byte, 4 in the last 16 bytes), TQ2_0 in 64.
+CODE_FIELD_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q2_K": 2, "Q3_K": 3, "Q6_K": 6,
+                   "TQ1_0": 52 * 8 / 256, "TQ2_0": 2}
+
+
+def scale_bits_per_weight(type_name: str) -> float:
+    """Bits per weight a block type spends beyond its code field (block scales, offsets, sub-block scales):
+    0.5 for Q4_0 / Q5_0 / Q8_0, 0.5625 for Q6_K, 0.4375 for Q3_K, 0.625 for Q2_K, 0.0625 for TQ1_0 / TQ2_0."""
+    if type_name in FLOAT_TYPES:
+        return 0.0
+    return bits_per_weight(type_name) - CODE_FIELD_BITS[ggml_type(type_name).name]
+
+
+def shaped(shape: tuple[int, int], *, bits: int | None = None, sym: bool = True, group_size: int = -1, mp: int = 1,
+           kind: str = COLUMN) -> QuantizedLinear | TernaryWeight:
+    """A weight with a shape and a recipe but no data (meta tensors): all that :func:`choose_type`,
+    :func:`working_types` and :func:`check_fits` read, so a file's types follow from a config and a recipe.
+    ``bits`` None: a TriLM weight with ``mp`` scale shards of ``kind``; else a b-bit QuantizedLinear."""
+    out, in_features = shape
+    if bits is None:
+        return TernaryWeight(torch.empty(shape, dtype=torch.int8, device="meta"),
+                             torch.empty(mp, dtype=torch.float16, device="meta"), kind)
+    groups = 1 if group_size == -1 else -(-in_features // group_size)
+    return QuantizedLinear(torch.empty(shape, dtype=torch.uint8, device="meta"),
+                           torch.empty(out, groups, dtype=torch.float16, device="meta"),
+                           torch.empty(out, groups, dtype=torch.int32, device="meta"), bits, group_size, sym)
+
+
 def bytes_per_row(type_name: str, in_features: int, name: str = "a tensor") -> int:
     """Bytes of one row of ``in_features`` weights; an error if the row is not a whole number of blocks."""
     t = ggml_type(type_name)
@@ -227,6 +256,26 @@ def choose_type(w: QuantizedLinear | TernaryWeight, *, kquant_grouped: bool = Fa
                        f"width {w.shape[1]}) exactly ({reasons}); types that would work: "
                        f"{_alternatives(w, kquant_grouped, merge_shard_scales)}"
                        + ("; or re-quantize with sym: true or at most 7 bits" if not w.sym else ""))
+
+
+def check_fits(w: QuantizedLinear | TernaryWeight, type_name: str, *, name: str = "layer",
+               kquant_grouped: bool = False, merge_shard_scales: bool = False) -> None:
+    """The error :func:`encode` raises when ``type_name`` cannot hold ``w`` exactly (with the named opt-ins),
+    naming the layer, the reason and the types that would work; decided from shape and recipe alone."""
+    ggml_type(type_name)
+    if type_name in FLOAT_TYPES:
+        return
+    if isinstance(w, TernaryWeight):
+        why = _ternary_misfit(type_name, w, merge_shard_scales)
+        if why is not None:
+            raise QuantlmError(f"{name}: {type_name} cannot hold this ternary weight exactly: {why}; types that "
+                               f"would work: {_alternatives(w, False, merge_shard_scales)}")
+        return
+    why = _linear_misfit(type_name, w.bits, w.sym, w.group_size, w.shape[1], kquant_grouped)
+    if why is not None:
+        raise QuantlmError(f"{name}: {type_name} cannot hold this {'symmetric' if w.sym else 'asymmetric'} "
+                           f"{w.bits}-bit code (group size {w.group_size}) exactly: {why}; types that would work: "
+                           f"{_alternatives(w, kquant_grouped, False)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -412,11 +461,7 @@ class _Errors:
 
 
 def _encode_linear(lin: QuantizedLinear, type_name: str, name: str, kquant_grouped: bool) -> Encoded:
-    why = _linear_misfit(type_name, lin.bits, lin.sym, lin.group_size, lin.shape[1], kquant_grouped)
-    if why is not None:
-        raise QuantlmError(f"{name}: {type_name} cannot hold this {'symmetric' if lin.sym else 'asymmetric'} "
-                           f"{lin.bits}-bit code (group size {lin.group_size}) exactly: {why}; types that would work: "
-                           f"{_alternatives(lin, kquant_grouped, False)}")
+    check_fits(lin, type_name, name=name, kquant_grouped=kquant_grouped)
     lin = lin.stored(name)
     rows, cols = lin.shape
     g = lin.group_index().long()
@@ -490,10 +535,7 @@ def _encode_kquant(type_name: str, q: Tensor, v: Tensor, z: Tensor, s: Tensor, e
 
 
 def _encode_ternary(tw: TernaryWeight, type_name: str, name: str, merge_shard_scales: bool) -> Encoded:
-    why = _ternary_misfit(type_name, tw, merge_shard_scales)
-    if why is not None:
-        raise QuantlmError(f"{name}: {type_name} cannot hold this ternary weight exactly: {why}; types that would "
-                           f"work: {_alternatives(tw, False, merge_shard_scales)}")
+    check_fits(tw, type_name, name=name, merge_shard_scales=merge_shard_scales)
     rows, cols = tw.shape
     bs = TYPES[type_name].block_size
     scales16 = tw.scales.to(torch.float16)

@@ -53,6 +53,9 @@ class Layout:
     mp: int = 1  # TriLM: model-parallel scale shards
     float_dtype: str = "F16"  # dense tensors (embedding, norms, head, unpacked linears)
     scale_dtype: str = "F16"
+    gguf_type: str = ""  # gguf: ggml type of the block linears ("": the smallest exact one per linear)
+    kquant_grouped: bool = False  # gguf: allow K types for grouped codes (sub-block scales re-quantized)
+    merge_shard_scales: bool = False  # gguf: one merged scale for TriLM blocks straddling two scale shards
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -66,6 +69,9 @@ class Layout:
             check_bits(self.bits)
             check_group_size(self.group_size)
         fmt = FORMATS[self.format]
+        if self.format != "gguf" and (self.gguf_type or self.kquant_grouped or self.merge_shard_scales):
+            raise QuantlmError(f"GGUF options (type, kquant_grouped, merge_shard_scales) apply to the gguf format, "
+                               f"not {self.format}")
         if self.family not in fmt.families:
             raise QuantlmError(f"the {self.format} format does not hold a {self.family}; formats for a "
                                f"{self.family}: {', '.join(formats_for(self.family))}")
@@ -99,6 +105,7 @@ class Format:
 
     name: str = ""
     families: tuple[str, ...] = ()
+    container: str = "safetensors"  # the file a model in this format is: safetensors checkpoint or gguf
 
     def check(self, layout: Layout) -> None:
         """Refuse a layout this format cannot hold (before any compute)."""
@@ -114,6 +121,19 @@ class Format:
         raise NotImplementedError
 
     def decode(self, read: Reader, name: str, out: int, in_features: int, layout: Layout, kind: str):
+        raise NotImplementedError
+
+    def norm_dtype(self, layout: Layout) -> str:
+        """The dtype the format stores norm weights in (the float dtype, unless the format fixes one)."""
+        return layout.float_dtype
+
+    def preflight(self, model_dir, config: dict, layout: Layout) -> None:
+        """Checks of a whole model that need no compute (run before a quantization or an export starts)."""
+
+    def write(self, out, config: dict, dense: dict[str, Tensor], linears: dict, layout: Layout, block_map,
+              meta, tokenizer_dir=None):
+        """Write a whole model into the directory ``out``: only for formats whose container is not a safetensors
+        checkpoint (those ``formats.writer.write_checkpoint`` writes itself)."""
         raise NotImplementedError
 
     def quantization_config(self, layout: Layout, recipe: dict) -> dict | None:
@@ -149,7 +169,7 @@ def formats_for(family: str) -> list[str]:
 
 def _load_builtin() -> None:
     # the format modules register themselves on import; imported lazily so registry.py has no import cycle
-    from quantlm.formats import compressed_tensors, gptq, ternary, unpacked  # noqa: F401
+    from quantlm.formats import compressed_tensors, gguf, gptq, ternary, unpacked  # noqa: F401
 
 
 def layout_of_config(config: dict) -> Layout:

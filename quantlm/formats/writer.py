@@ -62,10 +62,13 @@ def write_config(config: dict, out: Path, layout: Layout, recipe: dict) -> Path:
 def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], linears: dict, layout: Layout,
                      block_map: BlockMap, meta: ModelMeta, tokenizer_dir: Path | None = None) -> Path:
     """Write a checkpoint directory: ``dense`` tensors (floating ones cast to the layout's float dtype) and every
-    block linear in ``linears`` (name -> QuantizedLinear, TernaryWeight or dense weight) in ``layout``."""
+    block linear in ``linears`` (name -> QuantizedLinear, TernaryWeight or dense weight) in ``layout``. A format
+    whose container is not safetensors (gguf) writes the directory itself."""
     from safetensors.torch import save_file
 
     fmt = get_format(layout.format)
+    if fmt.container != "safetensors":
+        return fmt.write(out, config, dense, linears, layout, block_map, meta, tokenizer_dir)
     float_dtype = ST_DTYPES[layout.float_dtype]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: (t.to(float_dtype) if t.is_floating_point() else t).contiguous() for k, t in dense.items()}
@@ -91,3 +94,12 @@ def accounting_summary(out: Path, layout: Layout) -> dict:
     packed = acc.deployed_budget(out / "config.json", layout)
     summary["packed"] = {"layout": packed.layout, **{c: packed.total_bits(c) for c in acc.CONVENTIONS}}
     return summary
+
+
+def written_changes(out: Path) -> list[dict]:
+    """The tensors whose stored weights differ from the values given to the writer (opt-ins such as re-quantized
+    K-quant scales, merged shard scales, or round-to-nearest), as the written ``quantlm.json`` records them."""
+    from quantlm.metadata import read_meta
+
+    meta = read_meta(out)
+    return list(meta.info.get("changes", [])) if meta is not None else []

@@ -1,8 +1,11 @@
-"""The suite manifest and its plan: every job (train, quantize, eval) with its output and the hash of its inputs.
+"""The suite manifest and its plan: every job (train, quantize, eval, deploy) with its output and the hash of its
+inputs.
 
 A job's hash covers only what changes its output (for a quantization: the GPTQ math, its calibration windows
 including the one seed, round-to-nearest or not, and the source checkpoint), so adding a seed or a bitwidth
-to a manifest adds jobs without invalidating finished ones.
+to a manifest adds jobs without invalidating finished ones. With ``deploy``, every model (one seed per QuantLM)
+also gets a deploy job that runs it in llama.cpp (``quantlm.deploy``); the QuantLMs are then also written packed
+(compressed-tensors), which the deploy job exports to GGUF with their exact codes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from quantlm import paths
+from quantlm.deploy import BenchSettings
 from quantlm.errors import QuantlmError
 from quantlm.eval.recipe import EvalRecipe
 from quantlm.quantize import ExportSettings, QuantRecipe
@@ -24,6 +28,7 @@ from quantlm.recipes import doc, recipe_hash, to_dict
 log = logging.getLogger(__name__)
 
 JOB_FILE = "quantlm-job.json"
+DEPLOY_SOURCE = "compressed-tensors"  # the packed QuantLM export a deploy job converts to GGUF (exact codes)
 DEFAULT_GROUPS = {2: 128, 3: 128, 4: 128, 5: -1, 6: -1, 7: -1, 8: -1}
 
 
@@ -57,6 +62,9 @@ class SuiteManifest:
     device: str = doc("compute device for quantization and evaluation (cpu, cuda)", "cpu")
     heldout_ppl: str = doc("train recipe YAML whose held-out corpus split is added to the perplexity datasets "
                            "(as corpus-heldout)", "")
+    deploy: bool = doc("also run every model in llama.cpp: decode and prompt tokens/s, peak memory, GGUF bytes "
+                       "(jobs are skipped, with the reason, where llama_cpp is not importable)", False)
+    bench: BenchSettings = doc("how llama.cpp runs each model (with deploy)", BenchSettings())
 
     def __post_init__(self):
         names = [m.name for m in self.models]
@@ -74,7 +82,8 @@ class SuiteManifest:
     def quant_recipe(self, bits: int, seed: int) -> QuantRecipe:
         """The recipe of one quantize job: the shared one at this bitwidth and seed, written unpacked."""
         recipe = self.quant.with_bits(bits, self.group_size.get(bits, DEFAULT_GROUPS[bits]))
-        return replace(recipe, calibration=replace(recipe.calibration, seed=seed), export=ExportSettings())
+        formats = ("unpacked", DEPLOY_SOURCE) if self.deploy else ("unpacked",)
+        return replace(recipe, calibration=replace(recipe.calibration, seed=seed), export=ExportSettings(formats))
 
 
 def quantize_job_hash(recipe: QuantRecipe, rtn: bool, source: str) -> str:
@@ -91,7 +100,7 @@ def quantize_job_hash(recipe: QuantRecipe, rtn: bool, source: str) -> str:
 @dataclass(frozen=True)
 class Job:
     id: str
-    kind: Literal["train", "quantize", "eval"]
+    kind: Literal["train", "quantize", "eval", "deploy"]
     model: str  # label of the model the job produces or evaluates
     family: str
     out: Path  # output directory (train, quantize) or record file (eval)
@@ -152,6 +161,8 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
         src_hash = jobs[-1].hash if producer else str(ckpt)
         jobs.append(Job(f"eval/{m.name}", "eval", m.name, m.family, root / "results" / f"{m.name}.json",
                         _hash("eval", eval_hash, src_hash), producer, ckpt, preset=m.preset, payload=heldout))
+        if manifest.deploy:
+            jobs.append(_deploy_job(manifest, root, m.name, m.family, src_hash, producer, ckpt, preset=m.preset))
         if m.family != "floatlm":
             continue
         for bits in manifest.bits:
@@ -169,7 +180,17 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
                     jobs.append(Job(f"eval/{label}", "eval", qname, "quantlm", root / "results" / f"{label}.json",
                                     _hash("eval", eval_hash, qhash), (qid,), qdir / "unpacked", bits, seed,
                                     qpreset, rtn, heldout))
+                    if manifest.deploy and seed == manifest.seeds[0]:  # speed and memory do not depend on the seed
+                        jobs.append(_deploy_job(manifest, root, qname, "quantlm", qhash, (qid,), qdir / DEPLOY_SOURCE,
+                                                bits=bits, seed=seed, preset=qpreset, rtn=rtn))
     return jobs
+
+
+def _deploy_job(manifest: SuiteManifest, root: Path, model: str, family: str, src_hash: str,
+                needs: tuple[str, ...], source: Path, **kw) -> Job:
+    """Run ``model`` (a checkpoint, exported to GGUF on the fly) in llama.cpp; one record under results/deploy/."""
+    return Job(f"deploy/{model}", "deploy", model, family, root / "results" / "deploy" / f"{model}.json",
+               _hash("deploy", recipe_hash(manifest.bench), src_hash), needs, source, **kw)
 
 
 def _file_digest(path: Path) -> str:
@@ -181,9 +202,12 @@ def _file_digest(path: Path) -> str:
 
 
 def job_done(job: Job) -> bool:
-    """A job is done when its output exists and was produced by the same inputs (same hash)."""
-    marker = job.out if job.kind == "eval" else job.out / JOB_FILE
+    """A job is done when its output exists and was produced by the same inputs (same hash); a quantization, when
+    every format its recipe writes is there too (a format added later, e.g. for deploy, is then written)."""
+    marker = job.out if job.kind in ("eval", "deploy") else job.out / JOB_FILE
     if not marker.is_file():
+        return False
+    if job.kind == "quantize" and not all((job.out / f).is_dir() for f in job.payload["recipe"].export.formats):
         return False
     try:
         return json.loads(marker.read_text()).get("suite_job", {}).get("hash") == job.hash

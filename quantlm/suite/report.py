@@ -28,13 +28,14 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
     for model in ignored:
         log.warning("%s: its record is not one of this manifest's jobs (an edited manifest); left out of the table",
                     model)
-    table = comparison_table(df)
+    deploy = load_deploy_records(results / "deploy")
+    table = comparison_table(df, deploy)
     csv_path = write_text(results / "suite_table.csv", table.to_csv(index=False))
     md_path = write_text(results / "suite_table.md",
                          _markdown(table, manifest, {**_provenance(results, df), "ignored": ignored}))
     out = {"table": table, "csv": csv_path, "markdown": md_path, "plots": [], "ignored": ignored}
     if plots:
-        out["plots"] = _plots(df, results)
+        out["plots"] = _plots(df, results, deploy)
     return out
 
 
@@ -54,6 +55,26 @@ def current_records(df, manifest: SuiteManifest, base: Path):
     return current.reset_index(drop=True), ignored
 
 
+DEPLOY_COLUMNS = ("file_type", "gguf_bytes", "decode_tok_s", "prompt_tok_s", "rss_mb")
+
+
+def load_deploy_records(folder: Path):
+    """The deploy jobs' records (llama.cpp speed and memory), one row per model with DEPLOY_COLUMNS; empty if none."""
+    import pandas as pd
+
+    from quantlm.suite.runner import DEPLOY_SCHEMA
+
+    rows = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(r, dict) and r.get("schema") == DEPLOY_SCHEMA:
+            rows.append({"model": r["model"], **{c: r.get(c) for c in DEPLOY_COLUMNS}})
+    return pd.DataFrame(rows, columns=["model", *DEPLOY_COLUMNS])
+
+
 def _metric_columns(df) -> list[str]:
     """Perplexities of the corpora, then acc_norm (or acc) of the tasks, then the commonsense average."""
     tasks = {c[: -len(".acc")] for c in df.columns if c.endswith(".acc")}
@@ -65,8 +86,9 @@ def _metric_columns(df) -> list[str]:
     return [c for c in keep if df[c].notna().any()]
 
 
-def comparison_table(df):
-    """One row per model (QuantLM seeds averaged, with their standard deviation), ordered by family and size."""
+def comparison_table(df, deploy=None):
+    """One row per model (QuantLM seeds averaged, with their standard deviation), ordered by family and size;
+    with ``deploy`` records (:func:`load_deploy_records`), the llama.cpp columns of each model at the end."""
     import pandas as pd
 
     metrics = _metric_columns(df)
@@ -85,6 +107,8 @@ def comparison_table(df):
                 row[c + "_std"] = g[c].std(ddof=1)
         rows.append(row)
     table = pd.DataFrame(rows)
+    if deploy is not None and not deploy.empty:
+        table = table.merge(deploy.rename(columns={"file_type": "gguf_type"}), on="model", how="left")
     table["_f"] = table["family"].map(order).fillna(3)
     table["_b"] = -pd.to_numeric(table["bits"], errors="coerce").fillna(0)
     return table.sort_values(["_f", "params", "_b", "model"]).drop(columns=["_f", "_b"]).reset_index(drop=True)
@@ -104,7 +128,10 @@ def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
     lines = [f"# Suite `{manifest.name}`", "",
              "Sizes in Mbit under the paper, exact and entropy conventions (`quantlm size`; QuantLMs packed in "
              "the compressed-tensors layout, TriLMs at 1.6 bits per weight). QuantLM metrics are the mean over "
-             "calibration seeds (`_std`: their standard deviation over seeds).", "",
+             "calibration seeds (`_std`: their standard deviation over seeds). With deploy jobs: `gguf_type`, "
+             "`gguf_bytes` (the GGUF file llama.cpp ran), `decode_tok_s` (greedy decoding at batch 1), "
+             "`prompt_tok_s` and `rss_mb` (the process's peak resident memory) from `quantlm bench` (one seed "
+             "per QuantLM).", "",
              f"Produced by `quantlm suite` ({provenance.get('records')} result records, "
              f"{provenance.get('eval_wall_s', 0):.0f} s of evaluation) on {provenance.get('device')}; {versions}.", ""]
     if provenance.get("ignored"):
@@ -124,13 +151,19 @@ def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(df, results: Path) -> list[Path]:
+def _plots(df, results: Path, deploy=None) -> list[Path]:
     from quantlm import plots
 
+    speed = deploy is not None and not deploy.empty
+    if speed:  # every record of a model gets its llama.cpp figures (measured once per model)
+        df = df.merge(deploy[["model", "decode_tok_s", "rss_mb"]], on="model", how="left")
     written = []
     for metric in [c for c in _metric_columns(df) if c.endswith(".ppl")][:2] + (
             ["commonsense_avg"] if "commonsense_avg" in df.columns and df["commonsense_avg"].notna().any() else []):
         slug = metric.replace(".", "_")
         written += plots.plot_quality(df, metric, results / f"size_vs_{slug}", x="size_bits_paper")
         written += plots.plot_quality(df, metric, results / f"params_vs_{slug}", x="params")
+        if speed and metric.endswith(".ppl"):
+            written += plots.plot_quality(df, metric, results / f"decode_vs_{slug}", x="decode_tok_s")
+            written += plots.plot_quality(df, metric, results / f"memory_vs_{slug}", x="rss_mb")
     return written

@@ -1,5 +1,6 @@
 """Running a suite's plan: each job's output appears atomically with its hash inside; a failure is recorded and
-does not stop the others; killed and restarted, only unfinished jobs run again."""
+does not stop the others; killed and restarted, only unfinished jobs run again. A job that cannot run here (a
+deploy job without llama_cpp) is reported as not run, with the reason, and fails nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from quantlm.errors import QuantlmError
 from quantlm.suite.plan import JOB_FILE, Job, SuiteManifest, job_done, output_root, plan, select
 
 log = logging.getLogger(__name__)
+DEPLOY_SCHEMA = "quantlm.deploy/1"
+
+
+class JobSkipped(QuantlmError):
+    """A job that cannot run in this environment (the reason is its message); it fails nothing."""
 
 
 def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
@@ -39,6 +45,18 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
         report = quantize_model(job.source, job.payload["recipe"], job.out, device=manifest.device,
                                 overwrite=True, rtn=job.rtn, progress=progress)
         write_json(job.out / JOB_FILE, {"suite_job": stamp, "report_summary": _brief(report)})
+    elif job.kind == "deploy":
+        from quantlm.deploy import INSTALL_HINT, bench, llama_cpp_available
+
+        if not llama_cpp_available():
+            import sys
+
+            raise JobSkipped(INSTALL_HINT.format(python=sys.executable))
+        _require_checkpoint(job)
+        (record,) = bench([job.source], manifest.bench, progress=False, labels=[job.model])
+        record.update({"schema": DEPLOY_SCHEMA, "suite": manifest.name, "suite_job": stamp, "family": job.family,
+                       "bits": job.bits, "seed": job.seed, "rtn": job.rtn, "preset": job.preset or None})
+        write_json(job.out, record)
     else:
         from quantlm.eval.run import evaluate
 
@@ -85,6 +103,7 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
+    not_run: dict[str, str] = field(default_factory=dict)  # could not run here (JobSkipped): id -> reason
 
 
 def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, progress: bool = True) -> RunSummary:
@@ -119,6 +138,10 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
                 run_job(job, manifest, progress)
             except KeyboardInterrupt:
                 raise
+            except JobSkipped as e:
+                summary.not_run[job.id] = str(e)
+                log.info("%s not run: %s", job.id, e)
+                continue
             except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite
                 summary.failed[job.id] = f"{type(e).__name__}: {e}"
                 log.error("%s failed: %s", job.id, e)
@@ -128,7 +151,7 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
             summary.done.append(job.id)
         write_json(root / "suite-status.json", {
             "suite": manifest.name, "done": summary.done, "skipped": summary.skipped,
-            "failed": summary.failed, "blocked": summary.blocked,
+            "failed": summary.failed, "blocked": summary.blocked, "not_run": summary.not_run,
             "pending": [j.id for j in jobs if not job_done(j)],
         })
     return summary
