@@ -107,6 +107,17 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     return config
 
 
+def export_recipes(root: str | os.PathLike) -> list[Path]:
+    """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
+    from quantlm.recipes import dump
+    from quantlm.specs import PRESETS
+
+    root = Path(root)
+    written = [dump(spec, root / "presets" / f"{name}.yaml") for name, spec in PRESETS.items()]
+    written += [dump(r, root / f"{name}.yaml") for name, r in SPECTRA_QUANT_RECIPES.items()]
+    return written
+
+
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
     """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
     from quantlm.gptq.memory import plan_for_checkpoint

@@ -188,17 +188,6 @@ def dump(obj, path: str | os.PathLike) -> Path:
     return write_text(path, dumps(obj))
 
 
-def export_recipes(root: str | os.PathLike) -> list[Path]:
-    """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
-    from quantlm.quantize import SPECTRA_QUANT_RECIPES
-    from quantlm.specs import PRESETS
-
-    root = Path(root)
-    written = [dump(spec, root / "presets" / f"{name}.yaml") for name, spec in PRESETS.items()]
-    written += [dump(r, root / f"{name}.yaml") for name, r in SPECTRA_QUANT_RECIPES.items()]
-    return written
-
-
 def recipe_hash(obj) -> str:
     """A short stable hash of a recipe's settings (used to decide whether an output is up to date)."""
     text = json.dumps(to_dict(obj), sort_keys=True)
