@@ -55,7 +55,7 @@ class SuiteManifest:
     group_size: dict[int, int] = doc("group size per bitwidth (-1: per-channel)", default_factory=lambda: {
         3: 128, 4: 128, 6: -1, 8: -1})
     quant: QuantRecipe = doc("GPTQ recipe shared by every QuantLM (bits, group size and seed set per job; the "
-                             "suite writes the unpacked format)", QuantRecipe())
+                             "suite writes the unpacked format, and compressed-tensors for deploy jobs)", QuantRecipe())
     seeds: tuple[int, ...] = doc("calibration seeds of every QuantLM (Spectra averages over 3)", (0, 1, 2))
     eval: EvalRecipe = doc("evaluation of every model", EvalRecipe())
     rtn_baseline: bool = doc("also export round-to-nearest QuantLMs (a baseline for GPTQ)", False)
