@@ -226,7 +226,8 @@ def cmd_fit(args) -> None:
         d, f = s["hidden"], s["intermediate"]
         fbytes = M.DTYPE_BYTES[p["forward_dtype"]]
         bt = p["batch_size"] * p["seqlen"]
-        exact = b["weights"] + b["results"] + b["tokens"] + b["hidden_buffers"] + b["replay_cache"]
+        exact = (b["weights"] + b["results"] + b.get("allocator_slack", 0) + b["tokens"] + b["hidden_buffers"]
+                 + b["replay_cache"])
         ws = p["working_sets"]
         if ws["solve"] > ws["forward"]:
             continue  # solve-bound: says nothing about the forward constant

@@ -39,6 +39,7 @@ from quantlm.errors import QuantlmError
 from quantlm.gptq.block_passes import BlockPasses, StopForward, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
+from quantlm.gptq import memory as _memory
 from quantlm.gptq.memory import (
     MemorySettings,
     PeakSampler,
@@ -523,3 +524,4 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
             state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _memory.release_free_memory()  # this block's freed temporaries, trapped between its results
