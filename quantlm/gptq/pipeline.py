@@ -36,10 +36,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import QuantlmError
+from quantlm.gptq import memory as _memory
 from quantlm.gptq.block_passes import BlockPasses, StopForward, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
-from quantlm.gptq import memory as _memory
 from quantlm.gptq.memory import (
     MemorySettings,
     PeakSampler,
