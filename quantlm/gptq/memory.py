@@ -147,9 +147,11 @@ def result_bytes(shape: dict, group_size: int, rtn: bool = False) -> int:
     return total * shape["layers"]
 
 
-def replay_bytes(shape: dict, tokens: int, fbytes: int, cap: float, true_sequential: bool = True) -> int:
+def replay_bytes(shape: dict, tokens: int, fbytes: int, cap: float, true_sequential: bool = True,
+                 batch_tokens: int = 0) -> int:
     """Peak bytes of the replay cache of ``block_passes`` for a LLaMA block, as its all-or-nothing rule
-    decides per pass (records kept only if all batches fit in ``cap``): the first block (tails not yet
+    decides per pass (records kept only if all batches fit in ``cap``; a pass whose records do not fit still
+    records its first batch, ``batch_tokens`` tokens, before dropping them): the first block (tails not yet
     learned) and the later ones (attention and MLP finished around o_proj's / down_proj's input)."""
     if not true_sequential or cap <= 0:
         return 0
@@ -157,28 +159,28 @@ def replay_bytes(shape: dict, tokens: int, fbytes: int, cap: float, true_sequent
     kvw = shape["kv_heads"] * shape["head_dim"]
     q = shape["heads"] * shape["head_dim"]
     per = tokens * fbytes
+    peak = 0
 
-    def fits(held, new):
-        return (held + new) * per <= cap
+    def step(held: int, new: int) -> int:
+        """held + new if the pass's records fit (kept), else held (the first batch's records a transient)."""
+        nonlocal peak
+        if (held + new) * per <= cap:
+            peak = max(peak, (held + new) * per)
+            return held + new
+        peak = max(peak, held * per + new * batch_tokens * fbytes)
+        return held
 
-    # first block: pass for o records q,k,v; pass for gate the attention (replacing q,k,v); pass for down gate,up
-    held, peak = 0, 0
-    if fits(0, q + 2 * kvw):
-        held = q + 2 * kvw
-    peak = max(peak, held)
-    attn = fits(held, d)
-    if attn:
-        peak, held = max(peak, held + d), d
-    new = 2 * f if attn else d + 2 * f
-    if fits(held, new):
-        held += new
-    first = max(peak, held)
+    # first block: the pass for o records q,k,v; the pass for gate the attention (its records replace q,k,v);
+    # the pass for down gate and up
+    held = step(0, q + 2 * kvw)
+    with_attn = step(held, d)
+    attn = with_attn != held
+    held = d if attn else held
+    step(held, 2 * f if attn else d + 2 * f)
     # later blocks: o_proj's input (tail of the attention), then down_proj's input (tail of the MLP)
-    held = d if fits(0, d) else 0
-    if held and fits(held, f):
-        held += f
-    later = held
-    return max(first, later) * per
+    held = step(0, d)
+    step(held, f)
+    return int(peak)
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -400,7 +402,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
             cap = max(0.0, GPU_REPLAY_SHARE * (FIT_FRACTION * device_available - dev_fixed - max(forward, solve)))
         else:
             cap = 0.0 if on_gpu else 4 * 2**30
-    replay = replay_bytes(shape, tokens, fbytes, cap, true_sequential)
+    replay = replay_bytes(shape, tokens, fbytes, cap, true_sequential, bt)
     weights = n_params * wbytes
     results = result_bytes(shape, group_size, rtn)
     slack = int(K_BLOCK_SLACK * block_params * 4 * shape["layers"])

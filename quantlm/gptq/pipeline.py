@@ -510,6 +510,7 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
                         block_reports.append(report)
                         bar.update(1)
                     del H
+                    _memory.release_free_memory()  # the pass's and solve's temporaries, trapped between records
                     _maybe_crash(i, k)
                 passes.outputs(sink=outputs.write)
                 tails = passes.tails
