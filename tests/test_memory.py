@@ -140,6 +140,8 @@ def test_replay_model_follows_the_all_or_nothing_rule():
     # records (2 x 1280 in the first block, 1280 later) do not: 2.1 GB kept
     assert replay_bytes(shape, tokens, 4, 4 * 2**30) == tokens * 512 * 4
     assert replay_bytes(shape, tokens, 4, 0) == 0
+    # the pass whose records do not fit still holds its first batch (16 K tokens of gate + up) for a moment
+    assert replay_bytes(shape, tokens, 4, 4 * 2**30, batch_tokens=16384) == tokens * 512 * 4 + 2 * 1280 * 16384 * 4
     assert replay_bytes(shape, tokens, 4, 10**12) == tokens * (512 + 2 * 1280) * 4  # first block's peak
     assert replay_bytes(shape, tokens, 4, 10**12, true_sequential=False) == 0
 

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import QuantlmError
+from quantlm.gptq import memory as _memory
 from quantlm.gptq.block_passes import BlockPasses, StopForward, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
@@ -497,6 +498,7 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
                         block_reports.append(report)
                         bar.update(1)
                     del H
+                    _memory.release_free_memory()  # the pass's and solve's temporaries, trapped between records
                     _maybe_crash(i, k)
                 passes.outputs(sink=outputs.write)
                 tails = passes.tails
@@ -511,3 +513,4 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
             state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _memory.release_free_memory()  # this block's freed temporaries, trapped between its results
