@@ -110,7 +110,7 @@ def temperature_scan(model: Path, corpora: list[str], window: int, windows: int 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/quantlm-ppl", help="run folder (outside the checkout)")
-    ap.add_argument("--recipe", default="recipes/floatlm-micro.yaml")
+    ap.add_argument("--recipe", default=str(REPO / "quantlm" / "resources" / "recipes" / "floatlm-micro.yaml"))
     ap.add_argument("--corpus", default="", help="training corpus override, YAML list (default: the recipe's)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seq-len", type=int, default=256)

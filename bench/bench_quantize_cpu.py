@@ -64,7 +64,9 @@ def build_model(work: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(get_preset("floatlm-99m").to_hf_config())
     model.save_pretrained(model_dir)
-    text = (REPO / "data" / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
+    from quantlm.paths import data_dir
+
+    text = (data_dir() / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
     train_bpe_tokenizer([text], vocab_size=8192, out_dir=model_dir)
     return model_dir
 

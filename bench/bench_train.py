@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DEFAULT = ["recipes/floatlm-micro.yaml", "recipes/trilm-micro.yaml", "recipes/floatlm-tiny.yaml",
-           "recipes/trilm-tiny.yaml"]
+_RECIPES = Path(__file__).resolve().parent.parent / "quantlm" / "resources" / "recipes"
+DEFAULT = [str(_RECIPES / f"{name}.yaml") for name in ("floatlm-micro", "trilm-micro", "floatlm-tiny", "trilm-tiny")]
 
 
 def bench_one(path: str, steps: int, skip: int, sets: dict[str, str]) -> dict:

@@ -326,12 +326,17 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     paper = paper_bits_per_weight(layout.family, layout.bits, None if layout.group_size == -1 else layout.group_size)
     entries: list[HeaderEntry] = []
     header_bytes = 0
+    by_file = {}
     file_bytes = 0
     for f in safetensors_files(model_dir):
         e, hb = read_safetensors_header(f)
         entries += e
         header_bytes += hb
+        by_file[f] = e
         file_bytes += f.stat().st_size
+    from quantlm.validate import check_checkpoint
+
+    check_checkpoint(model_dir, config, headers=by_file)  # missing, unexpected or misshapen tensors: one line
     records = []
     for e in entries:
         linear = block_map.block_linear_of(e.name)

@@ -21,12 +21,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from quantlm.errors import QuantlmError
 from quantlm.paths import calibration_dir
 from quantlm.recipes import doc
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def load_documents(source: str | os.PathLike | None = None) -> list[str]:
 
 def sample_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``[nsamples, seqlen]`` int64 token windows drawn from ``documents`` with ``seed`` (see module doc)."""
+    import torch
+
     if nsamples <= 0 or seqlen <= 0:
         raise QuantlmError(f"nsamples={nsamples}, seqlen={seqlen}: both must be positive")
     gen = torch.Generator().manual_seed(seed)

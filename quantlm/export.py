@@ -23,8 +23,9 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     ``options``: layout fields of the target (``float_dtype``; for gguf ``gguf_type``, ``kquant_grouped``,
     ``merge_shard_scales``). The report's ``changes`` lists what an opt-in changed in the weights (empty when
     the export is lossless)."""
+    from quantlm import validate
     from quantlm.accounting import checkpoint_layout
-    from quantlm.atomic import output_dir
+    from quantlm.atomic import check_output, output_dir
     from quantlm.formats.loader import read_linears
     from quantlm.formats.registry import Layout, formats_for, get_format
     from quantlm.formats.writer import write_checkpoint, written_changes
@@ -41,10 +42,8 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     if fmt not in formats_for(source.family):
         raise QuantlmError(f"{src} holds a {source.family}; it exports to {', '.join(formats_for(source.family))}, "
                            f"not {fmt}")
-    if out.exists() and not overwrite:
-        raise QuantlmError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-    if out.resolve() == src.resolve():
-        raise QuantlmError(f"output directory {out} is the model directory; choose another --out")
+    check_output(out, overwrite, protect=[src])
+    validate.check_checkpoint(src, config)
     try:
         target = dataclasses.replace(source, format=fmt, **(options or {}))
     except TypeError as e:
@@ -67,7 +66,7 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
                      sym=source.sym if source.family == "quantlm" else None, seed=old.seed if old else None,
                      method=old.method if old else None, settings=old.settings if old else {},
                      info={"exported_from": source.format}, versions=library_versions())
-    with output_dir(out, overwrite=overwrite) as tmp:
+    with output_dir(out, overwrite=overwrite, protect=[src]) as tmp:
         write_checkpoint(tmp, config, dense, linears, target, block_map, meta, src)
         changes = written_changes(tmp)
     return {"source": str(src), "from": source.format, "to": fmt, "out": str(out), "family": source.family,

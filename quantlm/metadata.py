@@ -96,3 +96,12 @@ def _upgrade(old: dict) -> dict:
     return {"producer": "train", "family": old.get("family", "floatlm"), "format": "unpacked",
             "model": old.get("model", ""), "settings": recipe,
             "info": {k: v for k, v in old.items() if k not in ("family", "model", "recipe")}}
+
+
+def model_label(model_dir: str | os.PathLike, meta: ModelMeta | None) -> str:
+    """A label that tells exports apart: a quantize export is named after its source, bits, group and seed."""
+    if meta is not None and meta.producer == "quantize" and meta.source_model:
+        group = "" if meta.group_size in (None, -1) else f"-g{meta.group_size}"
+        method = "-rtn" if meta.method == "rtn" else ""
+        return f"{Path(meta.source_model).name}-{meta.bits}bit{group}{method}-s{meta.seed}"
+    return Path(model_dir).name

@@ -6,7 +6,6 @@ Orchestration only: load the model and tokenizer, draw calibration windows, run 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from quantlm.calibration import CalibrationSettings
 from quantlm.errors import QuantlmError
+from quantlm.gptq.memory import MemorySettings
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.recipes import doc, to_dict
 
@@ -55,6 +55,8 @@ class QuantRecipe:
     gptq: GPTQSettings = doc("grid, solver and block order", GPTQSettings())
     calibration: CalibrationSettings = doc("calibration text and windows", CalibrationSettings())
     export: ExportSettings = doc("storage formats written", ExportSettings())
+    memory: MemorySettings = doc("where calibration activations live, their dtype, the forward dtype",
+                                 MemorySettings())
 
     def __post_init__(self):
         from quantlm.formats.registry import get_format
@@ -79,27 +81,25 @@ SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(GPTQSettings(bits=b, gro
 
 def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwrite: bool,
                      device: str = "cpu") -> dict:
-    """Every check that needs no compute, so bad input fails in a second with nothing written."""
+    """Every check that needs no compute, so bad input fails in a second with nothing written: the output
+    location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
+    and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit)."""
+    from quantlm import validate
     from quantlm.accounting import spec_from_config
+    from quantlm.atomic import check_output
     from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.quantized import check_group_size
 
     config = read_config(model_dir)
     block_map_for(config, str(model_dir))
-    if out_dir.exists() and not overwrite:
-        raise QuantlmError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
-    if out_dir.resolve() == model_dir.resolve():
-        raise QuantlmError(f"output directory {out_dir} is the model directory; choose another --out")
-    if str(device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     spec = spec_from_config(config, str(model_dir))
     if spec.family != "floatlm":
         raise QuantlmError(f"{model_dir} holds a {spec.family}, not a FloatLM; quantize the FloatLM it came from")
     for rel, (_, in_f) in spec.linear_shapes().items():
         check_group_size(recipe.gptq.group_size, in_f, rel)
+    check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(config, recipe))
+    validate.check_device(device)
+    validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
     from quantlm.formats.registry import get_format
 
     for fmt in recipe.export.formats:
@@ -107,18 +107,35 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     return config
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """No transformers loading bars: the per-block bar is quantlm's progress, and errors stay one line."""
-    import transformers.utils.logging as tlog
+def export_recipes(root: str | os.PathLike) -> list[Path]:
+    """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
+    from quantlm.recipes import dump
+    from quantlm.specs import PRESETS
 
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
+    root = Path(root)
+    written = [dump(spec, root / "presets" / f"{name}.yaml") for name, spec in PRESETS.items()]
+    written += [dump(r, root / f"{name}.yaml") for name, r in SPECTRA_QUANT_RECIPES.items()]
+    return written
+
+
+def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
+    """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
+    from quantlm.gptq.memory import plan_for_checkpoint
+
+    g, c = recipe.gptq, recipe.calibration
+    return plan_for_checkpoint(model_dir, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, device,
+                               true_sequential=g.true_sequential)
+
+
+def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
+    """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
+    from quantlm.accounting import budget_from_spec, spec_from_config
+
+    spec = spec_from_config(config, "model").with_family("quantlm", recipe.gptq.bits)
+    total = 0
+    for fmt in recipe.export.formats:
+        total += int(budget_from_spec(spec, recipe.layout(fmt), with_reference=False).total_bits("exact") // 8)
+    return total
 
 
 def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: str | os.PathLike, *,
@@ -138,6 +155,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
     from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer
     from quantlm.metadata import ModelMeta
+    from quantlm.progress import quiet_library_bars
     from quantlm.versions import library_versions
 
     t0 = time.perf_counter()
@@ -145,14 +163,15 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     config = validate_request(model_dir, recipe, out_dir, overwrite, device)
     block_map = block_map_for(config, str(model_dir))
     cal = recipe.calibration
-    with quiet_transformers():
+    with quiet_library_bars():
         tokenizer = load_tokenizer(model_dir)
         tokens = calibration_tokens(tokenizer, cal.data or None, cal.nsamples, cal.seqlen, cal.seed)
         model = load_causal_lm(model_dir, dtype=torch.float32)
     check_quantizable(model, block_map, recipe.gptq)
     t_load = time.perf_counter() - t0
 
-    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, rtn=rtn, progress=progress)
+    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, rtn=rtn, progress=progress,
+                          memory=recipe.memory)
     linears = {name: res.stored(name) for name, res in run.results.items()}
     dense = dense_state_dict(model, skip=set(linears))
     g = recipe.gptq
@@ -166,7 +185,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     hf_config = model.config.to_dict()
     t1 = time.perf_counter()
     paths = {}
-    with output_dir(out_dir, overwrite=overwrite) as tmp:
+    with output_dir(out_dir, overwrite=overwrite, protect=[model_dir]) as tmp:
         for fmt in recipe.export.formats:
             write_checkpoint(tmp / fmt, hf_config, dense, linears, recipe.layout(fmt), block_map, meta, model_dir)
             paths[fmt] = str(out_dir / fmt)
@@ -179,6 +198,9 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
             "total_error": float(sum(m.error for m in run.modules)),
             "seconds": {"load": t_load, "quantize": run.seconds, "write": t_write,
                         "total": time.perf_counter() - t0},
+            "predicted_peak_bytes": (run.plan or {}).get("predicted_peak_bytes"),
+            "measured_peak_bytes": run.measured_peak_bytes,
+            "memory": run.memory_report(),
             "paths": paths,
             "out_dir": str(out_dir),
         }

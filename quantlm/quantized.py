@@ -35,8 +35,11 @@ def check_group_size(group_size: int, in_features: int | None = None, where: str
         raise QuantlmError(f"group_size={group_size!r}: use a positive group size or -1 for per-channel")
     if in_features is not None and group_size != -1 and in_features % group_size:
         at = f" of {where}" if where else ""
+        divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0] or [
+            d for d in range(2, 65) if in_features % d == 0]
+        hint = f" (e.g. {', '.join(map(str, divisors[:4]))})" if divisors else ""
         raise QuantlmError(f"group size {group_size} does not divide the input width {in_features}{at}; choose a "
-                           "divisor of every layer's input width or --group-size -1 (per channel)")
+                           f"divisor of every layer's input width{hint} or --group-size -1 (per channel)")
 
 
 def num_groups(in_features: int, group_size: int) -> int:

@@ -156,9 +156,12 @@ def load(path: str | os.PathLike, expect: type | None = None):
     """Load a recipe YAML; ``expect`` checks its kind (e.g. ``QuantRecipe``)."""
     import yaml
 
-    path = Path(path)
+    from quantlm.paths import resolve_input
+
+    path = resolve_input(path)
     if not path.is_file():
-        raise QuantlmError(f"recipe file {path} does not exist; pass the path of a YAML under recipes/")
+        raise QuantlmError(f"recipe file {path} does not exist; pass a YAML path or a shipped recipe name "
+                           "(e.g. quantlm-4bit, suite-tiny; see `quantlm size --list` for model presets)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -183,17 +186,6 @@ def dump(obj, path: str | os.PathLike) -> Path:
     from quantlm.atomic import write_text
 
     return write_text(path, dumps(obj))
-
-
-def export_recipes(root: str | os.PathLike) -> list[Path]:
-    """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
-    from quantlm.quantize import SPECTRA_QUANT_RECIPES
-    from quantlm.specs import PRESETS
-
-    root = Path(root)
-    written = [dump(spec, root / "presets" / f"{name}.yaml") for name, spec in PRESETS.items()]
-    written += [dump(r, root / f"{name}.yaml") for name, r in SPECTRA_QUANT_RECIPES.items()]
-    return written
 
 
 def recipe_hash(obj) -> str:

@@ -108,8 +108,10 @@ class ModelSpec:
                     "the TriLM scale shards need equal parts")
         if self.family == "quantlm" and self.bits is None:
             raise QuantlmError(f"{self.name}: a QuantLM spec needs bits")
-        if self.bits is not None and not 2 <= self.bits <= 8:
-            raise QuantlmError(f"{self.name}: bits={self.bits} is outside 2..8")
+        if self.bits is not None:
+            from quantlm.quantized import check_bits
+
+            check_bits(self.bits, f"{self.name}: bits")
 
     # -- derived fields, computed in one place
     @property

@@ -26,24 +26,61 @@ def is_datasets_dir(p: Path) -> bool:
     return p.is_dir() and any((p / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
-def read_text_file(path: str | os.PathLike) -> str:
-    """A UTF-8 text file's contents; binary or wrongly encoded files are named with the byte offset."""
+_MAGIC = {b"\x1f\x8b": "gzip-compressed", b"BZh": "bzip2-compressed", b"PK\x03\x04": "a zip archive",
+          b"\xfd7zXZ": "xz-compressed", b"(\xb5/\xfd": "zstd-compressed", b"PAR1": "a parquet file"}
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise QuantlmError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise QuantlmError(f"{what} {path} is a directory; pass a text file")
+    if not os.access(path, os.R_OK):
+        raise QuantlmError(f"{what} {path} is not readable (permission denied); fix its permissions")
+
+
+def _decode(path: Path, raw: bytes, what: str, offset: int = 0, line: int | None = None) -> str:
+    for magic, kind in _MAGIC.items():
+        if offset == 0 and raw.startswith(magic):
+            raise QuantlmError(f"{what} {path} is {kind}, not text; decompress or convert it to a UTF-8 text file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        at = line if line is not None else raw.count(b"\n", 0, nul) + 1
+        raise QuantlmError(f"{what} {path} is binary, not text (NUL byte at offset {offset + nul}, line {at}); "
+                           "pass a UTF-8 text file")
+    try:
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        raise QuantlmError(f"{what} {path} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {offset + e.start}, "
+                           f"line {at}); convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8"
+                           f"{path.suffix}") from None
+
+
+def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
+    """The whole file as text; a one-line ``QuantlmError`` for a missing, unreadable, binary, compressed or
+    non-UTF-8 file (naming the path, the byte, its offset and line, and the fix). A UTF-8 BOM is dropped."""
     path = Path(path)
+    _check_file(path, what)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise QuantlmError(f"{path}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise QuantlmError(f"{path} is a directory; pass a text file") from None
-    except PermissionError:
-        raise QuantlmError(f"{path}: permission denied; make the file readable") from None
-    if b"\x00" in raw[:65536]:
-        raise QuantlmError(f"{path}: looks binary (NUL bytes), not text; pass a UTF-8 .txt/.jsonl/.parquet file")
+    except OSError as e:
+        raise QuantlmError(f"{what} {path} cannot be read ({e.strerror})") from None
+    return _decode(path, raw, what)
+
+
+def iter_lines(path: str | os.PathLike, what: str = "text file") -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a large text file, read as a stream, with ``read_text_file``'s errors."""
+    path = Path(path)
+    _check_file(path, what)
+    offset = 0
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise QuantlmError(f"{path}: not valid UTF-8 (byte {e.start}: {e.reason}); convert it to UTF-8 "
-                           "(e.g. iconv -t utf-8)") from None
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, _decode(path, raw, what, offset, lineno)
+                offset += len(raw)
+    except OSError as e:
+        raise QuantlmError(f"{what} {path} cannot be read ({e.strerror})") from None
 
 
 def _record_texts(records, text_field: str, where: str) -> Iterator[str]:
@@ -58,7 +95,7 @@ def _record_texts(records, text_field: str, where: str) -> Iterator[str]:
 
 
 def _jsonl(path: Path, text_field: str) -> Iterator[str]:
-    for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
+    for lineno, line in iter_lines(path, "jsonl file"):
         if not line.strip():
             continue
         try:

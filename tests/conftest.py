@@ -28,7 +28,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
-    return (REPO / "data" / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
+    from quantlm.paths import data_dir
+
+    return (data_dir() / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,24 @@ def test_paper_bits_by_hand(name, bits):
     assert acc.budget(name).total_bits("paper") == pytest.approx(bits, rel=1e-12)
 
 
+# The Spectra size table (DESIGN section 3), typed in here independently of quantlm.specs: hidden, GLU, layers.
+SPECTRA_TABLE = {"99m": (512, 1280, 16), "190m": (768, 2048, 16), "390m": (1024, 2560, 24),
+                 "560m": (1280, 3072, 24), "830m": (1536, 4096, 24), "1.1b": (1792, 5120, 24),
+                 "1.5b": (2048, 6144, 24), "2.4b": (2304, 7680, 30), "3.9b": (3072, 9216, 30)}
+B_EFF = {"floatlm": 16, "quantlm-8bit": 8, "quantlm-6bit": 6, "quantlm-4bit": 4.25, "quantlm-3bit": 3.25,
+         "trilm": 1.58}
+
+
+@pytest.mark.parametrize("size", SPECTRA_TABLE)
+@pytest.mark.parametrize("family", B_EFF)
+def test_paper_bits_golden_for_all_nine_sizes(size, family):
+    """paper bits = L (4 h^2 + 3 h f) b_eff + 2 x 50304 x h x 16, for all 54 Spectra models (MHA, untied)."""
+    h, f, layers = SPECTRA_TABLE[size]
+    name = f"{family.split('-')[0]}-{size}" + (f"-{family.split('-')[1]}" if "-" in family else "")
+    expected = layers * (4 * h * h + 3 * h * f) * B_EFF[family] + 2 * 50304 * h * 16
+    assert acc.budget(name).total_bits("paper") == pytest.approx(expected, rel=1e-12)
+
+
 def test_paper_convention_ignores_norms_and_padding():
     b = acc.budget("trilm-3.9b")  # stored vocab 50688 at MP 6; the paper counts 50304
     assert b.role_bits("norm", "paper") == 0

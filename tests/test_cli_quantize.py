@@ -34,7 +34,7 @@ def test_quantize_with_flags_and_formats(tiny_model_dir, tmp_path, capsys):
     rc, stdout, _ = run(capsys, tiny_model_dir, "--bits", 3, "--group-size", 4, "--asym", "--no-act-order",
                         "--damp", 0.05, "--seed", 2, "--format", "unpacked,compressed-tensors", "--out", out, *FAST)
     assert rc == 0, stdout
-    assert sorted(p.name for p in out.iterdir()) == ["compressed-tensors", "report.json", "unpacked"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantlm-output", "compressed-tensors", "report.json", "unpacked"]
     report = json.load(open(out / "report.json"))
     r = report["recipe"]["gptq"]
     assert (r["bits"], r["group_size"], r["sym"], r["act_order"], r["damp"]) == (3, 4, False, False, 0.05)
@@ -87,7 +87,7 @@ def broken_models(tiny_model_dir, tmp_path):
     ("llama", ["--format", "gguf"], "no GGUF block type holds this symmetric 4-bit code (group size 4"),
     ("llama", ["--gguf-type", "Q4_0"], "gguf is not among the formats"),
     ("llama", ["--format", ","], "no export format given"),
-    ("llama", ["--seqlen", "2000000"], "shorter than one window"),
+    ("llama", ["--seqlen", "2000000"], "exceeds the model's context"),
     ("llama", ["--calib", "/nonexistent/calib.jsonl"], "does not exist"),
     ("llama", ["--recipe", "/nonexistent/r.yaml"], "does not exist"),
     ("gpt2", [], "not LLaMA-like"),

@@ -62,9 +62,11 @@ def test_suite_table_and_plots_carry_the_deploy_columns(tmp_path):
     import yaml
 
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({
-        "kind": "suite", "name": "t", "output": "out", "deploy": True,
-        "models": [{"name": "floatlm-a", "family": "floatlm", "path": "fl"}], "bits": [4], "seeds": [0, 1]}))
+        "kind": "suite", "name": "t", "output": str(tmp_path / "out"), "deploy": True,
+        "models": [{"name": "floatlm-a", "family": "floatlm", "path": str(tmp_path / "fl")}], "bits": [4],
+        "seeds": [0, 1]}))
     manifest, base = suite.load_manifest(tmp_path / "m.yaml")
+    evals = {j.id: j.hash for j in suite.plan(manifest, base) if j.kind == "eval"}  # tables keep the plan's jobs
     results = tmp_path / "out" / "results"
     speeds = {"floatlm-a": (100.0, 300.0, "F16"), "quantlm-a-4bit": (180.0, 150.0, "Q4_0")}
     for n, (model, family, bits) in enumerate((("floatlm-a", "floatlm", 16), ("quantlm-a-4bit", "quantlm", 4),
@@ -72,7 +74,9 @@ def test_suite_table_and_plots_carry_the_deploy_columns(tmp_path):
         write_record({"schema": SCHEMA, "id": new_record_id(), "created": f"2026-01-01T00:00:0{n}", "model": model,
                       "family": family, "bits": bits, "params": 1000, "seed": n - 1 if n else None,
                       "sizes": {"paper": 1000.0 * bits, "exact": 1000.0 * bits},
-                      "metrics": {"wikitext2": {"ppl": 10.0 + n, "nll": float(np.log(10.0 + n))}}}, results)
+                      "metrics": {"wikitext2": {"ppl": 10.0 + n, "nll": float(np.log(10.0 + n))}},
+                      "suite_job": {"id": (jid := "eval/floatlm-a" if n == 0 else f"eval/{model}-s{n - 1}"),
+                                    "hash": evals[jid]}}, results)
     for model, (tok_s, rss, t) in speeds.items():
         (results / "deploy").mkdir(parents=True, exist_ok=True)
         (results / "deploy" / f"{model}.json").write_text(json.dumps({

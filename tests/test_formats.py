@@ -195,3 +195,56 @@ def test_exact_accounting_of_real_exports_equals_payload(exports, bits):
         assert predicted.total_bits("exact") == measured.total_bits("exact"), fmt
         meta = json.loads((d / "quantlm.json").read_text())
         assert meta["accounting"]["as_stored"]["exact"] == 8 * payload
+
+
+def _payload_bits(d: Path) -> int:
+    import struct
+
+    return sum(8 * (f.stat().st_size - 8 - struct.unpack("<Q", f.read_bytes()[:8])[0]) for f in d.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_trilm_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny 172-wide LLaMA converted to a TriLM with 2 scale shards and exported unpacked."""
+    from transformers import LlamaForCausalLM
+
+    from quantlm.models.trilm import convert_to_trilm, export_unpacked
+
+    model = convert_to_trilm(LlamaForCausalLM.from_pretrained(tiny_model_dir), mp=2)
+    out = tmp_path_factory.mktemp("tiny-trilm")
+    export_unpacked(model, out)
+    for f in tiny_model_dir.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def test_every_registered_format_round_trips_and_sizes_as_declared(exports, tiny_trilm_dir, tmp_path):
+    """For every format of the registry, on widths that are not multiples of 32 (172): written, reloaded with the
+    same weights, and sized from its headers at exactly 8 x its payload = the prediction from config + layout."""
+    from quantlm import accounting as acc
+    from quantlm.export import export_model
+    from quantlm.formats.loader import load_model
+    from quantlm.formats.registry import FORMATS, formats_for
+
+    dirs = {("quantlm", f): Path(exports[4]["paths"][f]) for f in ("unpacked", "gptq", "compressed-tensors")}
+    for f in (f for f in formats_for("trilm") if f != "gguf"):  # GGUF: tests/test_gguf.py (256-wide rows)
+        d = tmp_path / f
+        export_model(tiny_trilm_dir, f, d) if f != "unpacked" else shutil.copytree(tiny_trilm_dir, d)
+        dirs[("trilm", f)] = d
+    safetensors_formats = {n for n, fmt in FORMATS.items() if n != "gguf"}
+    assert {f for _, f in dirs} == safetensors_formats  # every registered format is covered
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    ref = {"quantlm": logits(load_model(dirs[("quantlm", "unpacked")]), ids),
+           "trilm": logits(load_model(tiny_trilm_dir), ids)}
+    for (family, fmt), d in dirs.items():
+        measured = acc.budget(d)
+        assert measured.family == family, (family, fmt)
+        assert measured.total_bits("exact") == _payload_bits(d), (family, fmt)
+        layout = acc.checkpoint_layout(d, json.loads((d / "config.json").read_text()))
+        assert layout.format == fmt
+        predicted = acc.budget(d / "config.json", layout=layout, bits=layout.bits,
+                               group_size=layout.group_size if family == "quantlm" else None)
+        assert predicted.total_bits("exact") == measured.total_bits("exact"), (family, fmt)
+        assert predicted.params == measured.params and predicted.total_bits("paper") == pytest.approx(
+            measured.total_bits("paper")), (family, fmt)
+        torch.testing.assert_close(logits(load_model(d), ids), ref[family], rtol=0, atol=2e-3)

@@ -370,11 +370,11 @@ def test_bad_bits(bits):
 
 def test_group_size_must_divide_width():
     W, _, H = correlated_problem(8, 172)
-    with pytest.raises(QuantlmError, match="does not divide the layer's input width 172.*-1"):
+    with pytest.raises(QuantlmError, match="does not divide the input width 172.*-1"):
         gptq_quantize(W, H, bits=4, group_size=128, name="mlp.down_proj")
     with pytest.raises(QuantlmError, match="mlp.down_proj"):
         gptq_quantize(W, H, bits=4, group_size=128, name="mlp.down_proj")
-    with pytest.raises(QuantlmError, match="172"):
+    with pytest.raises(QuantlmError, match="group_size=0: use a positive group size"):
         rtn_quantize(W, bits=4, group_size=0)
     assert gptq_quantize(W, H, bits=4, group_size=172).scale.shape == (8, 1)  # one group = whole row
 

@@ -1,14 +1,13 @@
-from pathlib import Path
-
 import pytest
 
 from quantlm import recipes
 from quantlm.errors import QuantlmError
 from quantlm.gptq.settings import GPTQSettings
+from quantlm.paths import recipes_dir
 from quantlm.quantize import QuantRecipe
 from quantlm.specs import PRESETS
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = recipes_dir()
 ALL_YAML = sorted(RECIPES.rglob("*.yaml"))
 
 

@@ -11,11 +11,12 @@ import yaml
 
 from quantlm import recipes, suite
 from quantlm.cli import main
+from quantlm.paths import recipes_dir
 from quantlm.train.recipe import TrainRecipe
 from quantlm.train.run import train
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN_RECIPE = REPO / "recipes" / "floatlm-micro.yaml"
+TRAIN_RECIPE = recipes_dir() / "floatlm-micro.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def trained_micro(tmp_path_factory) -> Path:
 
 def _manifest(folder: Path, model: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    m = {"kind": "suite", "name": "e2e", "output": "out",
+    m = {"kind": "suite", "name": "e2e", "output": str(folder / "out"),  # outputs are cwd-relative: be explicit
          "models": [{"name": "floatlm-micro", "family": "floatlm", "preset": "floatlm-micro", "path": str(model)}],
          "bits": [3, 4, 6, 8], "quant": {"calibration": {"nsamples": 16, "seqlen": 64}}, "seeds": [0],
          "eval": {"ppl": ["wikitext2"], "window": 64, "ppl_limit_windows": 24, "ppl_batch_size": 8},

@@ -6,8 +6,9 @@ import pytest
 from quantlm import suite
 from quantlm.cli import main
 from quantlm.errors import QuantlmError
+from quantlm.paths import recipes_dir
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = recipes_dir()
 
 
 def test_spectra_plan_has_36_quantlm_jobs_per_seed():
@@ -36,9 +37,9 @@ def test_spectra_dry_run_lists_sizes_without_model_files(capsys):
 def _manifest(tmp_path: Path, **extra) -> Path:
     (tmp_path / "fl").mkdir(exist_ok=True)
     text = {
-        "kind": "suite", "name": "t", "output": "out",
-        "models": [{"name": "floatlm-a", "family": "floatlm", "path": "fl"},
-                   {"name": "trilm-a", "family": "trilm", "path": "tri"}],
+        "kind": "suite", "name": "t", "output": str(tmp_path / "out"),  # outputs and paths are cwd-relative
+        "models": [{"name": "floatlm-a", "family": "floatlm", "path": str(tmp_path / "fl")},
+                   {"name": "trilm-a", "family": "trilm", "path": str(tmp_path / "tri")}],
         "bits": [3, 8], "seeds": [0, 1], "quant": {"calibration": {"nsamples": 4, "seqlen": 16}},
         "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}, **extra,
     }
@@ -106,7 +107,12 @@ def test_quantize_job_hash_is_pinned_across_processes():
     assert other.stdout.strip() == mine == "b309739c9193f3fd"
 
 
-def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch):
+def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
+    for name in ("fl", "tri"):  # the suite checks the checkpoints it is given before any job runs
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        shutil.copytree(tiny_model_dir, tmp_path / name)
     manifest, base = suite.load_manifest(_manifest(tmp_path))
     ran = []
 
@@ -155,6 +161,29 @@ def test_manifest_errors(tmp_path):
         suite.load_manifest(_manifest(tmp_path, bits=[9]))
 
 
+def test_models_trained_by_the_suite_are_not_preflighted_as_checkpoints(tmp_path, monkeypatch):
+    """A model the suite trains has no checkpoint yet: the pre-flight checks only the checkpoints a manifest names."""
+    import yaml
+
+    m = {"kind": "suite", "name": "t", "output": str(tmp_path / "out"), "bits": [4], "seeds": [0],
+         "models": [{"name": "floatlm-micro", "family": "floatlm", "preset": "floatlm-micro",
+                     "train": "floatlm-micro.yaml"}],  # a shipped train recipe
+         "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(m))
+    manifest, base = suite.load_manifest(tmp_path / "m.yaml")
+    ran = []
+
+    def fake(job, manifest, progress=True):
+        ran.append(job.id)
+        out = job.out if job.kind == "eval" else job.out / suite.JOB_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+
+    monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
+    s = suite.run(manifest, base, progress=False)
+    assert ran[0] == "train/floatlm-micro" and not s.failed and len(s.done) == 4
+
+
 def test_deploy_adds_one_job_per_model_and_keeps_the_other_hashes(tmp_path):
     manifest, base = suite.load_manifest(_manifest(tmp_path))
     before = {j.id: j.hash for j in suite.plan(manifest, base)}
@@ -177,8 +206,14 @@ def test_deploy_adds_one_job_per_model_and_keeps_the_other_hashes(tmp_path):
     assert suite.job_done(q)
 
 
-def test_deploy_jobs_without_llama_cpp_are_not_run_and_fail_nothing(tmp_path, monkeypatch):
+def test_deploy_jobs_without_llama_cpp_are_not_run_and_fail_nothing(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+
     import quantlm.deploy
+
+    for name in ("fl", "tri"):  # the suite checks the checkpoints it is given before any job runs
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        shutil.copytree(tiny_model_dir, tmp_path / name)
 
     manifest, base = suite.load_manifest(_manifest(tmp_path, deploy=True))
     monkeypatch.setattr(quantlm.deploy, "llama_cpp_available", lambda python=None: False)

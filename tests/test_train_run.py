@@ -218,3 +218,80 @@ def test_corpus_inputs_parquet_jsonl_and_datasets_dir(tmp_path):
     assert list(iter_documents(sources, "body")) == ["one", "two", "three", "four", "five", "six"]
     with pytest.raises(QuantlmError, match="text_field"):
         list(iter_documents(sources, "text"))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"lr": (float("nan"),)}, "learning rates must be positive finite"),
+    ({"lr": (-1e-3,)}, "learning rates must be positive finite"),
+    ({"lr": (0.0,)}, "learning rates must be positive finite"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1 must be a finite number >= 0"),
+    ({"weight_decay": float("nan")}, "weight_decay=nan"),
+    ({"grad_clip": -1.0}, r"grad_clip=-1.0 must be a finite number >= 0 \(0 disables clipping\)"),
+])
+def test_recipe_refuses_bad_optimizer_settings(small_corpus, tiny_tokenizer_dir, cache, change, match):
+    with pytest.raises(QuantlmError, match=match):
+        small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, **change)
+
+
+def test_warmup_longer_than_the_run_is_a_warning(small_corpus, tiny_tokenizer_dir, cache):
+    r = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=5, warmup_steps=10)
+    assert "never reaches its peak" in r.schedule_warnings()[0]
+    assert small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache).schedule_warnings() == []
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_stub(tmp_path, small_corpus, tiny_tokenizer_dir,
+                                                                      cache):
+    recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=2, checkpoint_interval=0)
+
+    def boom(record):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        train(recipe, tmp_path / "run", on_step=boom)
+    assert not (tmp_path / "run").exists()
+    # a stub left by SIGKILL (recipe.yaml, a few metrics, no checkpoint) does not block a rerun either,
+    # even with another recipe
+    (tmp_path / "run").mkdir()
+    recipes.dump(recipe, tmp_path / "run" / "recipe.yaml")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    final = train(recipe, tmp_path / "run", overrides={"seed": 3})
+    assert (final / "config.json").is_file() and [s for s, _ in _losses(tmp_path / "run")] == [1, 2]
+
+
+def test_final_dir_takes_the_checkpoint_and_the_scratch_folder_goes(tmp_path, small_corpus, tiny_tokenizer_dir,
+                                                                    cache):
+    from quantlm import locks
+    from quantlm.atomic import MARKER
+
+    recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=2, checkpoint_interval=1)
+    work, final = tmp_path / ".m.train", tmp_path / "m"
+    assert train(recipe, work, final_dir=final) == final
+    assert (final / "config.json").is_file() and (final / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no scratch, no lock
+    mtime = (final / "model.safetensors").stat().st_mtime_ns
+    assert train(recipe, work, resume=work.exists(), final_dir=final) == final  # complete: returned at once
+    assert (final / "model.safetensors").stat().st_mtime_ns == mtime and not work.exists()
+    train(recipe, work, final_dir=final, overrides={"seed": 1}, keep_scratch=True)  # another recipe: retrained
+    assert (work / "checkpoints").is_dir() and (final / "model.safetensors").stat().st_mtime_ns != mtime
+    with locks.hold(tmp_path / "other"):
+        pass
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(QuantlmError, match="not a quantlm output"):
+        train(recipe, tmp_path / ".f.train", final_dir=foreign)
+    assert not (tmp_path / ".f.train").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path, small_corpus, tiny_tokenizer_dir, cache):
+    import json as _json
+
+    from quantlm import locks
+    from quantlm.atomic import hostname
+
+    recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=2)
+    lock = locks.lock_path(tmp_path / "run")
+    lock.write_text(_json.dumps({"pid": 1, "host": hostname() + "-x", "started": "now", "command": "quantlm train"}))
+    with pytest.raises(QuantlmError, match="in use by another quantlm train run .* delete "):
+        train(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -58,6 +58,9 @@ def _parser_for(tp, flag: str):
             try:
                 return tp(text)
             except ValueError:
+                value = yaml.safe_load(text) if tp is float else None  # YAML numbers too: .nan, .inf, 1e-3
+                if isinstance(value, float):
+                    return value
                 raise argparse.ArgumentTypeError(f"expected {'an integer' if tp is int else 'a number'}, "
                                                  f"got {text!r}") from None
         return parse_scalar
@@ -97,6 +100,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser, cls, *, aliases: dict[str,
         dest = PREFIX + "__".join(path)
         help_text = f"{f.metadata.get('help', '')} (default {_default(f)!r})"
         names = [flag, *aliases.get(name, ())]
+        if "_" in name:  # the YAML spelling works too (--weight_decay as well as --weight-decay)
+            names.append("--" + name)
         if tp is bool:
             group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)

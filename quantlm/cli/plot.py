@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from quantlm.atomic import write_text
+    from quantlm.atomic import check_dir_writable, write_text
     from quantlm.errors import QuantlmError
     from quantlm.eval.records import load_records
     from quantlm.paths import results_dir
@@ -35,6 +35,7 @@ def _run(args) -> int:
         raise QuantlmError(f"no result records under {args.results or results_dir() / 'records'}; "
                            "run `quantlm eval MODEL_DIR` first")
     out = Path(args.out) if args.out else results_dir() / "plots"
+    check_dir_writable(out, "--out")
     size_col = f"size_bits_{args.size}"
     written, fits = [], []
     for metric in [m.strip() for m in args.metric.split(",") if m.strip()]:

@@ -17,12 +17,16 @@ def register(sub) -> None:
         "overrides it. Each format is written to OUT_DIR/<format>/, with OUT_DIR/report.json.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (must not exist)")
-    p.add_argument("--recipe", metavar="YAML", help="quant recipe YAML (e.g. recipes/quantlm-4bit.yaml)")
+    p.add_argument("--recipe", metavar="YAML", help="quant recipe: a YAML path or a shipped name (quantlm-3bit, quantlm-4bit, quantlm-6bit, quantlm-8bit)")
     add_recipe_flags(p, QuantRecipe, aliases=ALIASES)
-    p.add_argument("--asym", dest="recipe__gptq__sym", action="store_false", help="same as --no-sym")
+    p.add_argument("--asym", dest="recipe__gptq__sym", action="store_const", const=False, default=None,
+                   help="same as --no-sym")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N] (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (only once complete)")
     p.add_argument("--rtn", action="store_true", help="round-to-nearest baseline instead of GPTQ")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan as JSON (from MODEL_DIR/config.json alone: no weights needed) and "
+                        "exit; a run that would not fit is refused with the option that fixes it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(func=_run)
 
@@ -40,6 +44,16 @@ def _run(args) -> int:
     from quantlm.quantize import quantize_model
 
     recipe = recipe_from_args(args)
+    if args.dry_run:
+        import json
+
+        from quantlm.gptq.memory import check_plan
+        from quantlm.quantize import memory_plan
+
+        plan = memory_plan(args.model_dir, recipe, args.device)
+        print(json.dumps(plan, indent=2, default=str))
+        check_plan(plan)
+        return 0
     report = quantize_model(args.model_dir, recipe, args.out, device=args.device, overwrite=args.overwrite,
                             rtn=args.rtn, progress=args.progress)
     s, g = report["seconds"], recipe.gptq

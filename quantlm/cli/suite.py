@@ -8,10 +8,10 @@ import sys
 def register(sub) -> None:
     p = sub.add_parser(
         "suite", help="regenerate a suite: every FloatLM x bitwidth x seed, evaluated, sized and plotted",
-        description="Plan and run a suite manifest (recipes/suite-*.yaml). Jobs whose outputs exist with the "
+        description="Plan and run a suite manifest (a YAML path, or a shipped one: suite-tiny, suite-spectra). Jobs whose outputs exist with the "
                     "same recipe hash are skipped, so an interrupted run resumes where it stopped. With no "
-                    "MANIFEST: the embedded tiny suite (recipes/suite-tiny.yaml).")
-    p.add_argument("manifest", nargs="?", help="suite manifest YAML (default: recipes/suite-tiny.yaml)")
+                    "MANIFEST: the embedded tiny suite (suite-tiny), written to results/suite-tiny/ in the working directory.")
+    p.add_argument("manifest", nargs="?", help="suite manifest YAML or shipped name (default: suite-tiny)")
     p.add_argument("--only", nargs="+", metavar="JOB", help="run only these job ids or glob patterns")
     p.add_argument("--dry-run", action="store_true", help="print the plan with sizes and disk usage; run nothing")
     p.add_argument("--list-jobs", action="store_true", help="print one job id per line (for a scheduler)")
@@ -64,7 +64,7 @@ def _print_plan(rows, only, manifest) -> None:
     if only:
         df = df[df["job"].map(lambda j: any(fnmatch.fnmatch(j, p) or j == p for p in only))]
     show = df.copy()
-    for c in ("paper_GB", "exact_GB", "disk_GB"):
+    for c in ("paper_GB", "exact_GB", "disk_GB", "peak_mem_GB"):
         if c in show:
             show[c] = show[c].map(lambda v: "" if v != v or v is None else f"{v:.3f}")
     if "bits" in show:

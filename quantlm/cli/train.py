@@ -17,7 +17,7 @@ def register(sub) -> None:
         "train", help="train a FloatLM or a TriLM from a recipe",
         description="Train a FloatLM or TriLM from a train recipe (YAML, kind: train). Every recipe field can be "
                     "overridden with its flag (see below).")
-    p.add_argument("recipe", nargs="?", help="train recipe YAML, e.g. recipes/trilm-tiny.yaml")
+    p.add_argument("recipe", nargs="?", help="train recipe: a YAML path or a shipped name (floatlm-micro, floatlm-tiny, trilm-micro, trilm-tiny)")
     p.add_argument("--out", help="run folder (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -35,7 +35,7 @@ def _run(args) -> int:
     from quantlm.train.run import train
 
     if not args.recipe:
-        raise QuantlmError("give a train recipe, e.g. `quantlm train recipes/trilm-tiny.yaml`")
+        raise QuantlmError("give a train recipe, e.g. `quantlm train trilm-tiny`")
     recipe = apply_recipe_flags(args, recipes.load(args.recipe, expect=TrainRecipe))
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
     final = train(recipe, out, resume=args.resume, progress=args.progress)

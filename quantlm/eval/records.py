@@ -23,6 +23,7 @@ numeric metric named ``<dataset or task>.<metric>`` (``wikitext2.ppl``, ``arc_ea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -31,6 +32,8 @@ from pathlib import Path
 
 from quantlm.atomic import write_json
 from quantlm.errors import QuantlmError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "quantlm.eval/1"
 IDENTITY = ("id", "created", "model", "model_dir", "family", "preset", "bits", "params", "seed", "device",
@@ -62,6 +65,8 @@ def flatten(record: dict) -> dict:
     """One DataFrame row of a record (see the module doc for the columns)."""
     row = {k: record.get(k) for k in IDENTITY}
     row["label"] = curve_label(record.get("family"), record.get("bits"))
+    job = record.get("suite_job") or {}
+    row["job_id"], row["job_hash"] = job.get("id"), job.get("hash")
     if record.get("rtn"):  # round-to-nearest baselines are their own curve, not GPTQ's
         row["label"] += " RTN"
     for conv, bits in (record.get("sizes") or {}).items():
@@ -80,7 +85,9 @@ def read_record(path: str | os.PathLike) -> dict | None:
     """The record in ``path``, or None when the JSON file is not a quantlm evaluation record."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("skipped %s: not a readable record (%s); delete it or rerun the evaluation that wrote it",
+                    path, type(e).__name__)
         return None
     return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
 
@@ -92,6 +99,10 @@ def load_records(results_dir: str | os.PathLike):
     root = Path(results_dir)
     if not root.is_dir():
         raise QuantlmError(f"results directory {root} does not exist; run `quantlm eval` first or pass --results")
-    rows = [flatten(r) for p in sorted(root.rglob("*.json")) if (r := read_record(p)) is not None]
+    files = sorted(root.rglob("*.json"))
+    rows = [flatten(r) for p in files if (r := read_record(p)) is not None]
+    if not rows and files:
+        raise QuantlmError(f"no readable result record under {root} ({files[0]} and {len(files) - 1} more JSON "
+                           "files are corrupt or not quantlm records); rerun the evaluations")
     df = pd.DataFrame(rows, columns=None if rows else [*IDENTITY, "label"])
     return df.sort_values("created", kind="stable").reset_index(drop=True) if rows else df

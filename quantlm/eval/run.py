@@ -38,26 +38,17 @@ def identify(model_dir: Path, config: dict) -> dict:
     """What a checkpoint is, from what it records about itself: ``quantlm.json`` when quantlm wrote it, else its
     config.json (one rule for ``size`` and ``eval``: both go through ``accounting.checkpoint_layout``)."""
     from quantlm.accounting import checkpoint_layout
-    from quantlm.metadata import read_meta
+    from quantlm.metadata import model_label, read_meta
 
     layout = checkpoint_layout(model_dir, config)
     meta = read_meta(model_dir)
     info = {"family": layout.family, "format": layout.format,
             "bits": {"floatlm": 16, "trilm": 1.58}.get(layout.family, layout.bits),
             "group_size": layout.group_size if layout.family == "quantlm" else None,
-            "preset": config.get("quantlm_preset"), "model": model_name(model_dir, meta)}
+            "preset": config.get("quantlm_preset"), "model": model_label(model_dir, meta)}
     if meta is not None:
         info.update({k: v for k, v in meta.identity().items() if v is not None and k not in ("family", "bits")})
     return info
-
-
-def model_name(model_dir: Path, meta) -> str:
-    """A label that tells exports apart: a quantize export is named after its source, bits, group and seed."""
-    if meta is not None and meta.producer == "quantize" and meta.source_model:
-        group = "" if meta.group_size in (None, -1) else f"-g{meta.group_size}"
-        method = "-rtn" if meta.method == "rtn" else ""
-        return f"{Path(meta.source_model).name}-{meta.bits}bit{group}{method}-s{meta.seed}"
-    return model_dir.name
 
 
 def deployed_sizes(model_dir: Path, config: dict) -> dict:
@@ -133,11 +124,17 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     loader, so no optional library is needed."""
     import torch
 
+    from quantlm import validate
+    from quantlm.atomic import check_dir_writable
     from quantlm.formats.loader import load_model
     from quantlm.hf_checkpoint import load_tokenizer
 
     model_dir = Path(model_dir)
+    validate.check_device(device)
     config, sources, tasks = _preflight(model_dir, recipe)
+    validate.check_model(model_dir, config=config, seqlen=recipe.window, seqlen_flag="--window")
+    if results_dir is not None:
+        check_dir_writable(results_dir, "--results")
     start = time.perf_counter()
     info = {"model_dir": str(model_dir.resolve()), **identify(model_dir, config), **deployed_sizes(model_dir, config)}
     tokenizer = load_tokenizer(model_dir)

@@ -649,9 +649,9 @@ class GGUFFormat(Format):
             tensors[name + ".weight"] = value
         label = meta.model
         if meta.producer == "quantize":
-            from quantlm.eval.run import model_name
+            from quantlm.metadata import model_label
 
-            label = model_name(out, meta)
+            label = model_label(out, meta)
         report = write_gguf(out / GGUF_FILE, config, tensors, tokenizer_dir, float_type=layout.float_dtype,
                             linear_type=types, kquant_grouped=layout.kquant_grouped,
                             merge_shard_scales=layout.merge_shard_scales, metadata=quantlm_keys(layout),

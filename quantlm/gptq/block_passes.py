@@ -113,13 +113,15 @@ class _Record:
 class BlockPasses:
     """Runs ``block`` on every batch of ``hidden`` (with the block's keyword arguments per batch size).
 
-    ``linears``: block-relative names of the linears being quantized; the submodules containing one are
-    the ones whose outputs are recorded and replayed. ``cache_bytes`` = 0 turns replay off. ``tails``:
+    ``hidden``: the batches, a list of tensors or any sized iterable of them (e.g. ``offload.HiddenStates``,
+    which reads them from the device, pinned host memory or disk). ``linears``: block-relative names of
+    the linears being quantized; the submodules containing one are the ones whose outputs are recorded
+    and replayed. ``cache_bytes`` = 0 turns replay off. ``tails``:
     submodule -> the linear whose output it returns, as learned by an earlier block's passes (``tails``
     after the passes holds what this block taught).
     """
 
-    def __init__(self, block: nn.Module, linears: Sequence[str], hidden: list[Tensor],
+    def __init__(self, block: nn.Module, linears: Sequence[str], hidden: Sequence[Tensor],
                  kwargs_by_size: dict[int, dict], device: torch.device, keep_on: torch.device,
                  cache_bytes: int, tails: dict[str, str] | None = None):
         self.block, self.hidden, self.kwargs_by_size = block, hidden, kwargs_by_size
@@ -172,9 +174,11 @@ class BlockPasses:
         if not stop:
             self._cache = {}
 
-    def outputs(self) -> list[Tensor]:
-        """The final pass: the block's outputs per batch (fp32, on ``keep_on``); replay ends with it."""
-        outs = self._run(record=False, keep_outputs=True)
+    def outputs(self, sink: Callable[[int, Tensor], None] | None = None) -> list[Tensor]:
+        """The final pass: the block's outputs per batch; replay ends with it. Without ``sink`` they are
+        returned (fp32, on ``keep_on``); with it, ``sink(b, output)`` gets each batch as it is computed
+        (on the compute device, in the forward dtype) and nothing is returned."""
+        outs = self._run(record=False, keep_outputs=True, sink=sink)
         self._cache = {}
         return outs
 
@@ -186,7 +190,8 @@ class BlockPasses:
         parents = [p for p, lin in self.tails.items() if lin == name and p not in self._never and p not in self._cache]
         return min(parents, key=len) if parents else None
 
-    def _run(self, *, record: bool, keep_outputs: bool, tail: str | None = None) -> list[Tensor]:
+    def _run(self, *, record: bool, keep_outputs: bool, tail: str | None = None,
+             sink: Callable[[int, Tensor], None] | None = None) -> list[Tensor]:
         replay = dict(self._cache)
         skipped = {n for r in replay for n in self._inside[r]}  # never called: their parent is replayed
         running = [n for n in self._modules if n not in replay and n not in skipped]
@@ -218,7 +223,11 @@ class BlockPasses:
                         out = None
                     if keep_outputs:
                         out = out[0] if isinstance(out, (tuple, list)) else out
-                        outs.append(out.float().to(self.keep_on))
+                        if sink is not None:
+                            sink(b, out)
+                        else:
+                            outs.append(out.float().to(self.keep_on))
+                        del out
                     bad.update(n for n, recs in new.items() if b in recs and not recs[b].intact())
                     bad.update(n for n, recs in replay.items() if not recs[b].intact())
                     if record and b == 0 and not self._fits(new, replay):

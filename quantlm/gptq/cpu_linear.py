@@ -51,15 +51,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def gram_panels(x: Tensor, starts: list[int]) -> Iterator[tuple[int, int, Tensor]]:
+def gram_panels(x: Tensor, starts: list[int], *, transposed: bool = False) -> Iterator[tuple[int, int, Tensor]]:
     """The upper triangle of ``x^T x`` (x [n, d]) by row panels: yields (a, b, (x^T x)[a:b, a:]) for the
-    panels starting at ``starts``. oneDNN on fp32 CPU tensors, else ``mm``."""
-    d = x.shape[1]
+    panels starting at ``starts``. ``transposed``: ``x`` is given as its contiguous transpose [d, n] (saves
+    the copy made here). oneDNN on fp32 CPU tensors, else ``mm``."""
+    d = x.shape[0] if transposed else x.shape[1]
     ends = [*starts[1:], d]
     if _usable(x):
-        xt = x.t().contiguous()  # [d, n]: linear(xt[a:b], xt[a:]) = xt[a:b] @ xt[a:]^T
+        xt = x if transposed else x.t().contiguous()  # [d, n]: linear(xt[a:b], xt[a:]) = xt[a:b] @ xt[a:]^T
         for a, b in zip(starts, ends, strict=True):
             yield a, b, torch.ops.mkldnn._linear_pointwise(xt[a:b], xt[a:], None, "none", [], "")
+    elif transposed:
+        for a, b in zip(starts, ends, strict=True):
+            yield a, b, x[a:b] @ x[a:].t()
     else:
         for a, b in zip(starts, ends, strict=True):
             yield a, b, x[:, a:b].t() @ x[:, a:]

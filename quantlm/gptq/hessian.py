@@ -16,17 +16,27 @@ from quantlm.gptq.cpu_linear import gram_panels
 
 
 @contextlib.contextmanager
-def _tf32_matmul(enabled: bool):
-    """Allow TF32 for CUDA matmuls inside the block only, restoring the caller's setting afterwards."""
+def tf32_matmul(enabled: bool):
+    """Allow TF32 for CUDA fp32 matmuls inside the block only, restoring the caller's setting afterwards
+    (``fp32_precision`` where torch has it, else the older ``allow_tf32`` flag)."""
     if not enabled:
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    mm = torch.backends.cuda.matmul
+    if hasattr(mm, "fp32_precision"):
+        previous = mm.fp32_precision
+        mm.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = previous
+        return
+    previous = mm.allow_tf32
+    mm.allow_tf32 = True
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        mm.allow_tf32 = previous
 
 
 def _panel_starts(width: int) -> list[int]:
@@ -42,7 +52,9 @@ class HessianAccumulator:
     sample's outer product however many batches arrive. Only the upper triangle is computed, by row
     panels (one matrix product per panel, ~56% of the multiply-adds of the full product; through oneDNN on
     the CPU, see ``cpu_linear``), and mirrored when ``H`` is read, so H is exactly symmetric.
-    ``allow_tf32`` (CUDA only) runs the products in TF32, several times faster on recent GPUs at ~1e-3 relative error of H; off by default.
+    Inputs of any float dtype are upcast per batch: H is always accumulated in fp32. ``allow_tf32`` (CUDA
+    only) runs the products in TF32, several times faster on recent GPUs at ~1e-3 relative error of H;
+    off by default.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None, *, allow_tf32: bool = False):
@@ -60,22 +72,39 @@ class HessianAccumulator:
         """Add a batch of inputs of shape [..., in_features] (any float dtype, any device)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the accumulator expects {self.in_features}")
-        x = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        x = x.detach().reshape(-1, self.in_features)
         m = x.shape[0]
         if m == 0:
             return
         total = self.nsamples + m
         beta, alpha = self.nsamples / total, 2.0 / total
         if self.device.type == "cpu":
-            for a, b, panel in gram_panels(x, self._panels):  # rows a..b of the upper triangle
+            xt = torch.empty((self.in_features, m), dtype=torch.float32)
+            xt.copy_(x.t())  # one copy: transpose for the panels and upcast (bf16 forwards) together
+            del x
+            for a, b, panel in gram_panels(xt, self._panels, transposed=True):  # rows a..b of the upper triangle
                 self._upper[a:b, a:].mul_(beta).add_(panel, alpha=alpha)
         else:
+            x = x.to(device=self.device, dtype=torch.float32)
             ends = self._panels[1:] + [self.in_features]
-            with _tf32_matmul(self.allow_tf32):
+            with tf32_matmul(self.allow_tf32):
                 for a, b in zip(self._panels, ends, strict=True):
                     self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=beta, alpha=alpha)
         self.nsamples = total
         self._full = None
+
+    def take(self) -> Tensor:
+        """The Hessian (as ``H``), built in the accumulator's own buffer: no second [in, in] matrix is kept.
+        The accumulator is spent afterwards (no more ``add``)."""
+        if self._full is not None:
+            full, self._full, self._upper = self._full, None, None
+            return full
+        if self._upper is None:
+            raise RuntimeError("this accumulator's Hessian was already taken")
+        u, self._upper = self._upper, None
+        u.triu_()
+        u += u.triu(1).t()  # the same sums as ``H``: each element is one upper entry plus zero
+        return u
 
     @property
     def H(self) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq.grid import GridSpec, find_params, quantize_codes
-from quantlm.quantized import QuantizedLinear, check_bits
+from quantlm.quantized import QuantizedLinear, check_bits, check_group_size
 
 # Columns per sub-block inside a lazy block (see the module notes).
 _SUB_BLOCK = 16
@@ -78,13 +78,7 @@ def _check_inputs(W: Tensor, H: Tensor | None, bits: int, group_size: int, block
     if W.dim() != 2:
         raise QuantlmError(f"{name}: weight must be 2-D [out, in], got shape {tuple(W.shape)}")
     cols = W.shape[1]
-    if group_size != -1 and (group_size <= 0 or cols % group_size != 0):
-        divisors = [d for d in (32, 64, 128, 256) if cols % d == 0] or [d for d in range(2, 65) if cols % d == 0]
-        hint = f"e.g. {', '.join(map(str, divisors[:4]))} or " if divisors else ""
-        raise QuantlmError(
-            f"{name}: group_size={group_size} does not divide the layer's input width {cols}; "
-            f"use a group size that divides {cols} ({hint}-1 for one scale per output channel)"
-        )
+    check_group_size(group_size, cols, name)
     if block_size <= 0:
         raise QuantlmError(f"{name}: block_size={block_size} must be positive")
     if not (damp >= 0 and math.isfinite(damp)):

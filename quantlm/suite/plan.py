@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from quantlm import paths
 from quantlm.deploy import BenchSettings
 from quantlm.errors import QuantlmError
 from quantlm.eval.recipe import EvalRecipe
@@ -38,8 +39,9 @@ class SuiteModel:
     name: str = doc("label in tables and plots, e.g. floatlm-99m")
     family: Literal["floatlm", "trilm"] = doc("floatlm (quantized at every bitwidth) or trilm (evaluated as is)")
     preset: str = doc("preset for the paper-convention size; empty: sized from the checkpoint alone", "")
-    path: str = doc("checkpoint directory; relative to the manifest's folder; empty: <output>/models/<name>", "")
-    train: str = doc("train recipe YAML that produces the checkpoint when it does not exist yet", "")
+    path: str = doc("checkpoint directory, relative to the working directory; empty: <output>/models/<name>", "")
+    train: str = doc("train recipe YAML that produces the checkpoint when it does not exist yet (beside the "
+                     "manifest, in the working directory, or a shipped recipe name)", "")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class SuiteManifest:
 
     name: str = doc("suite name")
     models: tuple[SuiteModel, ...] = doc("FloatLMs and TriLMs of the suite")
-    output: str = doc("output root, relative to the manifest's folder", "runs/suite")
+    output: str = doc("output root, relative to the working directory", "runs/suite")
     bits: tuple[int, ...] = doc("QuantLM bitwidths", (3, 4, 6, 8))
     group_size: dict[int, int] = doc("group size per bitwidth (-1: per-channel)", default_factory=lambda: {
         3: 128, 4: 128, 6: -1, 8: -1})
@@ -85,8 +87,14 @@ class SuiteManifest:
 
 
 def quantize_job_hash(recipe: QuantRecipe, rtn: bool, source: str) -> str:
-    """What determines a quantization's weights: the math, the calibration (seed included), RTN, the source."""
-    return _hash("quantize", to_dict(recipe.gptq), to_dict(recipe.calibration), rtn, source)
+    """What determines a quantization's weights: the math, the calibration (seed included), RTN, the source, and
+    the activation/forward dtypes where they are not the fp32 defaults (where activations live does not)."""
+    from quantlm.gptq.memory import MemorySettings
+
+    numerics = {k: getattr(recipe.memory, k) for k in ("activation_dtype", "forward_dtype")
+                if getattr(recipe.memory, k) != getattr(MemorySettings(), k)}
+    parts = ("quantize", to_dict(recipe.gptq), to_dict(recipe.calibration), rtn, source)
+    return _hash(*parts, numerics) if numerics else _hash(*parts)
 
 
 @dataclass(frozen=True)
@@ -107,10 +115,10 @@ class Job:
 
 
 def load_manifest(path: str | os.PathLike) -> tuple[SuiteManifest, Path]:
-    """The manifest and the folder its relative paths are resolved against."""
+    """The manifest (a path or a shipped name) and the folder its train recipes are looked up in first."""
     from quantlm import recipes
 
-    path = Path(path)
+    path = paths.resolve_input(path)
     return recipes.load(path, expect=SuiteManifest), path.resolve().parent
 
 
@@ -125,21 +133,26 @@ def _quant_name(model: SuiteModel, bits: int, rtn: bool) -> str:
     return f"{base}-{bits}bit" + ("-rtn" if rtn else "")
 
 
+def output_root(manifest: SuiteManifest) -> Path:
+    """Where a suite writes: its ``output``, relative to the working directory (never the install)."""
+    return paths.resolve_output(manifest.output).resolve()
+
+
 def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
     """Every job of the suite, in an order that satisfies dependencies."""
-    root = (base / manifest.output).resolve()
+    root = output_root(manifest)
     jobs: list[Job] = []
     eval_hash = recipe_hash(manifest.eval)
     heldout = {}
     if manifest.heldout_ppl:
-        recipe_path = (base / manifest.heldout_ppl).resolve()
+        recipe_path = paths.resolve_input(manifest.heldout_ppl, base).resolve()
         heldout = {"heldout": str(root / "data" / "corpus-heldout.txt"), "heldout_recipe": str(recipe_path)}
         eval_hash = _hash(eval_hash, _file_digest(recipe_path))
     for m in manifest.models:
-        ckpt = (base / m.path).resolve() if m.path else root / "models" / m.name
+        ckpt = paths.resolve_output(m.path).resolve() if m.path else root / "models" / m.name
         producer: tuple[str, ...] = ()
         if m.train:
-            train_path = (base / m.train).resolve()
+            train_path = paths.resolve_input(m.train, base).resolve()
             tid = f"train/{m.name}"
             jobs.append(Job(tid, "train", m.name, m.family, ckpt, _hash("train", _file_digest(train_path)),
                             source=train_path, preset=m.preset))
@@ -236,8 +249,33 @@ def describe_plan(manifest: SuiteManifest, base: Path) -> list[dict]:
                 row["disk_GB"] = size.total_bits("exact") / 8e9
             else:
                 row["disk_GB"] = 0.0
+        if job.kind == "quantize":
+            row["peak_mem_GB"] = _job_peak_memory(job, manifest)
         rows.append(row)
     return rows
+
+
+def _job_peak_memory(job: Job, manifest: SuiteManifest) -> float | None:
+    """The predicted peak host memory of a quantize job (its memory plan), from the checkpoint's config.json or,
+    before the model exists, its preset's."""
+    from quantlm.gptq.memory import plan_memory
+    from quantlm.specs import get_preset, is_preset
+
+    recipe = job.payload["recipe"]
+    cfg_path = job.source / "config.json" if job.source is not None else None
+    if cfg_path is not None and cfg_path.is_file():
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    elif job.preset and is_preset(job.preset.replace("quantlm-", "floatlm-").rsplit("-", 1)[0]):
+        config = get_preset(job.preset.replace("quantlm-", "floatlm-").rsplit("-", 1)[0]).to_hf_config().to_dict()
+    else:
+        return None
+    g, c = recipe.gptq, recipe.calibration
+    try:
+        p = plan_memory(config, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, manifest.device,
+                        true_sequential=g.true_sequential)
+    except QuantlmError:
+        return None
+    return p["predicted_peak_bytes"] / 1e9
 
 
 def _job_budget(job: Job, acc):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from quantlm.errors import QuantlmError
-from quantlm.suite.plan import SuiteManifest
+from quantlm.suite.plan import SuiteManifest, output_root
+
+log = logging.getLogger(__name__)
 
 
 def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
@@ -16,19 +19,40 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
     from quantlm.atomic import write_text
     from quantlm.eval.records import load_records
 
-    root = (base / manifest.output).resolve()
+    root = output_root(manifest)
     results = root / "results"
     df = load_records(results) if results.is_dir() else pd.DataFrame()
+    df, ignored = current_records(df, manifest, base)
     if df.empty:
-        raise QuantlmError(f"no result records under {results}; run the suite first")
+        raise QuantlmError(f"no result records of this manifest's jobs under {results}; run the suite first")
+    for model in ignored:
+        log.warning("%s: its record is not one of this manifest's jobs (an edited manifest); left out of the table",
+                    model)
     deploy = load_deploy_records(results / "deploy")
     table = comparison_table(df, deploy)
     csv_path = write_text(results / "suite_table.csv", table.to_csv(index=False))
-    md_path = write_text(results / "suite_table.md", _markdown(table, manifest, _provenance(results, df)))
-    out = {"table": table, "csv": csv_path, "markdown": md_path, "plots": []}
+    md_path = write_text(results / "suite_table.md",
+                         _markdown(table, manifest, {**_provenance(results, df), "ignored": ignored}))
+    out = {"table": table, "csv": csv_path, "markdown": md_path, "plots": [], "ignored": ignored}
     if plots:
         out["plots"] = _plots(df, results, deploy)
     return out
+
+
+def current_records(df, manifest: SuiteManifest, base: Path):
+    """The records of the manifest's eval jobs as planned now (same id, same hash), newest per job, and the labels
+    of the records left out (removed bitwidths or seeds, changed recipes, records not written by a suite)."""
+    from quantlm.suite.plan import plan
+
+    if df.empty:
+        return df, []
+    wanted = {j.id: j.hash for j in plan(manifest, base) if j.kind == "eval"}
+    keep = df.apply(lambda r: wanted.get(r.get("job_id")) == r.get("job_hash") and r.get("job_hash") is not None,
+                    axis=1)
+    ignored = sorted({f"{r['model']} (seed {r['seed']})" if r.get("seed") == r.get("seed") and r.get("seed") is not None
+                      else str(r["model"]) for _, r in df[~keep].iterrows()})
+    current = df[keep].sort_values("created", kind="stable").drop_duplicates("job_id", keep="last")
+    return current.reset_index(drop=True), ignored
 
 
 DEPLOY_COLUMNS = ("file_type", "gguf_bytes", "decode_tok_s", "prompt_tok_s", "rss_mb")
@@ -110,6 +134,8 @@ def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
              "per QuantLM).", "",
              f"Produced by `quantlm suite` ({provenance.get('records')} result records, "
              f"{provenance.get('eval_wall_s', 0):.0f} s of evaluation) on {provenance.get('device')}; {versions}.", ""]
+    if provenance.get("ignored"):
+        lines += [f"Records left out (not jobs of this manifest as it stands): {', '.join(provenance['ignored'])}.", ""]
     cols = list(table.columns)
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" for _ in cols) + "|")

@@ -5,14 +5,15 @@ deploy job without llama_cpp) is reported as not run, with the reason, and fails
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from quantlm import locks, validate
+from quantlm.atomic import check_dir_writable
 from quantlm.errors import QuantlmError
-from quantlm.suite.plan import JOB_FILE, Job, SuiteManifest, job_done, plan, select
+from quantlm.suite.plan import JOB_FILE, Job, SuiteManifest, job_done, output_root, plan, select
 
 log = logging.getLogger(__name__)
 DEPLOY_SCHEMA = "quantlm.deploy/1"
@@ -34,14 +35,9 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
         from quantlm.train.run import train
 
         recipe = recipes.load(job.source, expect=TrainRecipe)
-        work = job.out.parent / f".{job.out.name}.train"
-        final = train(recipe, work, resume=work.exists(), progress=progress)
+        work = job.out.parent / f".{job.out.name}.train"  # scratch: removed once the checkpoint is in place
+        final = train(recipe, work, resume=work.exists(), progress=progress, final_dir=job.out, keep_scratch=False)
         write_json(Path(final) / JOB_FILE, {"suite_job": stamp})
-        if job.out.exists():
-            import shutil
-
-            shutil.rmtree(job.out)
-        os.replace(final, job.out)
     elif job.kind == "quantize":
         from quantlm.quantize import quantize_model
 
@@ -118,40 +114,55 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
 
     jobs = plan(manifest, base)
     chosen = select(jobs, only)
-    root = (base / manifest.output).resolve()
+    root = output_root(manifest)
+    check_dir_writable(root, "suite output", need_bytes=_bytes_to_write(manifest, base, chosen))
+    for src in sorted({j.source for j in chosen if j.kind != "train" and j.source is not None and not j.needs}):
+        # the checkpoints the manifest names are checked before any job runs, not when their turn comes
+        _require_checkpoint(Job(f"model {src.name}", "eval", src.name, "", src, "", source=src))
+        validate.check_checkpoint(src)
     summary = RunSummary()
-    _materialize_heldout(chosen)
-    bar = tqdm(chosen, desc=f"suite {manifest.name}", unit="job", disable=not progress)
-    for job in bar:
-        bar.set_postfix_str(job.id)
-        if job_done(job):
-            summary.skipped.append(job.id)
-            continue
-        bad = [d for d in job.needs if d in summary.failed or d in summary.blocked]
-        if bad:
-            summary.blocked[job.id] = f"needs {bad[0]}, which failed"
-            continue
-        t0 = time.perf_counter()
-        try:
-            run_job(job, manifest, progress)
-        except KeyboardInterrupt:
-            raise
-        except JobSkipped as e:
-            summary.not_run[job.id] = str(e)
-            log.info("%s not run: %s", job.id, e)
-            continue
-        except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite
-            summary.failed[job.id] = f"{type(e).__name__}: {e}"
-            log.error("%s failed: %s", job.id, e)
-            log.debug("%s", traceback.format_exc())
-            continue
-        log.info("%s done in %.1f s", job.id, time.perf_counter() - t0)
-        summary.done.append(job.id)
-    write_json(root / "suite-status.json", {
-        "suite": manifest.name, "done": summary.done, "skipped": summary.skipped,
-        "failed": summary.failed, "blocked": summary.blocked, "not_run": summary.not_run,
-        "pending": [j.id for j in jobs if not job_done(j)],
-    })
+    with locks.hold(root, "suite"):
+        _materialize_heldout(chosen)
+        bar = tqdm(chosen, desc=f"suite {manifest.name}", unit="job", disable=not progress)
+        for job in bar:
+            bar.set_postfix_str(job.id)
+            if job_done(job):
+                summary.skipped.append(job.id)
+                continue
+            bad = [d for d in job.needs if d in summary.failed or d in summary.blocked]
+            if bad:
+                summary.blocked[job.id] = f"needs {bad[0]}, which failed"
+                continue
+            t0 = time.perf_counter()
+            try:
+                run_job(job, manifest, progress)
+            except KeyboardInterrupt:
+                raise
+            except JobSkipped as e:
+                summary.not_run[job.id] = str(e)
+                log.info("%s not run: %s", job.id, e)
+                continue
+            except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite
+                summary.failed[job.id] = f"{type(e).__name__}: {e}"
+                log.error("%s failed: %s", job.id, e)
+                log.debug("%s", traceback.format_exc())
+                continue
+            log.info("%s done in %.1f s", job.id, time.perf_counter() - t0)
+            summary.done.append(job.id)
+        write_json(root / "suite-status.json", {
+            "suite": manifest.name, "done": summary.done, "skipped": summary.skipped,
+            "failed": summary.failed, "blocked": summary.blocked, "not_run": summary.not_run,
+            "pending": [j.id for j in jobs if not job_done(j)],
+        })
     return summary
+
+
+def _bytes_to_write(manifest: SuiteManifest, base: Path, chosen: list[Job]) -> int:
+    """The plan's disk estimate for the jobs still to run (what the free-space check needs)."""
+    from quantlm.suite.plan import describe_plan
+
+    ids = {j.id for j in chosen}
+    return int(sum((r.get("disk_GB") or 0.0) * 1e9 for r in describe_plan(manifest, base)
+                   if r["job"] in ids and not r["done"]))
 
 

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantlm import textdocs
+from quantlm import paths, textdocs
 from quantlm.atomic import output_dir, write_json
 from quantlm.errors import QuantlmError
-from quantlm.paths import repo_root
 from quantlm.textdocs import RECORD_SUFFIXES, is_datasets_dir
 
 log = logging.getLogger(__name__)
@@ -38,11 +37,8 @@ TEXT_SUFFIXES = (".txt", ".md")  # the text files a corpus folder contributes
 # ------------------------------------------------------------------------------------------- inputs
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """An absolute path, a path relative to the current folder, or one relative to the quantlm checkout."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return repo_root() / p
+    """An absolute path, a path relative to the current folder, or the data shipped with quantlm (data/...)."""
+    return paths.resolve_input(path)
 
 
 def corpus_sources(paths: tuple[str, ...] | list[str]) -> list[Path]:
@@ -89,9 +85,8 @@ def fingerprint(sources: list[Path], *extra: str) -> str:
 
 def cache_dir(recipe) -> Path:
     if recipe.cache_dir:
-        return resolve_path(recipe.cache_dir)
-    env = os.environ.get("QUANTLM_CACHE")
-    return Path(env) if env else repo_root() / ".cache"
+        return paths.resolve_output(recipe.cache_dir)
+    return paths.cache_dir()
 
 
 # ---------------------------------------------------------------------------------------- tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,6 +12,13 @@ from quantlm.recipes import doc
 from quantlm.specs import ModelSpec, get_preset
 
 TRAINABLE_FAMILIES = ("floatlm", "trilm")
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -22,13 +30,14 @@ class TrainRecipe:
                                           default_factory=dict)
     family: str = doc("floatlm or trilm; empty: the preset's family", "")
     corpus: tuple[str, ...] = doc("training text: files or folders of .txt/.jsonl/.json/.parquet, or a `datasets` "
-                                  "save_to_disk folder; relative paths resolve against the quantlm checkout",
+                                  "save_to_disk folder; relative paths resolve against the working directory, then the "
+                                  "data shipped with quantlm (data/corpus)",
                                   ("data/corpus",))
     text_field: str = doc("column holding the text in jsonl/parquet/datasets inputs", "text")
     tokenizer: str = doc("HF tokenizer folder; empty: train a byte-level BPE on the corpus (cached)", "")
     tokenizer_vocab: int = doc("vocabulary of the BPE trained when `tokenizer` is empty", 4096)
-    cache_dir: str = doc("where tokenizers and token files are cached; empty: $QUANTLM_CACHE or <checkout>/.cache",
-                         "")
+    cache_dir: str = doc("where tokenizers and token files are cached; empty: $QUANTLM_CACHE, else .cache "
+                         "in the working directory", "")
     heldout_fraction: float = doc("last fraction of the corpus tokens held out for validation", 0.05)
     seq_len: int = doc("tokens per training sequence", 128)
     batch_tokens: int = doc("tokens per optimizer step, over all processes (a multiple of seq_len)", 4096)
@@ -80,8 +89,13 @@ class TrainRecipe:
             raise QuantlmError("train recipe: corpus is empty; list at least one file or folder")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise QuantlmError(f"train recipe: betas={self.betas} must be two numbers in [0, 1)")
-        if any(v <= 0 for v in self.lr):
-            raise QuantlmError(f"train recipe: learning rates must be positive, got {self.lr}")
+        if any(not _finite(v) or v <= 0 for v in self.lr):
+            raise QuantlmError(f"train recipe: learning rates must be positive finite numbers, got {list(self.lr)}; "
+                               "e.g. lr: [0.0004]")
+        for name, what in (("weight_decay", "0 disables it"), ("grad_clip", "0 disables clipping")):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise QuantlmError(f"train recipe: {name}={value} must be a finite number >= 0 ({what})")
         spec = self.spec()  # validates the preset, the overrides and the shapes
         need = 2 if spec.family == "trilm" else 1
         if self.lr and len(self.lr) not in (1, need):
@@ -89,6 +103,15 @@ class TrainRecipe:
         if self.seq_len > spec.max_position_embeddings:
             raise QuantlmError(f"train recipe: seq_len={self.seq_len} exceeds the model context "
                                f"{spec.max_position_embeddings}; shorten seq_len")
+
+    def schedule_warnings(self) -> list[str]:
+        """Settings that are legal but probably not meant (logged as warnings when a run starts)."""
+        out = []
+        total = self.total_steps()
+        if self.warmup_steps >= total:
+            out.append(f"warmup_steps={self.warmup_steps} is not shorter than the run ({total} steps): the learning "
+                       "rate never reaches its peak and never decays; lower warmup_steps")
+        return out
 
     # -- derived values, computed in one place
     def spec(self) -> ModelSpec:

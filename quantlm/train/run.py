@@ -6,6 +6,11 @@ Run folder layout (``out_dir``):
   checkpoints/         resumable states (see ``checkpoints.py``)
   hf/step-NNNNNNN/     optional intermediate HF checkpoints
   final/               the final HF checkpoint (for a TriLM: the unpacked export), with its tokenizer
+
+A run holds the lock ``.NAME.lock`` beside its folder (``quantlm.locks``): a second run on the same folder
+stops with an error naming the first. A run that fails or is interrupted before its first checkpoint leaves
+nothing behind that blocks a clean rerun. With ``final_dir``, the folder is scratch: the final checkpoint goes
+to ``final_dir`` and the folder is removed once it is written (unless ``keep_scratch``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +27,17 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from quantlm import recipes
-from quantlm.atomic import append_jsonl, output_dir, write_json, write_text
+from quantlm import locks, recipes
+from quantlm.atomic import (
+    append_jsonl,
+    check_output,
+    output_dir,
+    refuse_install_location,
+    terminate_raises,
+    write_text,
+)
 from quantlm.errors import QuantlmError
+from quantlm.metadata import ModelMeta, read_meta, write_meta
 from quantlm.models.blocks import LLAMA
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
@@ -31,6 +45,7 @@ from quantlm.train.distributed import DistContext, init_distributed, wrap_model
 from quantlm.train.metrics import device_peak_flops, flops_per_token
 from quantlm.train.recipe import TrainRecipe
 from quantlm.train.schedule import schedule_for
+from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +89,10 @@ def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path
             model.config.quantlm_family = "floatlm"
             model.to(dtype).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / "quantlm.json", {"family": recipe.family_name, "model": recipe.spec().name,
-                                          "recipe": recipes.to_dict(recipe), **info})
+        write_meta(tmp, ModelMeta(producer="train", family=recipe.family_name, format="unpacked",
+                                  model=recipe.spec().name, preset=recipe.model, settings=recipes.to_dict(recipe),
+                                  info={"recipe_hash": recipes.recipe_hash(recipe), **info},
+                                  versions=library_versions()))
     return path
 
 
@@ -84,6 +101,13 @@ def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path
 def _prepare_run_dir(out: Path, recipe: TrainRecipe, resume: bool, ctx: DistContext) -> None:
     """Refuse to mix runs: an existing folder must hold this very recipe, and only with ``resume``."""
     saved = out / "recipe.yaml"
+    if saved.is_file() and not _started(out):
+        # a stub: a run that stopped before its first checkpoint; nothing to resume, so start afresh
+        ctx.barrier()
+        if ctx.is_main:
+            log.info("%s holds a run that never reached a checkpoint; starting it afresh", out)
+            _remove_stub(out, created=False)
+        ctx.barrier()
     if saved.is_file():
         if not resume:
             raise QuantlmError(f"{out} already holds a training run; pass --resume to continue it or choose "
@@ -100,6 +124,92 @@ def _prepare_run_dir(out: Path, recipe: TrainRecipe, resume: bool, ctx: DistCont
         out.mkdir(parents=True, exist_ok=True)
         recipes.dump(recipe, saved)
     ctx.barrier()
+
+
+def _started(out: Path) -> bool:
+    """A run folder holds a run worth resuming: a resumable checkpoint or its final checkpoint."""
+    return ckpt.latest_checkpoint(out) is not None or (out / "final" / "config.json").is_file()
+
+
+_STUB_FILES = ("recipe.yaml", "metrics.jsonl")
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what a run would create."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_stub(out: Path, created: Path | bool | None) -> None:
+    """Remove what a run that never reached a checkpoint wrote (and the folders this run created, ``created``
+    being the outermost, if they are empty now), so that a clean rerun is not refused."""
+    if _started(out):
+        return
+    for name in _STUB_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    for name in ("hf", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    if created:
+        _prune_empty(out, created if isinstance(created, Path) else out)
+
+
+def _prune_empty(out: Path, top: Path | None) -> None:
+    """Remove ``out`` and its parents up to ``top`` (the outermost folder this run created) while empty."""
+    if top is None:
+        return
+    top, d = Path(os.path.abspath(top)), Path(os.path.abspath(out))
+    while d == top or top in d.parents:
+        try:
+            d.rmdir()  # only if empty
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+        if d == top:
+            break
+        d = d.parent
+
+
+def _final_matches(final: Path, recipe: TrainRecipe) -> bool:
+    """``final`` holds the final checkpoint of exactly this recipe (checked through its quantlm.json)."""
+    if not (final / "config.json").is_file():
+        return False
+    try:
+        meta = read_meta(final)
+    except QuantlmError:
+        return False
+    if meta is None:
+        return False
+    if "recipe_hash" in meta.info:
+        return meta.info["recipe_hash"] == recipes.recipe_hash(recipe)
+    return meta.settings == json.loads(json.dumps(recipes.to_dict(recipe)))
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, ctx: DistContext):
+    """The run folder's lock, taken by the main process; every process stops if it cannot be taken."""
+    error = None
+    if ctx.is_main:
+        try:
+            locks.acquire(out, "train run")
+        except QuantlmError as e:
+            error = e
+    if ctx.active:
+        failed = ctx.mean(torch.tensor(float(error is not None), device=ctx.device)).item() > 0
+        if failed and error is None:
+            raise QuantlmError(f"{out} is in use by another quantlm train run (see the main process's error)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            locks.release(out)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -133,34 +243,82 @@ def _validation_loss(model, windows: torch.Tensor, micro_batch: int, device, aut
 
 def train(recipe: TrainRecipe, out_dir: str | os.PathLike, *, resume: bool = False,
           overrides: dict | None = None, on_step: Callable[[dict], None] | None = None,
-          progress: bool = True) -> Path:
-    """Train the recipe's model into ``out_dir``; returns the final HF checkpoint folder (``out_dir/final``).
+          progress: bool = True, final_dir: str | os.PathLike | None = None, keep_scratch: bool = False) -> Path:
+    """Train the recipe's model into ``out_dir``; returns the final HF checkpoint folder (``out_dir/final``, or
+    ``final_dir``).
 
     ``resume`` continues the run in ``out_dir`` from its newest checkpoint (or starts it if there is none) and
     reproduces the uninterrupted run exactly. ``overrides`` change recipe keys (``{"steps": 20}``).
     ``on_step`` receives each step's metric record (for tests and notebooks); ``progress`` shows the step bar.
+    ``final_dir``: write the final checkpoint there (atomically; an existing quantlm output there is replaced)
+    and treat ``out_dir`` as scratch, removed once the final checkpoint is written unless ``keep_scratch``. A
+    ``final_dir`` that already holds this recipe's final checkpoint is returned at once.
     """
     if overrides:
         recipe = recipes.override(recipe, dict(overrides))
     out = Path(out_dir)
-    final = out / "final"
+    final = Path(final_dir) if final_dir is not None else out / "final"
+    refuse_install_location(out, "--out")
     ctx = init_distributed()
     threads = torch.get_num_threads()
     try:
-        _prepare_run_dir(out, recipe, resume, ctx)
-        if final.is_dir() and (final / "config.json").is_file():
+        if final_dir is not None and _final_matches(final, recipe):
             log.info("%s is already complete", final)
+            if not keep_scratch:
+                with _run_lock(out, ctx):
+                    if ctx.is_main:
+                        _remove_scratch(out)
             return final
-        if recipe.threads:
-            torch.set_num_threads(recipe.threads)
-        return _train(recipe, out, resume, ctx, on_step, progress)
+        if final_dir is not None and ctx.is_main:
+            check_output(final, overwrite=True, protect=[out], flag="final checkpoint")  # fail before training
+        created = _first_missing(out)  # before the lock, which lives beside ``out``
+        try:
+            return _locked_train(recipe, out, resume, ctx, on_step, progress, final_dir, final, keep_scratch,
+                                 created)
+        except BaseException:
+            if ctx.is_main:
+                _prune_empty(out, created)  # the folders a failed run created (the lock's, too) go
+            raise
     finally:
         torch.set_num_threads(threads)  # the caller's setting, not the recipe's, outlives the run
         ctx.close()
 
 
+def _locked_train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
+                  on_step: Callable[[dict], None] | None, progress: bool, final_dir, final: Path,
+                  keep_scratch: bool, created: Path | None) -> Path:
+    with _run_lock(out, ctx):
+        _prepare_run_dir(out, recipe, resume, ctx)
+        if final_dir is None and final.is_dir() and (final / "config.json").is_file():
+            log.info("%s is already complete", final)
+            return final
+        if ctx.is_main:
+            for warning in recipe.schedule_warnings():
+                log.warning("train recipe: %s", warning)
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        try:
+            with terminate_raises():
+                result = _train(recipe, out, resume, ctx, on_step, progress, final)
+        except BaseException:
+            if ctx.is_main:
+                _remove_stub(out, created)
+            raise
+        if final_dir is not None and not keep_scratch and ctx.is_main:
+            _remove_scratch(out)
+        ctx.barrier()
+        return result
+
+
+def _remove_scratch(out: Path) -> None:
+    """Remove a scratch run folder (only one that holds a quantlm training run: its recipe.yaml)."""
+    if (out / "recipe.yaml").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("removed the training scratch folder %s (the final checkpoint is written)", out)
+
+
 def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
-           on_step: Callable[[dict], None] | None, progress: bool = True) -> Path:
+           on_step: Callable[[dict], None] | None, progress: bool = True, final: Path | None = None) -> Path:
     from tqdm.auto import tqdm
 
     spec = recipe.spec()
@@ -272,7 +430,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
     bar.close()
 
     state = ckpt.full_model_state(wrapped)
-    final = out / "final"
+    final = final if final is not None else out / "final"
     if ctx.is_main:
         last = _last_record(out / "metrics.jsonl")
         save_hf_checkpoint(recipe, state, final, tokenizer,

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Slurm array template: one suite job per array task, one GPU each. quantlm's own resumability makes
 # re-submitting the array safe (finished jobs are skipped). Adapt partition, time and environment.
+# This file ships inside the package (quantlm/resources/recipes); copy it and the manifest first:
 #
-#   quantlm suite recipes/suite-spectra.yaml --list-jobs > jobs.txt
-#   sbatch --array=1-$(wc -l < jobs.txt) recipes/slurm-suite.sh recipes/suite-spectra.yaml jobs.txt
+#   R=$(python -c 'from quantlm.paths import recipes_dir; print(recipes_dir())')
+#   cp "$R/slurm-suite.sh" "$R/suite-spectra.yaml" .
+#   quantlm suite suite-spectra.yaml --list-jobs > jobs.txt
+#   sbatch --array=1-$(wc -l < jobs.txt) slurm-suite.sh suite-spectra.yaml jobs.txt
 #   # when the array is done:
-#   quantlm suite recipes/suite-spectra.yaml --report
+#   quantlm suite suite-spectra.yaml --report
 #
 #SBATCH --job-name=quantlm-suite
 #SBATCH --gres=gpu:1

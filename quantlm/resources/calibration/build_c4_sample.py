@@ -1,7 +1,9 @@
-"""Build calibration/c4_sample.jsonl: the first documents of the C4 (en) validation subset, up to 1 MB.
+"""Build c4_sample.jsonl (beside this script, shipped in the package): the first documents of the C4 (en)
+validation subset, up to 1 MB.
 
-Usage: python calibration/build_c4_sample.py [SOURCE_JSONL] [--max-bytes 1000000]
-SOURCE_JSONL defaults to the shared copy ../shared/data/c4/c4_validation_2k.jsonl (2000 documents).
+Usage: python quantlm/resources/calibration/build_c4_sample.py [SOURCE_JSONL] [--max-bytes 1000000]
+SOURCE_JSONL defaults to the shared copy ../shared/data/c4/c4_validation_2k.jsonl (beside the checkout; 2000
+documents).
 Documents are kept in source order, with their `text` and `url` fields (attribution), until the next
 one would push the file past --max-bytes.
 """
@@ -17,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("source", nargs="?", default=str(HERE.parent.parent / "shared/data/c4/c4_validation_2k.jsonl"))
+    p.add_argument("source", nargs="?", default=str(HERE.parents[3] / "shared/data/c4/c4_validation_2k.jsonl"))
     p.add_argument("--max-bytes", type=int, default=1_000_000)
     p.add_argument("--out", default=str(HERE / "c4_sample.jsonl"))
     args = p.parse_args()

@@ -1,0 +1,399 @@
+"""Peak memory and wall time of quantlm's GPTQ pipeline, predicted (``plan_memory``) next to measured.
+
+Subcommands:
+  one     one quantization in THIS process (run it in a fresh process: VmHWM is the process's peak);
+          random-init Spectra shape (``--preset``, ``--layers`` to cut the number of blocks), random token
+          windows, 4-bit g128 act-order true-sequential; prints one JSON line (plan, measured, times, load).
+  sweep   runs a list of ``one`` configurations, each in its own child process, appending to ``--out``.
+  fit     least-squares fit of the memory model's constants (baseline, forward working set) from sweep
+          results; prints the constants and predicted/measured per run.
+  table   markdown table of sweep results.
+  errors  the effect of the storage and forward dtypes on layer error and output error: the same weights
+          and calibration windows (shipped C4 sample) quantized with each setting, scored with the SAME
+          float-model Hessians (layer error = sum over linears of tr((W - Q) H (W - Q)^T)) and on held-out
+          WikiText-2 test windows (relative squared error of the final hidden states against the float
+          model), over several seeds (seed = random init and calibration windows).
+
+Examples (bench/quantize_memory.md has the ones that were run):
+  python bench/bench_memory.py one --preset floatlm-99m --layers 2 --nsamples 512 --seqlen 2048
+  python bench/bench_memory.py sweep --grid fit --out /tmp/mem/fit.jsonl
+  python bench/bench_memory.py fit /tmp/mem/fit.jsonl
+  python bench/bench_memory.py errors --seeds 0 1 2 --nsamples 64 --seqlen 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GRIDS = {
+    # small and fast: to fit the baseline and the forward working-set constants
+    "fit": [
+        dict(preset="floatlm-99m", layers=1, nsamples=16, seqlen=512, batch_size=1),
+        dict(preset="floatlm-99m", layers=1, nsamples=16, seqlen=512, batch_size=8),
+        dict(preset="floatlm-99m", layers=1, nsamples=32, seqlen=2048, batch_size=4),
+        dict(preset="floatlm-99m", layers=2, nsamples=32, seqlen=2048, batch_size=8),
+        dict(preset="floatlm-390m", layers=1, nsamples=16, seqlen=2048, batch_size=8),
+        dict(preset="floatlm-390m", layers=1, nsamples=16, seqlen=2048, batch_size=2),
+        dict(preset="floatlm-1.1b", layers=1, nsamples=8, seqlen=2048, batch_size=4),
+        dict(preset="floatlm-3.9b", layers=1, nsamples=8, seqlen=2048, batch_size=2),
+    ],
+    # the Spectra recipe (512 x 2048) on reduced blocks: every storage dtype and offload mode
+    "spectra-99m": [
+        dict(preset="floatlm-99m", layers=L, nsamples=512, seqlen=2048, activation_dtype=a, offload=o)
+        for a, o, L in [("float32", "host", 2), ("bfloat16", "host", 1), ("float16", "host", 1), ("float32", "disk", 1),
+                        ("bfloat16", "disk", 2)]
+    ],
+    # the per-block extrapolation: the same run with a few blocks and with all of them (fewer tokens)
+    "blocks": [
+        dict(preset="floatlm-99m", layers=2, nsamples=32, seqlen=512),
+        dict(preset="floatlm-99m", layers=16, nsamples=32, seqlen=512),
+        dict(preset="floatlm-390m", layers=2, nsamples=16, seqlen=1024),
+        dict(preset="floatlm-390m", layers=24, nsamples=16, seqlen=1024),
+    ],
+    "spectra-390m": [
+        dict(preset="floatlm-390m", layers=2, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="host"),
+        dict(preset="floatlm-390m", layers=2, nsamples=512, seqlen=2048, activation_dtype="float32", offload="disk"),
+    ],
+    "spectra-big": [
+        dict(preset="floatlm-1.1b", layers=1, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="disk"),
+        dict(preset="floatlm-3.9b", layers=1, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="disk"),
+    ],
+}
+
+
+def _env() -> dict:
+    import torch
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "cpu": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def _settings(args):
+    from quantlm.gptq.memory import MemorySettings
+
+    return MemorySettings(activation_dtype=args.activation_dtype, offload=args.offload, offload_dir=args.offload_dir,
+                          forward_dtype=args.forward_dtype, batch_size=args.batch_size,
+                          replay_cache_gb=args.replay_cache_gb)
+
+
+def gptq_recipe(bits: int = 4, group_size: int = 128, **kw):
+    """The GPTQ settings the pipeline reads (bits, group size, ...)."""
+    from quantlm.gptq.settings import GPTQSettings
+
+    names = {f.name for f in dataclasses.fields(GPTQSettings)}
+    return GPTQSettings(bits=bits, group_size=group_size, **{k: v for k, v in kw.items() if k in names})
+
+
+def cmd_one(args) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quantlm.gptq.memory import peak_rss_bytes, plan_memory, rss_bytes
+    from quantlm.gptq.pipeline import quantize_blocks
+    from quantlm.models.blocks import LLAMA
+    from quantlm.specs import get_preset
+
+    load0 = os.getloadavg()
+    settings = _settings(args)
+    config = get_preset(args.preset).to_hf_config(num_hidden_layers=args.layers)
+    dry = plan_memory(config.to_dict(), args.nsamples, args.seqlen, settings, 4, 128, "cpu",
+                      weights_dtype=args.weights_dtype)
+    rss_imports = rss_bytes()
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = LlamaForCausalLM(config)
+    if args.weights_dtype != "float32":
+        for p in model.parameters():
+            p.data = p.data.to(getattr(torch, args.weights_dtype))
+    t_build = time.perf_counter() - t0
+    rss_model = rss_bytes()
+    tokens = torch.randint(0, config.vocab_size, (args.nsamples, args.seqlen),
+                           generator=torch.Generator().manual_seed(args.seed))
+    t1 = time.perf_counter()
+    run = quantize_blocks(model, LLAMA, tokens, gptq_recipe(), progress=False, memory=settings)
+    wall = time.perf_counter() - t1
+    out = {
+        "config": {k: getattr(args, k) for k in ("preset", "layers", "nsamples", "seqlen", "activation_dtype",
+                                                 "offload", "forward_dtype", "batch_size", "replay_cache_gb",
+                                                 "weights_dtype", "seed")},
+        "dry_plan": dry, "plan": run.plan, "measured": run.measured,
+        "measured_peak_bytes": peak_rss_bytes(), "rss_after_imports": rss_imports, "rss_after_model": rss_model,
+        "quantize_s": wall, "build_s": t_build, "solve_s": sum(m.seconds for m in run.modules),
+        "total_error": sum(m.error for m in run.modules), "blocks": args.layers,
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": _env(), "commit": _git_commit(),
+    }
+    print(json.dumps(out))
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(out) + "\n")
+    return out
+
+
+def cmd_sweep(args) -> None:
+    configs = GRIDS[args.grid]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for cfg in configs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "one", "--json", str(out)]
+        for k, v in cfg.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        for k, v in (("offload_dir", args.offload_dir),):
+            if v:
+                cmd += [f"--{k.replace('_', '-')}", v]
+        print("+", " ".join(cmd[2:]), flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], flush=True)
+            continue
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {time.perf_counter() - t0:.0f} s: measured {rec['measured_peak_bytes'] / 1e9:.3f} GB, "
+              f"predicted (dry) {rec['dry_plan']['predicted_peak_bytes'] / 1e9:.3f} GB, "
+              f"(in-run) {rec['plan']['predicted_peak_bytes'] / 1e9:.3f} GB, quantize {rec['quantize_s']:.1f} s, "
+              f"load {rec['loadavg_start'][0]:.1f}-{rec['loadavg_end'][0]:.1f}", flush=True)
+
+
+def _load(paths) -> list[dict]:
+    recs = []
+    for p in paths:
+        recs += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return recs
+
+
+def replan(rec: dict, available: int = 10**13) -> dict:
+    """The dry-run plan of a recorded run, recomputed with the current constants (same location and batch)."""
+    from quantlm.gptq.memory import MemorySettings, plan_memory
+    from quantlm.specs import get_preset
+
+    c, p = rec["config"], rec["dry_plan"]
+    settings = MemorySettings(activation_dtype=c["activation_dtype"], offload=p["hidden_states"],
+                              forward_dtype=c["forward_dtype"], batch_size=p["batch_size"],
+                              replay_cache_gb=c["replay_cache_gb"])
+    config = get_preset(c["preset"]).to_hf_config(num_hidden_layers=c["layers"]).to_dict()
+    return plan_memory(config, c["nsamples"], c["seqlen"], settings, 4, 128, "cpu", available_bytes=available,
+                       weights_dtype=c.get("weights_dtype", "float32"), disk_available_bytes=10**13)
+
+
+def cmd_fit(args) -> None:
+    """Fit BASELINE_CPU and K_FWD (forward-bound runs) from measured peaks; the exact terms and the solve
+    working set (measured on the solver alone, bench/quantize_memory.md) are subtracted first."""
+    import numpy as np
+
+    from quantlm.gptq import memory as M
+
+    recs = _load(args.results)
+    rows, ys = [], []
+    for r in recs:
+        p = replan(r)
+        b, s = p["bytes"], p["shape"]
+        d, f = s["hidden"], s["intermediate"]
+        fbytes = M.DTYPE_BYTES[p["forward_dtype"]]
+        bt = p["batch_size"] * p["seqlen"]
+        exact = b["weights"] + b["results"] + b["tokens"] + b["hidden_buffers"] + b["replay_cache"]
+        ws = p["working_sets"]
+        if ws["solve"] > ws["forward"]:
+            continue  # solve-bound: says nothing about the forward constant
+        widest = max(d, f)
+        fixed = bt * widest * 4 + widest * widest * 4 + ws["block_copy"]
+        if p["hidden_states"] == "disk":
+            fixed += 2 * bt * d * M.DTYPE_BYTES[p["activation_dtype"]]
+        rows.append([1.0, bt * (d + f) * fbytes])
+        ys.append(r["measured_peak_bytes"] - exact - fixed)
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
+    print(f"fitted ({len(ys)} forward-bound runs): BASELINE_CPU = {coef[0]:.4g}  K_FWD = {coef[1]:.3f}")
+    print(f"in memory.py:            BASELINE_CPU = {M.BASELINE_CPU:.4g}  K_FWD = {M.K_FWD}")
+    if args.apply:
+        M.BASELINE_CPU, M.K_FWD = float(coef[0]), float(coef[1])
+    cmd_table(args)
+
+
+def cmd_table(args) -> None:
+    recs = _load(args.results)
+    print("| shape | blocks | windows x tokens | batch | storage | hidden states | forward | measured peak (GB) "
+          "| predicted (GB) | predicted / measured | in-run prediction (GB) | quantize (s) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in recs:
+        c, q = r["config"], r["plan"]
+        p = replan(r)
+        m = r["measured_peak_bytes"]
+        print(f"| {c['preset']} | {c['layers']} | {c['nsamples']} x {c['seqlen']} | {p['batch_size']} | "
+              f"{c['activation_dtype']} | {p['hidden_states']} | {c['forward_dtype']} | {m / 1e9:.3f} | "
+              f"{p['predicted_peak_bytes'] / 1e9:.3f} | {p['predicted_peak_bytes'] / m:.3f} | "
+              f"{q['predicted_peak_bytes'] / 1e9:.3f} | {r['quantize_s']:.1f} | "
+              f"{r['loadavg_start'][0]:.1f}-{r['loadavg_end'][0]:.1f} |")
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def _tokenizer(work: Path, vocab: int):
+    """A BPE (at most 8192 tokens, as bench/quantize_cpu.md) trained on the shipped corpus, cached in ``work``."""
+    from quantlm.hf_checkpoint import load_tokenizer
+    from quantlm.tokenizer import train_bpe_tokenizer
+
+    vocab = min(8192, vocab)
+    tok_dir = work / f"tokenizer-{vocab}"
+    if not (tok_dir / "tokenizer.json").is_file():
+        text = (REPO / "data" / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
+        train_bpe_tokenizer([text], vocab_size=vocab, out_dir=tok_dir)
+    return load_tokenizer(tok_dir)
+
+
+def _float_hessians(model, tokens, batch: int = 8) -> dict:
+    import torch
+
+    from quantlm.gptq.hessian import HessianAccumulator
+    from quantlm.models.blocks import LLAMA
+
+    accs, handles = {}, []
+    for i, block in enumerate(model.get_submodule(LLAMA.layers_path)):
+        for group in LLAMA.sequential:
+            lin = block.get_submodule(group[0])
+            acc = HessianAccumulator(lin.in_features, "cpu")
+            for name in group:
+                accs[f"{LLAMA.layers_path}.{i}.{name}"] = acc
+            handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0])))
+    with torch.no_grad():
+        for s in range(0, tokens.shape[0], batch):
+            model.model(input_ids=tokens[s:s + batch])
+    for h in handles:
+        h.remove()
+    return {k: acc.H for k, acc in accs.items()}
+
+
+def _final_hidden(model, tokens, batch: int = 8):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model.model(input_ids=tokens[s:s + batch]).last_hidden_state
+                          for s in range(0, tokens.shape[0], batch)])
+
+
+def cmd_errors(args) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quantlm.calibration import calibration_tokens
+    from quantlm.gptq.memory import MemorySettings
+    from quantlm.gptq.pipeline import quantize_blocks
+    from quantlm.gptq.solver import reconstruction_error
+    from quantlm.models.blocks import LLAMA
+    from quantlm.specs import get_preset
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(work, get_preset(args.preset).to_hf_config().vocab_size)
+    variants = {
+        "fp32": MemorySettings(),
+        "bf16 storage": MemorySettings(activation_dtype="bfloat16"),
+        "fp16 storage": MemorySettings(activation_dtype="float16"),
+        "bf16 forward": MemorySettings(forward_dtype="bfloat16"),
+        "bf16 forward+storage": MemorySettings(forward_dtype="bfloat16", activation_dtype="bfloat16"),
+    }
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants}
+    from quantlm.eval.datasets import load_text_source
+
+    held_ids = tok(load_text_source("wikitext2").text, return_tensors="pt").input_ids[0]
+    out = {"env": _env(), "commit": _git_commit(), "args": vars(args), "loadavg_start": os.getloadavg(), "runs": []}
+    for seed in args.seeds:
+        config = get_preset(args.preset).to_hf_config(num_hidden_layers=args.layers) if args.layers else \
+            get_preset(args.preset).to_hf_config()
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM(config).eval()
+        calib = calibration_tokens(tok, None, args.nsamples, args.seqlen, seed)
+        heldout = held_ids[: args.heldout * args.seqlen].view(args.heldout, args.seqlen)  # WikiText-2 test
+        H = _float_hessians(base, calib)
+        ref = _final_hidden(base, heldout)
+        for name, settings in variants.items():
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            run = quantize_blocks(model, LLAMA, calib, gptq_recipe(), progress=False, memory=settings)
+            secs = time.perf_counter() - t0
+            layer = sum(reconstruction_error(base.get_submodule(n).weight.detach(), r.dequantize(), H[n])
+                        for n, r in run.results.items())
+            hid = _final_hidden(model, heldout)
+            output = float((hid - ref).double().pow(2).sum() / ref.double().pow(2).sum())
+            rec = {"seed": seed, "variant": name, "layer_error": layer, "own_path_error":
+                   sum(m.error for m in run.modules), "output_error": output, "quantize_s": secs,
+                   "loadavg": os.getloadavg()[0]}
+            out["runs"].append(rec)
+            print(json.dumps(rec), flush=True)
+            del model
+    out["loadavg_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("one")
+    one.add_argument("--preset", default="floatlm-99m")
+    one.add_argument("--layers", type=int, default=2)
+    one.add_argument("--nsamples", type=int, default=512)
+    one.add_argument("--seqlen", type=int, default=2048)
+    one.add_argument("--activation-dtype", default="float32")
+    one.add_argument("--offload", default="auto")
+    one.add_argument("--offload-dir", default="")
+    one.add_argument("--forward-dtype", default="float32")
+    one.add_argument("--batch-size", type=int, default=0)
+    one.add_argument("--replay-cache-gb", type=float, default=-1.0)
+    one.add_argument("--weights-dtype", default="float32")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--json", default="")
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--grid", choices=sorted(GRIDS), required=True)
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--offload-dir", default="")
+    for name in ("fit", "table"):
+        p = sub.add_parser(name)
+        p.add_argument("results", nargs="+")
+        p.add_argument("--apply", action="store_true", help="fit: show the table with the fitted constants")
+    er = sub.add_parser("errors")
+    er.add_argument("--preset", default="floatlm-99m")
+    er.add_argument("--layers", type=int, default=0, help="0: all blocks of the preset")
+    er.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    er.add_argument("--nsamples", type=int, default=64)
+    er.add_argument("--seqlen", type=int, default=512)
+    er.add_argument("--heldout", type=int, default=16)
+    er.add_argument("--variants", nargs="*", default=None)
+    er.add_argument("--work", default="/tmp/quantlm-bench-memory")
+    er.add_argument("--json", default="")
+    args = ap.parse_args()
+    {"one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

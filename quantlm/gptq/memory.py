@@ -1,0 +1,540 @@
+"""Memory settings of the GPTQ pipeline, the memory plan made before any compute, and peak measurement.
+
+``MemorySettings`` is the one place for what changes memory and speed but not the recipe's meaning:
+where the hidden states between blocks live (device, host, disk) and in which dtype, the dtype of the
+block forwards, TF32 for the Hessian products, the batch of calibration windows per forward, and the
+replay cache. ``plan_memory`` turns a model's ``config.json`` fields and these settings into predicted
+bytes (pure arithmetic: no model, no torch tensors), picks the storage mode for ``offload="auto"``, and
+says whether it fits; ``check_plan`` fails with the numbers and the options that would fit.
+
+The model of peak memory (host, for the CPU path) is
+
+    baseline + weights + results + hidden-state buffers + replay cache + max(forward, solve)
+
+with every term exact arithmetic except the baseline and the two working sets, whose constants below
+were fitted to measured peak RSS (``bench/bench_memory.py``, ``bench/quantize_memory.md``):
+- forward: the live tensors of one block forward on one batch of b windows x T tokens, in units of
+  b*T*hidden and b*T*intermediate values of the forward dtype, plus the fp32 copy the Hessian hook makes;
+- solve: the Hessian accumulator and the solver's copies, in units of in^2 and rows*in fp32 values of the
+  largest group (LLaMA: down_proj's in = intermediate, or gate/up's stacked rows).
+Results (codes uint8, scales/zeros fp32) are counted for the whole model: they are all alive at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from quantlm.errors import QuantlmError
+from quantlm.recipes import doc
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# ---- fitted constants (bench/quantize_memory.md, "memory model"); bytes unless stated -----------------
+# Process baseline of a quantize run on the CPU: interpreter, torch, transformers, the model object
+# without its weights (~401 MB when the pipeline starts), plus what the run itself adds besides the modelled
+# terms (oneDNN primitive caches, thread pools, allocator arenas: BASELINE_GROWTH, the fitted difference).
+BASELINE_CPU = 535e6
+BASELINE_GROWTH = 134e6
+# On a GPU the CUDA runtime and libraries add host memory (not measured on this project's machines yet:
+# a conservative guess that bench/gpu_check.sh records next to the measured value).
+BASELINE_CUDA_EXTRA = 2.5e9
+# Forward working set per token of a batch: K_FWD values of width hidden + intermediate in the forward dtype
+# (norm, attention and MLP temporaries, and the allocator's slack: tensors below glibc's 32 MB mmap threshold
+# stay in the heap); plus the Hessian hook's fp32 copy of the widest input and its [in, in] accumulator.
+# One constant for d + f because every Spectra shape has f ~ 2.5-3 d, so separate ones are not identifiable.
+K_FWD = 1.06
+# Solve working set: K_SOLVE_H fp32 matrices [in, in] (the group's H and the solver's copies: permuted H,
+# Cholesky factor, its inverse) and K_SOLVE_W fp32 matrices [rows, in] (stacked W, its transpose, codes, errors);
+# measured on the solver alone for down_proj and gate/up of the 3.9B shape (bench/quantize_memory.md).
+K_SOLVE_H = 4.0
+K_SOLVE_W = 4.2
+# Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
+FIT_FRACTION = 0.95
+# Share of a GPU's memory left after the plan that the auto replay cache may take.
+GPU_REPLAY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """Where calibration activations live and in which precision the block forwards run (GPTQ pipeline)."""
+
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "dtype of the stored hidden states between blocks (block inputs/outputs); Hessians and solves stay fp32",
+        "float32")
+    offload: Literal["auto", "none", "host", "disk"] = doc(
+        "where the hidden states between blocks live: auto (the first that fits of device, host, disk), "
+        "none (on the compute device), host (CPU memory, pinned for a GPU), disk (files, resumable)", "auto")
+    offload_dir: str = doc(
+        "folder for disk-offloaded hidden states and the resume state; empty: <tmp>/quantlm-offload/<run>", "")
+    resume: bool = doc("with disk offload, continue a killed run at the block it was in", True)
+    forward_dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "dtype of the block forwards (bf16 is fast on CPUs with AVX512-BF16/AMX and on GPUs); "
+        "Hessians and solves stay fp32, codes come from fp32 weights", "float32")
+    batch_size: int = doc("calibration windows per forward; 0: 8 on the CPU, up to 16 that fit on a GPU", 0)
+    replay_cache_gb: float = doc(
+        "memory for submodule outputs replayed between a block's passes; -1: up to 4 on the CPU, "
+        "what is left of the GPU's memory on a GPU; 0 recomputes", -1.0)
+    max_memory_gb: float = doc("host memory the plan may use; 0: what the machine has available", 0.0)
+
+    def __post_init__(self):
+        if self.batch_size < 0:
+            raise QuantlmError(f"batch_size={self.batch_size}: use a positive number of windows, or 0 for auto")
+        if self.replay_cache_gb < 0 and self.replay_cache_gb != -1:
+            raise QuantlmError(f"replay_cache_gb={self.replay_cache_gb}: use GB >= 0, or -1 for auto")
+        if self.max_memory_gb < 0:
+            raise QuantlmError(f"max_memory_gb={self.max_memory_gb}: use GB > 0, or 0 for what is available")
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+def model_shape(config: dict) -> dict:
+    """The fields of an HF LLaMA-like ``config.json`` the plan needs (head_dim derived when absent)."""
+    try:
+        d, f = int(config["hidden_size"]), int(config["intermediate_size"])
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        vocab = int(config["vocab_size"])
+    except KeyError as e:
+        raise QuantlmError(f"config.json lacks {e.args[0]!r}; a memory plan needs a LLaMA-like config") from None
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or d // heads)
+    return {"hidden": d, "intermediate": f, "layers": layers, "heads": heads, "kv_heads": kv,
+            "head_dim": head_dim, "vocab": vocab, "tied": bool(config.get("tie_word_embeddings", False))}
+
+
+def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each block linear."""
+    d, f, hd = shape["hidden"], shape["intermediate"], shape["head_dim"]
+    q, kv = shape["heads"] * hd, shape["kv_heads"] * hd
+    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+
+def _groups(shape: dict) -> list[tuple[int, int]]:
+    """(stacked rows, in) of the true-sequential groups (one shared solve each)."""
+    s = linear_shapes(shape)
+    return [(s["q_proj"][0] + s["k_proj"][0] + s["v_proj"][0], shape["hidden"]), (s["o_proj"][0], s["o_proj"][1]),
+            (2 * shape["intermediate"], shape["hidden"]), (shape["hidden"], shape["intermediate"])]
+
+
+def param_count(shape: dict) -> tuple[int, int]:
+    """(parameters of the whole model, parameters of one block)."""
+    block = sum(o * i for o, i in linear_shapes(shape).values()) + 2 * shape["hidden"]
+    outside = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2) + shape["hidden"]
+    return shape["layers"] * block + outside, block
+
+
+def result_bytes(shape: dict, group_size: int, rtn: bool = False) -> int:
+    """Bytes of the solver results of the whole model: codes uint8, scale and zero fp32 per group, g_idx
+    int32, per-row loss float64 (GPTQ only)."""
+    total = 0
+    for out, inp in linear_shapes(shape).values():
+        groups = 1 if group_size == -1 else inp // group_size
+        total += out * inp + 2 * out * groups * 4 + inp * 4 + (0 if rtn else out * 8)
+    return total * shape["layers"]
+
+
+def replay_bytes(shape: dict, tokens: int, fbytes: int, cap: float, true_sequential: bool = True) -> int:
+    """Peak bytes of the replay cache of ``block_passes`` for a LLaMA block, as its all-or-nothing rule
+    decides per pass (records kept only if all batches fit in ``cap``): the first block (tails not yet
+    learned) and the later ones (attention and MLP finished around o_proj's / down_proj's input)."""
+    if not true_sequential or cap <= 0:
+        return 0
+    d, f = shape["hidden"], shape["intermediate"]
+    kvw = shape["kv_heads"] * shape["head_dim"]
+    q = shape["heads"] * shape["head_dim"]
+    per = tokens * fbytes
+
+    def fits(held, new):
+        return (held + new) * per <= cap
+
+    # first block: pass for o records q,k,v; pass for gate the attention (replacing q,k,v); pass for down gate,up
+    held, peak = 0, 0
+    if fits(0, q + 2 * kvw):
+        held = q + 2 * kvw
+    peak = max(peak, held)
+    attn = fits(held, d)
+    if attn:
+        peak, held = max(peak, held + d), d
+    new = 2 * f if attn else d + 2 * f
+    if fits(held, new):
+        held += new
+    first = max(peak, held)
+    # later blocks: o_proj's input (tail of the attention), then down_proj's input (tail of the MLP)
+    held = d if fits(0, d) else 0
+    if held and fits(held, f):
+        held += f
+    later = held
+    return max(first, later) * per
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: VmHWM (Linux; not inherited across fork + exec, unlike
+    ``ru_maxrss``), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_host_bytes() -> int:
+    """Memory this process could reach: MemAvailable plus its own RSS, capped by a cgroup limit."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            avail = 0
+    total = avail + rss_bytes()
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:
+            used = 0
+            for cur in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+                try:
+                    used = int(Path(cur).read_text().strip())
+                    break
+                except (OSError, ValueError):
+                    continue
+            total = min(total, int(raw) - used + rss_bytes())
+        break
+    return total
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU (bf16 products then run at least as fast as fp32 through oneDNN)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_offload_dir(fingerprint: str) -> Path:
+    return Path(tempfile.gettempdir()) / "quantlm-offload" / fingerprint[:16]
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+def _device_type(device) -> str:
+    return str(device).split(":")[0]
+
+
+def plan_memory(config: dict, nsamples: int, seqlen: int, settings: MemorySettings | None = None, bits: int = 4,
+                group_size: int = 128, device: str = "cpu", available_bytes: int | None = None, *,
+                weights_dtype: str = "float32", true_sequential: bool = True, rtn: bool = False,
+                baseline_bytes: float | None = None, device_available_bytes: int | None = None,
+                disk_available_bytes: int | None = None, offload_dir: str | None = None) -> dict:
+    """The memory plan of quantizing a model described by ``config`` (its ``config.json`` as a dict).
+
+    Pure arithmetic: nothing is allocated. ``available_bytes``: host memory the run may use (default:
+    ``settings.max_memory_gb``, else what the machine has now); ``device_available_bytes``: free GPU
+    memory (default: asked from torch when ``device`` is CUDA). ``weights_dtype``: the dtype the model is
+    loaded in (a bf16 checkpoint may be loaded as bf16: the pipeline upcasts one block at a time).
+    ``baseline_bytes``: the process's memory besides the model when the pipeline starts (default: the
+    fitted constant; the pipeline passes its measured RSS minus the weights, and BASELINE_GROWTH is added). Returns a JSON-able dict: the shape, every
+    component in bytes, the chosen ``hidden_states`` location (device / host / disk), batch size and
+    replay cache, ``predicted_peak_bytes`` (host) and ``predicted_device_peak_bytes`` (GPU runs),
+    ``fits`` and, when it does not, ``fixes``: settings that would fit.
+    """
+    settings = settings or MemorySettings()
+    if nsamples <= 0 or seqlen <= 0:
+        raise QuantlmError("nsamples and seqlen must be positive")
+    dev = _device_type(device)
+    shape = model_shape(config)
+    if available_bytes is None:
+        available_bytes = int(settings.max_memory_gb * GB) if settings.max_memory_gb > 0 else available_host_bytes()
+    if dev == "cuda" and device_available_bytes is None:
+        device_available_bytes = _cuda_free_bytes(device)
+    fixed = dict(shape=shape, nsamples=nsamples, seqlen=seqlen, bits=bits, group_size=group_size, dev=dev,
+                 weights_dtype=weights_dtype, true_sequential=true_sequential, rtn=rtn,
+                 baseline_bytes=baseline_bytes, available=int(available_bytes),
+                 device_available=device_available_bytes, disk_available=disk_available_bytes,
+                 offload_dir=offload_dir)
+    plan = None
+    for candidate in _candidates(settings, dev, nsamples):
+        plan = _plan_one(settings, *candidate, **fixed)
+        if plan["fits"]:
+            break
+    plan["settings"] = dataclasses.asdict(settings)
+    if not plan["fits"]:
+        plan["fixes"] = _fixes(settings, fixed)
+    return plan
+
+
+def plan_for_checkpoint(model_dir: str | os.PathLike, nsamples: int, seqlen: int,
+                        settings: MemorySettings | None = None, bits: int = 4, group_size: int = 128,
+                        device: str = "cpu", **kw) -> dict:
+    """``plan_memory`` from a checkpoint folder's ``config.json`` alone (no weights needed: a plan can be made
+    before downloading them); ``kw`` as ``plan_memory`` (e.g. ``weights_dtype``, ``available_bytes``)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise QuantlmError(f"{path} not found; a memory plan needs the model's config.json") from None
+    except ValueError as e:
+        raise QuantlmError(f"{path} is not valid JSON ({e})") from None
+    return plan_memory(config, nsamples, seqlen, settings, bits, group_size, device, **kw)
+
+
+def _candidates(settings: MemorySettings, dev: str, nsamples: int):
+    """(hidden-state location, batch size, replay cap or None for auto) in the order auto tries them."""
+    if settings.offload == "auto":
+        places = ["device", "host", "disk"] if dev == "cuda" else ["host", "disk"]
+    elif settings.offload == "none":
+        places = ["device" if dev == "cuda" else "host"]
+    else:
+        places = [settings.offload]
+    if settings.batch_size:
+        sizes = [settings.batch_size]
+    else:
+        sizes = [16, 8, 4, 2, 1] if dev == "cuda" else [8, 4, 2, 1]
+    sizes = sorted({min(b, nsamples) for b in sizes}, reverse=True)
+    caps = [None] if settings.replay_cache_gb == -1 else [settings.replay_cache_gb * GB]
+    # the largest batch first in every place, then smaller batches (disk before smaller batches: on a CPU
+    # the file I/O of a block costs seconds, a smaller batch only memory); replay shrinks inside _plan_one
+    for b in sizes:
+        for place in places:
+            for cap in caps:
+                yield place, b, cap
+
+
+def _cuda_free_bytes(device) -> int | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    except (ImportError, RuntimeError):
+        return None
+
+
+def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | None, *, shape, nsamples, seqlen,
+              bits, group_size, dev, weights_dtype, true_sequential, rtn, baseline_bytes, available,
+              device_available, disk_available, offload_dir) -> dict:
+    d, f = shape["hidden"], shape["intermediate"]
+    sbytes = DTYPE_BYTES[settings.activation_dtype]
+    fbytes = DTYPE_BYTES[settings.forward_dtype]
+    wbytes = DTYPE_BYTES.get(weights_dtype, 4)
+    tokens = nsamples * seqlen
+    n_params, block_params = param_count(shape)
+    buffers = 2 * tokens * d * sbytes
+    groups = _groups(shape)
+    widest_in = max(i for _, i in groups)
+    solve = max(K_SOLVE_H * i * i * 4 + K_SOLVE_W * r * i * 4 for r, i in groups)
+    bt = batch * seqlen
+    forward = bt * K_FWD * (d + f) * fbytes + bt * widest_in * 4 + widest_in * widest_in * 4
+    if place == "disk":
+        forward += 2 * bt * d * sbytes  # staging of one read and one write
+    # block copies: an upcast (weights stored in half precision) and/or a forward-dtype copy
+    block_copy = (block_params * 4 if wbytes != 4 else 0) + (block_params * fbytes if fbytes != 4 else 0)
+    on_gpu = dev == "cuda"
+    if cap is None:  # auto replay cache
+        if on_gpu and device_available is not None:
+            dev_fixed = block_params * (4 + (fbytes if fbytes != 4 else 0)) + (buffers if place == "device" else 0)
+            # half of what is left: the GPU working sets are not measured yet, fragmentation is not modelled
+            cap = max(0.0, GPU_REPLAY_SHARE * (FIT_FRACTION * device_available - dev_fixed - max(forward, solve)))
+        else:
+            cap = 0.0 if on_gpu else 4 * 2**30
+    replay = replay_bytes(shape, tokens, fbytes, cap, true_sequential)
+    weights = n_params * wbytes
+    results = result_bytes(shape, group_size, rtn)
+    base = BASELINE_CPU if baseline_bytes is None else float(baseline_bytes) + BASELINE_GROWTH
+    if on_gpu and baseline_bytes is None:
+        base += BASELINE_CUDA_EXTRA
+    host = {"baseline": base, "weights": weights, "results": results, "tokens": tokens * 8,
+            "hidden_buffers": buffers if place == "host" else 0,
+            "replay_cache": 0 if on_gpu else replay,
+            "working_set": 0 if on_gpu else max(forward, solve) + block_copy}
+    if on_gpu:
+        host["working_set"] = 2 * bt * d * sbytes if place != "device" else 0  # staging
+    host_peak = int(sum(host.values()))
+    plan = {
+        "shape": shape, "nsamples": nsamples, "seqlen": seqlen, "tokens": tokens, "bits": bits,
+        "group_size": group_size, "device": dev, "weights_dtype": weights_dtype,
+        "activation_dtype": settings.activation_dtype, "forward_dtype": settings.forward_dtype,
+        "hidden_states": place, "batch_size": batch, "replay_cache_bytes": int(cap),
+        "bytes": {k: int(v) for k, v in host.items()},
+        "working_sets": {"forward": int(forward), "solve": int(solve), "block_copy": int(block_copy)},
+        "predicted_peak_bytes": host_peak,
+        "available_bytes": int(available),
+    }
+    fits = host_peak <= FIT_FRACTION * available
+    if on_gpu:
+        devb = {"block_weights": block_params * 4 + (block_params * fbytes if fbytes != 4 else 0),
+                "hidden_buffers": buffers if place == "device" else 0, "replay_cache": replay,
+                "working_set": max(forward, solve)}
+        plan["device_bytes"] = {k: int(v) for k, v in devb.items()}
+        plan["predicted_device_peak_bytes"] = int(sum(devb.values()))
+        plan["device_available_bytes"] = device_available
+        if device_available is not None:
+            fits = fits and plan["predicted_device_peak_bytes"] <= FIT_FRACTION * device_available
+    if place == "disk":
+        disk = buffers + results
+        where = Path(offload_dir or settings.offload_dir or tempfile.gettempdir())
+        if disk_available is None:
+            disk_available = _disk_free(where)
+        plan["disk_bytes"] = int(disk)
+        plan["disk_available_bytes"] = disk_available
+        plan["offload_dir"] = str(where)
+        if disk_available is not None:
+            fits = fits and disk <= disk_available
+    plan["fits"] = bool(fits)
+    if settings.forward_dtype == "bfloat16" and dev == "cpu" and not cpu_has_native_bf16():
+        plan["warning"] = ("forward_dtype bfloat16 on a CPU without AVX512-BF16/AMX: bf16 products are emulated "
+                           "and run several times slower than fp32")
+    return plan
+
+
+def _disk_free(path: Path) -> int | None:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(shutil.disk_usage(p).free)
+    except OSError:
+        return None
+
+
+def _fixes(settings: MemorySettings, fixed: dict) -> list[dict]:
+    """Settings changes (as CLI-style options) that would make the plan fit, each with its predicted peak."""
+    trials = []
+    if settings.offload not in ("disk",):
+        trials.append({"offload": "disk"})
+    if settings.activation_dtype == "float32":
+        trials.append({"activation_dtype": "bfloat16"})
+        if settings.offload != "disk":
+            trials.append({"offload": "disk", "activation_dtype": "bfloat16"})
+    for b in (2, 1):
+        if not settings.batch_size or settings.batch_size > b:
+            trials.append({"offload": "disk", "batch_size": b})
+    if settings.replay_cache_gb != 0:
+        trials.append({"offload": "disk", "batch_size": 1, "replay_cache_gb": 0.0})
+    if fixed["weights_dtype"] == "float32":
+        trials.append({"offload": "disk", "weights_dtype": "bfloat16"})
+    out = []
+    for change in trials:
+        fx = dict(fixed)
+        if "weights_dtype" in change:
+            fx["weights_dtype"] = change["weights_dtype"]
+        s = dataclasses.replace(settings, **{k: v for k, v in change.items() if k != "weights_dtype"})
+        for cand in _candidates(s, fx["dev"], fx["nsamples"]):
+            p = _plan_one(s, *cand, **fx)
+            if p["fits"]:
+                out.append({"change": change, "predicted_peak_bytes": p["predicted_peak_bytes"]})
+                break
+        if len(out) >= 3:
+            break
+    return out
+
+
+def _option(key: str, value) -> str:
+    if key == "weights_dtype":
+        return f"load the checkpoint in {value} (lossless for a {value} checkpoint)"
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _gb(x) -> str:
+    return f"{x / GB:.1f} GB"
+
+
+def check_plan(plan: dict) -> None:
+    """Raise ``QuantlmError`` when ``plan`` does not fit, with its numbers and the options that would."""
+    if plan["fits"]:
+        return
+    b = plan["bytes"]
+    parts = ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in b.items() if v)
+    lines = [f"quantizing needs about {_gb(plan['predicted_peak_bytes'])} of host memory ({parts}; hidden "
+             f"states: {plan['hidden_states']}, {plan['activation_dtype']}, batch {plan['batch_size']}) but "
+             f"{_gb(plan['available_bytes'])} are available"]
+    if plan.get("predicted_device_peak_bytes") is not None and plan.get("device_available_bytes") is not None:
+        lines.append(f"GPU: needs {_gb(plan['predicted_device_peak_bytes'])} of "
+                     f"{_gb(plan['device_available_bytes'])} free")
+    if plan.get("disk_bytes") is not None and plan.get("disk_available_bytes") is not None \
+            and plan["disk_bytes"] > plan["disk_available_bytes"]:
+        lines.append(f"disk offload needs {_gb(plan['disk_bytes'])} in {plan.get('offload_dir')} but "
+                     f"{_gb(plan['disk_available_bytes'])} are free; choose another --offload-dir")
+    fixes = plan.get("fixes") or []
+    if fixes:
+        opts = "; or ".join(" ".join(_option(k, v) for k, v in fx["change"].items())
+                            + f" (about {_gb(fx['predicted_peak_bytes'])})" for fx in fixes)
+        lines.append(f"use {opts}")
+    else:
+        lines.append("no setting fits: use a machine with more memory (or --max-memory-gb if the limit is wrong)")
+    raise QuantlmError("; ".join(lines))
+
+
+# ----------------------------------------------------------------------------------------- measure
+
+class PeakSampler:
+    """Peak RSS while the block runs: VmHWM when it rose during the block (exact), else the highest RSS
+    sampled every ``interval`` seconds by a thread (the process's earlier peak was higher)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._max = 0
+        self.hwm_before = self.hwm_after = self.rss_before = 0
+        self.peak_bytes = 0
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, rss_bytes())
+
+    def __enter__(self):
+        self.hwm_before = peak_rss_bytes()
+        self._max = self.rss_before = rss_bytes()
+        self._thread = threading.Thread(target=self._run, name="quantlm-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.hwm_after = peak_rss_bytes()
+        self._max = max(self._max, rss_bytes())
+        self.peak_bytes = self.hwm_after if self.hwm_after > self.hwm_before else self._max
+        return False
+
+
+def ratio(predicted: float, measured: float) -> float:
+    return predicted / measured if measured else math.nan

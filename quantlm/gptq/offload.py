@@ -1,0 +1,317 @@
+"""Hidden states between decoder blocks, on the device, in host memory or in a file; the resume state.
+
+``HiddenStates`` holds the activations of every calibration window entering (or leaving) one block,
+``[nsamples, seqlen, hidden]`` in the storage dtype, as one buffer:
+- ``device``: a tensor on the compute device (no transfers at all);
+- ``host``: a CPU tensor, pinned when the compute device is a GPU, read ahead one batch on a side
+  stream and written back with non-blocking copies, so transfers overlap the block's compute;
+- ``disk``: a raw file with the same layout as ``numpy.memmap(path, dtype, shape=(n, t, d))``, read and
+  written one batch at a time with positional reads/writes into a small staging buffer. Not mapped
+  into the process on purpose: mapped pages would count in the resident set (and in the measured peak)
+  until the kernel evicts them, while page-cache pages of plain reads do not.
+Batches are read in the compute dtype on the compute device and written from any dtype/device.
+
+``RunState`` makes a disk-offloaded run resumable at block granularity: after block i, its quantized
+results go to ``block-<i>.pt`` and ``state.json`` names the file holding block i+1's inputs (the two
+hidden-state files alternate, so the inputs of the block being computed are never overwritten). A run
+killed inside block i restarts at block i with the same inputs, so it ends byte-identical to an
+uninterrupted run. The state is tied to a fingerprint of the model, tokens and settings; all of it is
+deleted when the run succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from quantlm.gptq.solver import GPTQResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_NAME = "state.json"
+STATE_VERSION = 1
+
+
+def batches_of(nsamples: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_size, nsamples)) for s in range(0, nsamples, batch_size)]
+
+
+def _as_bytes(t: Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (any dtype, bf16 included), without a copy."""
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read from the offload file at byte {offset + done}")
+        done += n
+
+
+def _pwrite_from(fd: int, buf: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.pwritev(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short write to the offload file at byte {offset + done}")
+        done += n
+
+
+class HiddenStates:
+    """The hidden states of all calibration windows at one block boundary, read and written by batch.
+
+    ``where``: ``device`` | ``host`` | ``disk``; ``device``/``dtype``: the compute device and dtype the
+    batches are read in; ``storage``: the dtype they are kept in. ``path``: the file (disk); ``create``
+    False opens an existing file (resume). Iterating yields the batches in order (with read-ahead).
+    """
+
+    def __init__(self, batches: list[tuple[int, int]], seqlen: int, width: int, storage: torch.dtype, *,
+                 where: str, device: torch.device, dtype: torch.dtype, path: str | os.PathLike | None = None,
+                 create: bool = True):
+        self.batches, self.seqlen, self.width = batches, seqlen, width
+        self.storage, self.where, self.device, self.dtype = storage, where, torch.device(device), dtype
+        self.nsamples = batches[-1][1] if batches else 0
+        shape = (self.nsamples, seqlen, width)
+        self.nbytes = self.nsamples * seqlen * width * torch.empty((), dtype=storage).element_size()
+        self._row = seqlen * width * torch.empty((), dtype=storage).element_size()  # bytes per window
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = None
+        self.path = Path(path) if path is not None else None
+        self._fd = None
+        if where == "device":
+            self._buf = torch.empty(shape, dtype=storage, device=self.device)
+        elif where == "host":
+            self._buf = torch.empty(shape, dtype=storage, pin_memory=self._cuda)
+            if self._cuda:
+                self._copy_stream = torch.cuda.Stream(self.device)
+        elif where == "disk":
+            if self.path is None:
+                raise ValueError("a disk store needs a path")
+            self._buf = None
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | (os.O_CREAT if create else 0)
+            self._fd = os.open(self.path, flags, 0o600)
+            if create:
+                os.ftruncate(self._fd, self.nbytes)
+            elif os.fstat(self._fd).st_size != self.nbytes:
+                raise ValueError(f"{self.path}: size {os.fstat(self._fd).st_size}, expected {self.nbytes}")
+        else:
+            raise ValueError(f"unknown hidden-state location {where!r}")
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _staging(self, n: int) -> Tensor:
+        return torch.empty((n, self.seqlen, self.width), dtype=self.storage, pin_memory=self._cuda)
+
+    def read(self, b: int) -> Tensor:
+        """Batch ``b`` on the compute device in the compute dtype (may be a view of the buffer)."""
+        s, e = self.batches[b]
+        if self.where == "disk":
+            x = self._staging(e - s)
+            _pread_into(self._fd, _as_bytes(x), s * self._row)
+            x = x.to(self.device, non_blocking=False)
+        else:
+            x = self._buf[s:e].to(self.device)
+        return x.to(self.dtype)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self._copy_stream is None:
+            for b in range(len(self)):
+                yield self.read(b)
+            return
+        # pinned host buffer -> GPU: batch b+1 is copied on a side stream while batch b computes
+        stream, compute = self._copy_stream, torch.cuda.current_stream(self.device)
+
+        def issue(b):
+            s, e = self.batches[b]
+            with torch.cuda.stream(stream):
+                x = self._buf[s:e].to(self.device, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            return x, ev
+
+        nxt = issue(0) if len(self) else None
+        for b in range(len(self)):
+            x, ev = nxt
+            if b + 1 < len(self):
+                nxt = issue(b + 1)
+            compute.wait_event(ev)
+            x.record_stream(compute)  # allocated on the side stream, used on the compute stream
+            yield x.to(self.dtype)
+
+    def write(self, b: int, x: Tensor) -> None:
+        """Store batch ``b`` (``[rows, seqlen, width]``, any dtype or device) in the storage dtype."""
+        s, e = self.batches[b]
+        if tuple(x.shape) != (e - s, self.seqlen, self.width):
+            raise ValueError(f"batch {b}: shape {tuple(x.shape)}, expected {(e - s, self.seqlen, self.width)}")
+        if self.where == "device":
+            self._buf[s:e].copy_(x)
+        elif self.where == "host":
+            if self._copy_stream is not None and x.device.type == "cuda":
+                y = x.to(self.storage)  # on the compute stream
+                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self._copy_stream):
+                    self._buf[s:e].copy_(y, non_blocking=True)
+                y.record_stream(self._copy_stream)
+            else:
+                self._buf[s:e].copy_(x)
+        else:
+            y = x.detach().to(device="cpu", dtype=self.storage).contiguous()
+            _pwrite_from(self._fd, _as_bytes(y), s * self._row)
+
+    def flush(self) -> None:
+        """Make every write visible to readers (GPU copies finished; disk data on stable storage)."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._buf = None
+
+    def tensor(self) -> Tensor:
+        """All hidden states as one CPU tensor in the storage dtype (tests, small runs)."""
+        if self.where == "disk":
+            out = torch.empty((self.nsamples, self.seqlen, self.width), dtype=self.storage)
+            _pread_into(self._fd, _as_bytes(out), 0)
+            return out
+        self.flush()
+        return self._buf.cpu()
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+def _hash_tensor(h, t: Tensor, samples: int = 1 << 16) -> None:
+    """Feed ``t``'s dtype, shape and a strided sample of its values (at most ``samples``) to ``h``."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // samples)
+    part = flat[::step].to("cpu").contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(bytes(_as_bytes(part)))
+
+
+def run_fingerprint(model: torch.nn.Module, tokens: Tensor, extra: dict) -> str:
+    """A hash of what decides a run's results: every parameter (name, shape, dtype and a strided sample
+    of its values), the calibration tokens (all of them) and ``extra`` (recipe, settings, versions)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        _hash_tensor(h, p)
+    h.update(bytes(_as_bytes(tokens.detach().to("cpu", torch.int64).contiguous())))
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _result_to_dict(r: GPTQResult) -> dict:
+    """Every field of a result (tensors and numbers only, so ``torch.load(weights_only=True)`` reads it)."""
+    return {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+
+
+def _result_from_dict(d: dict) -> GPTQResult:
+    return GPTQResult(**d)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RunState:
+    """The resume state of a disk-offloaded run in ``directory`` (see the module notes)."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+        self.next_block = 0
+        self.inputs = "hidden-0.bin"
+        self.tails: dict[str, str] = {}
+        self.started = False  # the first block's inputs are complete on disk
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, fingerprint: str, resume: bool = True) -> RunState:
+        """The saved state in ``directory`` if it belongs to this run (same fingerprint) and ``resume``;
+        else a fresh state (a stale one is removed)."""
+        state = cls(directory, fingerprint)
+        path = state.dir / STATE_NAME
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if resume and saved.get("version") == STATE_VERSION and saved.get("fingerprint") == fingerprint:
+                state.next_block, state.inputs = int(saved["next_block"]), saved["inputs"]
+                state.tails, state.started = dict(saved.get("tails", {})), True
+                return state
+            log.warning("%s: removing the saved state of %s", state.dir,
+                        "another run" if saved.get("fingerprint") != fingerprint else "this run (resume off)")
+            state.remove()
+        return state
+
+    @property
+    def other(self) -> str:
+        return "hidden-1.bin" if self.inputs == "hidden-0.bin" else "hidden-0.bin"
+
+    def _write_state(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        body = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "next_block": self.next_block,
+                "inputs": self.inputs, "tails": self.tails}
+        tmp = self.dir / (STATE_NAME + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(body, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / STATE_NAME)
+        _fsync_dir(self.dir)
+
+    def mark_started(self) -> None:
+        """The first block's inputs are complete in ``self.inputs``."""
+        self.started = True
+        self._write_state()
+
+    def block_done(self, i: int, results: dict[str, GPTQResult], reports: list[dict], tails: dict[str, str]) -> None:
+        """Block ``i`` is finished and its outputs are complete in ``self.other``: persist and swap."""
+        body = {"results": {k: _result_to_dict(v) for k, v in results.items()}, "reports": reports}
+        tmp = self.dir / f"block-{i:04d}.pt.tmp"
+        with open(tmp, "wb") as fh:
+            torch.save(body, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / f"block-{i:04d}.pt")
+        self.next_block, self.inputs, self.tails = i + 1, self.other, dict(tails)
+        self._write_state()
+
+    def load_block(self, i: int) -> tuple[dict[str, GPTQResult], list[dict]]:
+        body = torch.load(self.dir / f"block-{i:04d}.pt", weights_only=True)
+        return {k: _result_from_dict(v) for k, v in body["results"].items()}, body["reports"]
+
+    def remove(self) -> None:
+        """Delete every file this state wrote (and the folder when it is left empty)."""
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.iterdir():
+            if p.name in (STATE_NAME, STATE_NAME + ".tmp", "hidden-0.bin", "hidden-1.bin") or (
+                    p.name.startswith("block-") and p.name.endswith((".pt", ".pt.tmp"))):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()

@@ -1,0 +1,329 @@
+"""Memory settings of the GPTQ pipeline: the plan, storage dtypes, disk offload (and its resume), bf16 forwards."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantlm.errors import QuantlmError
+from quantlm.gptq.hessian import HessianAccumulator, tf32_matmul
+from quantlm.gptq.memory import (
+    DTYPE_BYTES,
+    MemorySettings,
+    check_plan,
+    param_count,
+    plan_memory,
+    replay_bytes,
+    result_bytes,
+)
+from quantlm.gptq.offload import HiddenStates, RunState, batches_of
+from quantlm.gptq.pipeline import CRASH_ENV, quantize_blocks
+from quantlm.hf_checkpoint import load_causal_lm
+from quantlm.models.blocks import LLAMA
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gptq_settings(**kw):
+    """The GPTQ settings the pipeline reads (bits, group size, ...)."""
+    from quantlm.gptq.settings import GPTQSettings
+
+    names = {f.name for f in dataclasses.fields(GPTQSettings)}
+    return GPTQSettings(**{k: v for k, v in kw.items() if k in names})
+
+
+RECIPE = {"bits": 3, "group_size": 4}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 512, (10, 40), generator=torch.Generator().manual_seed(3))
+
+
+def _run(base, tokens, memory=None, **kw):
+    model = copy.deepcopy(base)
+    run = quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), progress=False, memory=memory,
+                          **{"batch_size": 4, **kw})
+    return model, run
+
+
+def _same(a, b) -> None:
+    assert a.results.keys() == b.results.keys()
+    for name, r in a.results.items():
+        o = b.results[name]
+        for f in ("q", "scale", "zero", "g_idx"):
+            assert torch.equal(getattr(r, f), getattr(o, f)), (name, f)
+        assert r.loss == o.loss, name
+    assert [m.error for m in a.modules] == [m.error for m in b.modules]
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+SPECTRA_39B = {"hidden_size": 3072, "intermediate_size": 9216, "num_hidden_layers": 30, "num_attention_heads": 24,
+               "num_key_value_heads": 24, "vocab_size": 50688, "tie_word_embeddings": False}
+
+
+def test_plan_counts_exact_components_of_the_39b_shape():
+    s = MemorySettings(offload="host")
+    plan = plan_memory(SPECTRA_39B, 512, 2048, s, 4, 128, "cpu", available_bytes=24 * 2**30)
+    b = plan["bytes"]
+    assert b["hidden_buffers"] == 2 * 512 * 2048 * 3072 * 4  # 25.8 GB: the issue's two fp32 buffers
+    n, per_block = param_count(plan["shape"])
+    assert per_block == 4 * 3072**2 + 3 * 3072 * 9216 + 2 * 3072
+    assert b["weights"] == n * 4 and abs(n - 3.99e9) < 0.01e9
+    assert b["results"] == result_bytes(plan["shape"], 128)
+    assert plan["hidden_states"] == "host" and not plan["fits"]
+    with pytest.raises(QuantlmError, match=r"needs about .* GB of host memory.*--offload disk"):
+        check_plan(plan)
+    # auto: disk offload is chosen; the buffers leave host memory and go to disk
+    auto = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=24 * 2**30,
+                       disk_available_bytes=10**12)
+    assert auto["hidden_states"] == "disk" and auto["bytes"]["hidden_buffers"] == 0
+    assert auto["disk_bytes"] >= 2 * 512 * 2048 * 3072 * 4 and auto["fits"], auto
+    check_plan(auto)
+    assert json.loads(json.dumps(auto)) == auto  # report.json-ready
+
+
+def test_plan_storage_dtype_batch_and_failure_message():
+    p32 = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host"), 4, 128, "cpu", available_bytes=10**12)
+    p16 = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host", activation_dtype="bfloat16"), 4, 128,
+                      "cpu", available_bytes=10**12)
+    assert p16["bytes"]["hidden_buffers"] * 2 == p32["bytes"]["hidden_buffers"]
+    assert p32["batch_size"] == 8 and p32["fits"]
+    small = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="disk", batch_size=1), 4, 128, "cpu",
+                        available_bytes=10**12, disk_available_bytes=10**12)
+    big = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="disk", batch_size=8), 4, 128, "cpu",
+                      available_bytes=10**12, disk_available_bytes=10**12)
+    assert small["working_sets"]["forward"] < big["working_sets"]["forward"]
+    # nothing fits 2 GB (the weights alone are 16 GB): the message says so
+    tiny = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=2 * 2**30,
+                       disk_available_bytes=10**12)
+    with pytest.raises(QuantlmError, match="no setting fits"):
+        check_plan(tiny)
+    # a disk too small for the offload files
+    nodisk = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="disk"), 4, 128, "cpu",
+                         available_bytes=10**12, disk_available_bytes=10**9)
+    with pytest.raises(QuantlmError, match="offload-dir"):
+        check_plan(nodisk)
+
+
+def test_plan_gpu_keeps_hidden_states_on_the_device_when_they_fit():
+    kw = dict(available_bytes=10**12, disk_available_bytes=10**12)
+    h200 = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cuda", device_available_bytes=140 * 10**9,
+                       **kw)
+    assert h200["hidden_states"] == "device" and h200["fits"]
+    assert h200["device_bytes"]["hidden_buffers"] == 2 * 512 * 2048 * 3072 * 4
+    assert h200["batch_size"] == 16
+    small = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cuda", device_available_bytes=24 * 10**9,
+                        **kw)
+    assert small["hidden_states"] == "host" and small["bytes"]["hidden_buffers"] > 0
+
+
+def test_replay_model_follows_the_all_or_nothing_rule():
+    shape = {"hidden": 512, "intermediate": 1280, "heads": 8, "kv_heads": 8, "head_dim": 64}
+    tokens = 512 * 2048
+    # 4 GiB cap: q/k/v (3 x 512 values per token) do not fit, the attention output (512) does, the MLP's
+    # records (2 x 1280 in the first block, 1280 later) do not: 2.1 GB kept
+    assert replay_bytes(shape, tokens, 4, 4 * 2**30) == tokens * 512 * 4
+    assert replay_bytes(shape, tokens, 4, 0) == 0
+    assert replay_bytes(shape, tokens, 4, 10**12) == tokens * (512 + 2 * 1280) * 4  # first block's peak
+    assert replay_bytes(shape, tokens, 4, 10**12, true_sequential=False) == 0
+
+
+def test_plan_from_a_checkpoint_config_alone(tiny_model_dir, tmp_path):
+    from quantlm.gptq.memory import plan_for_checkpoint
+
+    plan = plan_for_checkpoint(tiny_model_dir, 512, 2048, MemorySettings(), 4, 4, available_bytes=10**11)
+    assert plan["shape"]["hidden"] == 64 and plan["shape"]["layers"] == 2 and plan["fits"]
+    with pytest.raises(QuantlmError, match="config.json"):
+        plan_for_checkpoint(tmp_path, 8, 8)
+
+
+def test_settings_validate():
+    with pytest.raises(QuantlmError):
+        MemorySettings(batch_size=-1)
+    with pytest.raises(QuantlmError):
+        MemorySettings(replay_cache_gb=-2)
+    for f in dataclasses.fields(MemorySettings):  # CLI help for every field
+        assert f.metadata.get("help"), f.name
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("where", ["host", "disk"])
+def test_hidden_states_round_trip(tmp_path, storage, where):
+    batches = batches_of(7, 3)
+    x = torch.randn(7, 5, 6)
+    hs = HiddenStates(batches, 5, 6, storage, where=where, device=torch.device("cpu"), dtype=torch.float32,
+                      path=tmp_path / "h.bin")
+    for b, (s, e) in enumerate(batches):
+        hs.write(b, x[s:e])
+    hs.flush()
+    got = torch.cat(list(hs))
+    assert got.dtype == torch.float32 and torch.equal(got, x.to(storage).float())
+    assert torch.equal(hs.tensor(), x.to(storage))
+    if where == "disk":
+        import numpy as np
+
+        assert (tmp_path / "h.bin").stat().st_size == hs.nbytes
+        if storage == torch.float32:  # the file is a plain memmap-able array
+            mm = np.memmap(tmp_path / "h.bin", dtype=np.float32, mode="r", shape=(7, 5, 6))
+            assert np.array_equal(mm, x.numpy())
+        hs.close()
+        again = HiddenStates(batches, 5, 6, storage, where=where, device=torch.device("cpu"), dtype=torch.float32,
+                             path=tmp_path / "h.bin", create=False)
+        assert torch.equal(again.read(1), x[3:6].to(storage).float())
+        again.close()
+
+
+def test_storage_dtype_and_plan_in_the_result(base, tokens):
+    _, fp32 = _run(base, tokens)
+    _, legacy = _run(base, tokens, memory=MemorySettings(activation_dtype="float32", offload="host"))
+    _same(fp32, legacy)
+    assert fp32.plan["hidden_states"] == "host" and fp32.plan["activation_dtype"] == "float32"
+    assert fp32.measured["measured_peak_bytes"] > 0 and fp32.measured["pipeline_peak_bytes"] > 0
+    assert fp32.plan["predicted_peak_bytes"] > 0 and "plan" in fp32.memory_report()
+    for dt in ("bfloat16", "float16"):
+        model, run = _run(base, tokens, memory=MemorySettings(activation_dtype=dt))
+        assert run.plan["bytes"]["hidden_buffers"] * 2 == fp32.plan["bytes"]["hidden_buffers"]
+        e32, e16 = sum(m.error for m in fp32.modules), sum(m.error for m in run.modules)
+        assert e16 == pytest.approx(e32, rel=0.05) and e16 != e32  # rounded inputs, nearly the same error
+        for name, res in run.results.items():  # the model still holds the exact fp32 dequantized codes
+            assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_disk_offload_matches_memory_and_cleans_up(base, tokens, tmp_path, storage):
+    _, host = _run(base, tokens, memory=MemorySettings(activation_dtype=storage, offload="host"))
+    folder = tmp_path / "off"
+    _, disk = _run(base, tokens, memory=MemorySettings(activation_dtype=storage, offload="disk",
+                                                       offload_dir=str(folder)))
+    assert disk.plan["hidden_states"] == "disk" and disk.measured["resumed_from_block"] == 0
+    _same(host, disk)
+    assert not folder.exists()  # deleted on success
+
+
+_CHILD = r"""
+import sys, torch
+from quantlm.hf_checkpoint import load_causal_lm
+from quantlm.gptq.memory import MemorySettings
+from quantlm.gptq.pipeline import quantize_blocks
+from quantlm.models.blocks import LLAMA
+sys.path.insert(0, sys.argv[3])
+from test_memory import gptq_settings, RECIPE
+model = load_causal_lm(sys.argv[1])
+tokens = torch.randint(0, 512, (10, 40), generator=torch.Generator().manual_seed(3))
+quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), batch_size=4, progress=False,
+                memory=MemorySettings(offload="disk", offload_dir=sys.argv[2], activation_dtype="bfloat16"))
+print("finished")
+"""
+
+
+def test_killed_disk_run_resumes_at_its_block_to_identical_results(base, tokens, tiny_model_dir, tmp_path):
+    folder = tmp_path / "off"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", CRASH_ENV: "1:2"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_model_dir), str(folder), str(REPO / "tests")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["next_block"] == 1  # killed inside block 1 (after its gate/up group): block 0 is saved
+    assert (folder / "block-0000.pt").is_file() and not (folder / "block-0001.pt").exists()
+    settings = MemorySettings(offload="disk", offload_dir=str(folder), activation_dtype="bfloat16")
+    model, resumed = _run(base, tokens, memory=settings)
+    assert resumed.measured["resumed_from_block"] == 1 and not folder.exists()
+    _, straight = _run(base, tokens, memory=dataclasses.replace(settings, offload_dir=str(tmp_path / "other")))
+    _same(resumed, straight)
+    for name, res in resumed.results.items():  # block 0's weights were restored from the saved codes
+        assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
+
+
+def test_stale_state_of_another_run_is_not_resumed(tmp_path):
+    state = RunState(tmp_path / "s", "aaaa")
+    state.mark_started()
+    fresh = RunState.open(tmp_path / "s", "bbbb")
+    assert not fresh.started and fresh.next_block == 0 and not (tmp_path / "s" / "state.json").exists()
+    again = RunState(tmp_path / "t", "cccc")
+    again.mark_started()
+    assert RunState.open(tmp_path / "t", "cccc").started
+    assert not RunState.open(tmp_path / "t", "cccc", resume=False).started
+
+
+# ----------------------------------------------------------------------------------- forward dtypes
+
+def test_bf16_forwards_keep_fp32_hessians_and_exact_codes(base, tokens):
+    _, fp32 = _run(base, tokens)
+    model, bf16 = _run(base, tokens, memory=MemorySettings(forward_dtype="bfloat16"))
+    e32, e16 = sum(m.error for m in fp32.modules), sum(m.error for m in bf16.modules)
+    assert e16 == pytest.approx(e32, rel=0.1)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # back in fp32 afterwards
+    for name, res in bf16.results.items():
+        assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
+
+
+def test_a_model_loaded_in_bf16_quantizes_like_its_fp32_upcast(base, tokens):
+    rounded = copy.deepcopy(base)
+    for p in rounded.parameters():
+        p.data = p.data.bfloat16().float()
+    half = copy.deepcopy(rounded)
+    for p in half.parameters():  # parameters only: from_pretrained(dtype=bf16) keeps the rotary buffer fp32
+        p.data = p.data.bfloat16()
+    _, a = _run(rounded, tokens)
+    model, b = _run(half, tokens)
+    _same(a, b)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_hessian_take_and_bf16_inputs():
+    x = torch.randn(3, 7, 40).bfloat16()
+    acc, ref = HessianAccumulator(40), HessianAccumulator(40)
+    acc.add(x)
+    ref.add(x.float())
+    H = ref.H.clone()
+    assert torch.equal(acc.H, H)
+    assert torch.equal(acc.take(), H) and torch.equal(H, H.t())
+    with pytest.raises(RuntimeError):
+        acc.take()
+
+
+def test_tf32_context_restores_the_global_setting():
+    mm = torch.backends.cuda.matmul
+    before = mm.fp32_precision if hasattr(mm, "fp32_precision") else mm.allow_tf32
+    with tf32_matmul(True):
+        now = mm.fp32_precision if hasattr(mm, "fp32_precision") else mm.allow_tf32
+        assert now in ("tf32", True)
+    after = mm.fp32_precision if hasattr(mm, "fp32_precision") else mm.allow_tf32
+    assert after == before
+
+
+@pytest.mark.gpu
+def test_cuda_locations_agree(base, tokens, tmp_path):
+    runs = {}
+    for where in ("none", "host", "disk"):
+        s = MemorySettings(offload=where, offload_dir=str(tmp_path / where))
+        _, runs[where] = _run(base, tokens, memory=s, device="cuda")
+    assert runs["none"].plan["hidden_states"] == "device" and runs["host"].plan["hidden_states"] == "host"
+    _same(runs["none"], runs["host"])
+    _same(runs["none"], runs["disk"])
+    assert runs["none"].measured["device_peak_bytes"] > 0
+
+
+def test_dtype_bytes_cover_every_setting():
+    hints = MemorySettings.__annotations__
+    for name in ("activation_dtype", "forward_dtype"):
+        assert set(str(hints[name]).split("[")[1].rstrip("]").replace("'", "").replace('"', "").split(", ")) <= set(
+            DTYPE_BYTES)
