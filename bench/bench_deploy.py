@@ -45,12 +45,13 @@ def make_models(work: Path) -> tuple[Path, Path]:
 
     sys.path.insert(0, str(REPO))
     from quantlm.models.trilm import build_trilm, export_unpacked
+    from quantlm.paths import data_dir
     from quantlm.specs import get_preset
     from quantlm.tokenizer import train_bpe_tokenizer
 
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        text = "".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "data" / "corpus").glob("*.txt")))
+        text = "".join(p.read_text(encoding="utf-8") for p in sorted((data_dir() / "corpus").glob("*.txt")))
         train_bpe_tokenizer([text], vocab_size=4096, out_dir=tok_dir)
     float_dir, tri_dir = work / "floatlm-99m", work / "trilm-99m"
     torch.manual_seed(0)

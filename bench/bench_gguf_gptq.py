@@ -1,6 +1,6 @@
 """Why quantlm for GGUF: GPTQ 4-bit codes in Q4_0 against llama.cpp's own round-to-nearest Q4_0, in llama.cpp.
 
-The same FloatLM (trained for the purpose: ``python -m quantlm train recipes/floatlm-tiny.yaml --steps 500
+The same FloatLM (trained for the purpose: ``python -m quantlm train floatlm-tiny --steps 500
 --batch-tokens 4096 ...``), the same file size (Q4_0: 4.5 bits per block-linear weight), two ways to fill it:
 * ``quantlm quantize --bits 4 --group-size 32 --formats gguf``: GPTQ (symmetric, act-order with static groups)
   calibrated on the training part of the corpus, codes and fp16 scales written into Q4_0 bit for bit;
@@ -11,7 +11,7 @@ llama.cpp itself on the held-out 5% of the training corpus (never seen in traini
 non-overlapping windows of the training length; the differences are paired per token, with standard errors.
 
 Usage (main env for the files, the llama.cpp env for the scores; each step is skipped when its output exists):
-  python bench/bench_gguf_gptq.py --model RUN/final --recipe recipes/floatlm-tiny.yaml --work WORK \\
+  python bench/bench_gguf_gptq.py --model RUN/final --recipe quantlm/resources/recipes/floatlm-tiny.yaml --work WORK \\
       [--seeds 0,1,2] [--nsamples 128] [--seqlen 128] [--python .venv-llamacpp/bin/python]
 """
 

@@ -172,13 +172,12 @@ def test_llamacpp_tokenizes_sentencepiece_like_transformers(tmp_path, corpus_tex
 @pytest.fixture(scope="module")
 def trained_trilm(tmp_path_factory):
     """trilm-tiny (hidden 256, FFN 768: whole TQ blocks, one scale shard) trained briefly on the shipped corpus."""
-    from pathlib import Path
-
     from quantlm import recipes
+    from quantlm.paths import recipes_dir
     from quantlm.train.recipe import TrainRecipe
     from quantlm.train.run import train
 
-    recipe = recipes.load(Path(__file__).resolve().parent.parent / "recipes" / "trilm-tiny.yaml", expect=TrainRecipe)
+    recipe = recipes.load(recipes_dir() / "trilm-tiny.yaml", expect=TrainRecipe)
     return train(recipe, tmp_path_factory.mktemp("trilm") / "run", progress=False,
                  overrides={"steps": 60, "warmup_steps": 6, "checkpoint_interval": 0})
 
