@@ -86,13 +86,9 @@ def _env() -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from quantlm.deploy import cpu_name
+
+    return cpu_name()
 
 
 def _git_commit() -> str:
