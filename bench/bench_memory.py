@@ -8,6 +8,7 @@ Subcommands:
   fit     least-squares fit of the memory model's constants (baseline, forward working set) from sweep
           results; prints the constants and predicted/measured per run.
   table   markdown table of sweep results.
+  speed   same-process, interleaved wall time of fp32 / bf16 storage / bf16 forwards (ratios to fp32).
   errors  the effect of the storage and forward dtypes on layer error and output error: the same weights
           and calibration windows (shipped C4 sample) quantized with each setting, scored with the SAME
           float-model Hessians (layer error = sum over linears of tr((W - Q) H (W - Q)^T)) and on held-out
@@ -365,6 +366,46 @@ def cmd_errors(args) -> None:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 
+def cmd_speed(args) -> None:
+    """Wall time of the quantize call with each forward/storage setting, interleaved (A B A B ...) in one
+    process on the same weights and windows, so load changes hit every setting alike; ratios to fp32."""
+    import statistics
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quantlm.calibration import calibration_tokens
+    from quantlm.gptq.memory import MemorySettings
+    from quantlm.gptq.pipeline import quantize_blocks
+    from quantlm.models.blocks import LLAMA
+    from quantlm.specs import get_preset
+
+    variants = {"fp32": MemorySettings(), "bf16 storage": MemorySettings(activation_dtype="bfloat16"),
+                "bf16 forward": MemorySettings(forward_dtype="bfloat16")}
+    config = get_preset(args.preset).to_hf_config(**({"num_hidden_layers": args.layers} if args.layers else {}))
+    torch.manual_seed(args.seed)
+    base = LlamaForCausalLM(config).eval()
+    tok = _tokenizer(Path(args.work), config.vocab_size)
+    calib = calibration_tokens(tok, None, args.nsamples, args.seqlen, args.seed)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for name, settings in variants.items():
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            quantize_blocks(model, LLAMA, calib, gptq_recipe(), progress=False, memory=settings)
+            times[name].append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+            print(json.dumps({"variant": name, "seconds": times[name][-1], "loadavg": loads[-1]}), flush=True)
+    ref = statistics.median(times["fp32"])
+    out = {"env": _env(), "commit": _git_commit(), "args": vars(args), "loadavg": loads,
+           "median_s": {k: statistics.median(v) for k, v in times.items()},
+           "ratio_to_fp32": {k: statistics.median(v) / ref for k, v in times.items()}, "times": times}
+    print(json.dumps(out["ratio_to_fp32"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -400,8 +441,17 @@ def main() -> None:
     er.add_argument("--variants", nargs="*", default=None)
     er.add_argument("--work", default="/tmp/quantlm-bench-memory")
     er.add_argument("--json", default="")
+    sp = sub.add_parser("speed")
+    sp.add_argument("--preset", default="floatlm-99m")
+    sp.add_argument("--layers", type=int, default=4)
+    sp.add_argument("--nsamples", type=int, default=32)
+    sp.add_argument("--seqlen", type=int, default=512)
+    sp.add_argument("--repeats", type=int, default=2)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--work", default="/tmp/quantlm-bench-memory")
+    sp.add_argument("--json", default="")
     args = ap.parse_args()
-    {"one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
+    {"speed": cmd_speed, "one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
 
 
 if __name__ == "__main__":
