@@ -41,10 +41,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---- fitted constants (bench/quantize_memory.md, "memory model"); bytes unless stated -----------------
 # Process baseline of a quantize run on the CPU: interpreter, torch, transformers, the model object
-# without its weights (~401 MB when the pipeline starts), plus what the run itself adds besides the modelled
+# without its weights (~405 MB when the pipeline starts), plus what the run itself adds besides the modelled
 # terms (oneDNN primitive caches, thread pools, allocator arenas: BASELINE_GROWTH, the fitted difference).
-BASELINE_CPU = 535e6
-BASELINE_GROWTH = 134e6
+BASELINE_CPU = 481e6
+BASELINE_GROWTH = 73e6
 # On a GPU the CUDA runtime and libraries add host memory (not measured on this project's machines yet:
 # a conservative guess that bench/gpu_check.sh records next to the measured value).
 BASELINE_CUDA_EXTRA = 2.5e9
@@ -52,7 +52,7 @@ BASELINE_CUDA_EXTRA = 2.5e9
 # (norm, attention and MLP temporaries, and the allocator's slack: tensors below glibc's 32 MB mmap threshold
 # stay in the heap); plus the Hessian hook's fp32 copy of the widest input and its [in, in] accumulator.
 # One constant for d + f because every Spectra shape has f ~ 2.5-3 d, so separate ones are not identifiable.
-K_FWD = 1.06
+K_FWD = 0.955
 # Solve working set: K_SOLVE_H fp32 matrices [in, in] (the group's H and the solver's copies: permuted H,
 # Cholesky factor, its inverse) and K_SOLVE_W fp32 matrices [rows, in] (stacked W, its transpose, codes, errors);
 # measured on the solver alone for down_proj and gate/up of the 3.9B shape (bench/quantize_memory.md).
