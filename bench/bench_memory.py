@@ -56,6 +56,11 @@ GRIDS = {
         for a, o, L in [("float32", "host", 2), ("bfloat16", "host", 1), ("float16", "host", 1), ("float32", "disk", 1),
                         ("bfloat16", "disk", 2)]
     ],
+    # the Spectra recipe again with the final code (reruns of two of the above)
+    "spectra-99m-final": [
+        dict(preset="floatlm-99m", layers=2, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="disk"),
+        dict(preset="floatlm-99m", layers=1, nsamples=512, seqlen=2048, activation_dtype="float32", offload="host"),
+    ],
     # the per-block extrapolation: the same run with a few blocks and with all of them (fewer tokens)
     "blocks": [
         dict(preset="floatlm-99m", layers=2, nsamples=32, seqlen=512),
