@@ -8,6 +8,7 @@ Subcommands:
   fit     least-squares fit of the memory model's constants (baseline, forward working set) from sweep
           results; prints the constants and predicted/measured per run.
   table   markdown table of sweep results.
+  plans   predicted peak of the full Spectra recipe for every Spectra shape and storage mode (no compute).
   speed   same-process, interleaved wall time of fp32 / bf16 storage / bf16 forwards (ratios to fp32).
   errors  the effect of the storage and forward dtypes on layer error and output error: the same weights
           and calibration windows (shipped C4 sample) quantized with each setting, scored with the SAME
@@ -371,6 +372,37 @@ def cmd_errors(args) -> None:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 
+def cmd_plans(args) -> None:
+    """Predicted peak host memory of the full Spectra recipe (512 x 2048, 4-bit g128) for every Spectra shape,
+    per storage mode (CPU, batch 8 unless the budget forces a smaller one), and what ``offload=auto`` picks
+    within ``--budget-gb``."""
+    from quantlm.gptq.memory import MemorySettings, plan_memory
+    from quantlm.specs import SPECTRA_PRESETS
+
+    budget = int(args.budget_gb * 2**30)
+    modes = [("fp32, host", dict(offload="host"), "float32"), ("bf16, host", dict(offload="host",
+             activation_dtype="bfloat16"), "float32"), ("fp32, disk", dict(offload="disk"), "float32"),
+             ("bf16, disk", dict(offload="disk", activation_dtype="bfloat16"), "float32"),
+             ("bf16, disk, bf16 weights", dict(offload="disk", activation_dtype="bfloat16"), "bfloat16")]
+    print("| shape | " + " | ".join(m[0] for m in modes) + f" | auto within {args.budget_gb:g} GiB |")
+    print("|---|" + "---|" * (len(modes) + 1))
+    for name, spec in SPECTRA_PRESETS.items():
+        if not name.startswith("floatlm-"):
+            continue
+        config = spec.to_hf_config().to_dict()
+        cells = []
+        for _label, kw, wd in modes:
+            p = plan_memory(config, 512, 2048, MemorySettings(batch_size=8, **kw), 4, 128, "cpu",
+                            available_bytes=10**13, disk_available_bytes=10**13, weights_dtype=wd)
+            cells.append(f"{p['predicted_peak_bytes'] / 1e9:.1f}")
+        auto = plan_memory(config, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=budget,
+                           disk_available_bytes=10**13)
+        pick = (f"{auto['hidden_states']}, batch {auto['batch_size']}: {auto['predicted_peak_bytes'] / 1e9:.1f} GB"
+                if auto["fits"] else "does not fit: " + ", ".join(
+                    " ".join(f"{k}={v}" for k, v in fx["change"].items()) for fx in auto.get("fixes", [])))
+        print(f"| {name} | " + " | ".join(cells) + f" | {pick} |")
+
+
 def cmd_speed(args) -> None:
     """Wall time of the quantize call with each forward/storage setting, interleaved (A B A B ...) in one
     process on the same weights and windows, so load changes hit every setting alike; ratios to fp32."""
@@ -446,6 +478,8 @@ def main() -> None:
     er.add_argument("--variants", nargs="*", default=None)
     er.add_argument("--work", default="/tmp/quantlm-bench-memory")
     er.add_argument("--json", default="")
+    pl = sub.add_parser("plans")
+    pl.add_argument("--budget-gb", type=float, default=24.0)
     sp = sub.add_parser("speed")
     sp.add_argument("--preset", default="floatlm-99m")
     sp.add_argument("--layers", type=int, default=4)
@@ -456,7 +490,7 @@ def main() -> None:
     sp.add_argument("--work", default="/tmp/quantlm-bench-memory")
     sp.add_argument("--json", default="")
     args = ap.parse_args()
-    {"speed": cmd_speed, "one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
+    {"plans": cmd_plans, "speed": cmd_speed, "one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
 
 
 if __name__ == "__main__":
