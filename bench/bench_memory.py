@@ -14,7 +14,9 @@ Subcommands:
           and calibration windows (shipped C4 sample) quantized with each setting, scored with the SAME
           float-model Hessians (layer error = sum over linears of tr((W - Q) H (W - Q)^T)) and on held-out
           WikiText-2 test windows (relative squared error of the final hidden states against the float
-          model), over several seeds (seed = random init and calibration windows).
+          model), over several seeds (seed = random init and calibration windows). "fp32, other windows"
+          is fp32 calibrated on different windows (seed + 100), scored with the same Hessians: the size of
+          the calibration-seed noise that the dtype effects are compared with.
 
 Examples (bench/quantize_memory.md has the ones that were run):
   python bench/bench_memory.py one --preset floatlm-99m --layers 2 --nsamples 512 --seqlen 2048
@@ -337,6 +339,7 @@ def cmd_errors(args) -> None:
         "bf16 forward": MemorySettings(forward_dtype="bfloat16"),
         "bf16 forward+storage": MemorySettings(forward_dtype="bfloat16", activation_dtype="bfloat16"),
     }
+    variants["fp32, other windows"] = MemorySettings()  # the calibration-seed noise: same weights, new windows
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants}
     from quantlm.eval.datasets import load_text_source
@@ -354,8 +357,10 @@ def cmd_errors(args) -> None:
         ref = _final_hidden(base, heldout)
         for name, settings in variants.items():
             model = copy.deepcopy(base)
+            windows = calib if name != "fp32, other windows" else calibration_tokens(
+                tok, None, args.nsamples, args.seqlen, 100 + seed)
             t0 = time.perf_counter()
-            run = quantize_blocks(model, LLAMA, calib, gptq_recipe(), progress=False, memory=settings)
+            run = quantize_blocks(model, LLAMA, windows, gptq_recipe(), progress=False, memory=settings)
             secs = time.perf_counter() - t0
             layer = sum(reconstruction_error(base.get_submodule(n).weight.detach(), r.dequantize(), H[n])
                         for n, r in run.results.items())
