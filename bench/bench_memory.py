@@ -388,7 +388,8 @@ def cmd_plans(args) -> None:
     modes = [("fp32, host", dict(offload="host"), "float32"), ("bf16, host", dict(offload="host",
              activation_dtype="bfloat16"), "float32"), ("fp32, disk", dict(offload="disk"), "float32"),
              ("bf16, disk", dict(offload="disk", activation_dtype="bfloat16"), "float32"),
-             ("bf16, disk, bf16 weights", dict(offload="disk", activation_dtype="bfloat16"), "bfloat16")]
+             ("bf16, disk, bf16 weights", dict(offload="disk", activation_dtype="bfloat16"), "bfloat16"),
+             ("fp32, disk, weights released", dict(offload="disk", keep_weights=False), "float32")]
     print("| shape | " + " | ".join(m[0] for m in modes) + f" | auto within {args.budget_gb:g} GiB |")
     print("|---|" + "---|" * (len(modes) + 1))
     for name, spec in SPECTRA_PRESETS.items():

@@ -89,6 +89,10 @@ class MemorySettings:
         "memory for submodule outputs replayed between a block's passes; -1: up to 4 on the CPU, "
         "what is left of the GPU's memory on a GPU; 0 recomputes", -1.0)
     max_memory_gb: float = doc("host memory the plan may use; 0: what the machine has available", 0.0)
+    keep_weights: bool = doc(
+        "write the dequantized weights back into the model (it stays usable); off: release each quantized "
+        "linear's weight after its block (the results hold the codes; the writers need only those), which "
+        "saves the codes' worth of memory at the peak", True)
 
     def __post_init__(self):
         if self.batch_size < 0:
@@ -418,6 +422,10 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if on_gpu:
         host["working_set"] = 2 * bt * d * sbytes if place != "device" else 0  # staging
     host_peak = int(sum(host.values()))
+    if not settings.keep_weights:  # block i holds the weights of blocks >= i and the results of blocks < i
+        outside = weights - shape["layers"] * block_params * wbytes
+        at_end = base + outside + results + slack + tokens * 8
+        host_peak = int(max(host_peak - results - slack, at_end))
     plan = {
         "shape": shape, "nsamples": nsamples, "seqlen": seqlen, "tokens": tokens, "bits": bits,
         "group_size": group_size, "device": dev, "weights_dtype": weights_dtype,
