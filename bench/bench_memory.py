@@ -64,6 +64,10 @@ GRIDS = {
         dict(preset="floatlm-99m", layers=2, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="disk"),
         dict(preset="floatlm-99m", layers=1, nsamples=512, seqlen=2048, activation_dtype="float32", offload="host"),
     ],
+    # released weights (keep_weights off) next to kept ones, many blocks so that the codes matter
+    "release": [
+        dict(preset="floatlm-390m", layers=12, nsamples=8, seqlen=1024, keep_weights=k) for k in (1, 0)
+    ],
     # the per-block extrapolation: the same run with a few blocks and with all of them (fewer tokens)
     "blocks": [
         dict(preset="floatlm-99m", layers=2, nsamples=32, seqlen=512),
@@ -117,7 +121,7 @@ def _settings(args):
 
     return MemorySettings(activation_dtype=args.activation_dtype, offload=args.offload, offload_dir=args.offload_dir,
                           forward_dtype=args.forward_dtype, batch_size=args.batch_size,
-                          replay_cache_gb=args.replay_cache_gb)
+                          replay_cache_gb=args.replay_cache_gb, keep_weights=bool(args.keep_weights))
 
 
 def gptq_recipe(bits: int = 4, group_size: int = 128, **kw):
@@ -164,7 +168,7 @@ def cmd_one(args) -> dict:
     out = {
         "config": {k: getattr(args, k) for k in ("preset", "layers", "nsamples", "seqlen", "activation_dtype",
                                                  "offload", "forward_dtype", "batch_size", "replay_cache_gb",
-                                                 "weights_dtype", "seed")},
+                                                 "weights_dtype", "keep_weights", "seed")},
         "dry_plan": dry, "plan": run.plan, "measured": run.measured,
         "measured_peak_bytes": peak_rss_bytes(), "rss_after_imports": rss_imports, "rss_after_model": rss_model,
         "quantize_s": wall, "build_s": t_build, "solve_s": sum(m.seconds for m in run.modules),
@@ -217,7 +221,7 @@ def replan(rec: dict, available: int = 10**13) -> dict:
     c, p = rec["config"], rec["dry_plan"]
     settings = MemorySettings(activation_dtype=c["activation_dtype"], offload=p["hidden_states"],
                               forward_dtype=c["forward_dtype"], batch_size=p["batch_size"],
-                              replay_cache_gb=c["replay_cache_gb"])
+                              replay_cache_gb=c["replay_cache_gb"], keep_weights=bool(c.get("keep_weights", 1)))
     config = get_preset(c["preset"]).to_hf_config(num_hidden_layers=c["layers"]).to_dict()
     return plan_memory(config, c["nsamples"], c["seqlen"], settings, 4, 128, "cpu", available_bytes=available,
                        weights_dtype=c.get("weights_dtype", "float32"), disk_available_bytes=10**13)
@@ -464,6 +468,7 @@ def main() -> None:
     one.add_argument("--batch-size", type=int, default=0)
     one.add_argument("--replay-cache-gb", type=float, default=-1.0)
     one.add_argument("--weights-dtype", default="float32")
+    one.add_argument("--keep-weights", type=int, default=1, help="0: release quantized weights")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--json", default="")
     sw = sub.add_parser("sweep")
