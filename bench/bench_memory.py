@@ -8,11 +8,15 @@ Subcommands:
   fit     least-squares fit of the memory model's constants (baseline, forward working set) from sweep
           results; prints the constants and predicted/measured per run.
   table   markdown table of sweep results.
+  plans   predicted peak of the full Spectra recipe for every Spectra shape and storage mode (no compute).
+  speed   same-process, interleaved wall time of fp32 / bf16 storage / bf16 forwards (ratios to fp32).
   errors  the effect of the storage and forward dtypes on layer error and output error: the same weights
           and calibration windows (shipped C4 sample) quantized with each setting, scored with the SAME
           float-model Hessians (layer error = sum over linears of tr((W - Q) H (W - Q)^T)) and on held-out
           WikiText-2 test windows (relative squared error of the final hidden states against the float
-          model), over several seeds (seed = random init and calibration windows).
+          model), over several seeds (seed = random init and calibration windows). "fp32, other windows"
+          is fp32 calibrated on different windows (seed + 100), scored with the same Hessians: the size of
+          the calibration-seed noise that the dtype effects are compared with.
 
 Examples (bench/quantize_memory.md has the ones that were run):
   python bench/bench_memory.py one --preset floatlm-99m --layers 2 --nsamples 512 --seqlen 2048
@@ -54,6 +58,15 @@ GRIDS = {
         dict(preset="floatlm-99m", layers=L, nsamples=512, seqlen=2048, activation_dtype=a, offload=o)
         for a, o, L in [("float32", "host", 2), ("bfloat16", "host", 1), ("float16", "host", 1), ("float32", "disk", 1),
                         ("bfloat16", "disk", 2)]
+    ],
+    # the Spectra recipe again with the final code (reruns of two of the above)
+    "spectra-99m-final": [
+        dict(preset="floatlm-99m", layers=2, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="disk"),
+        dict(preset="floatlm-99m", layers=1, nsamples=512, seqlen=2048, activation_dtype="float32", offload="host"),
+    ],
+    # released weights (keep_weights off) next to kept ones, many blocks so that the codes matter
+    "release": [
+        dict(preset="floatlm-390m", layers=12, nsamples=8, seqlen=1024, keep_weights=k) for k in (1, 0)
     ],
     # the per-block extrapolation: the same run with a few blocks and with all of them (fewer tokens)
     "blocks": [
@@ -104,7 +117,7 @@ def _settings(args):
 
     return MemorySettings(activation_dtype=args.activation_dtype, offload=args.offload, offload_dir=args.offload_dir,
                           forward_dtype=args.forward_dtype, batch_size=args.batch_size,
-                          replay_cache_gb=args.replay_cache_gb)
+                          replay_cache_gb=args.replay_cache_gb, keep_weights=bool(args.keep_weights))
 
 
 def gptq_recipe(bits: int = 4, group_size: int = 128, **kw):
@@ -146,7 +159,7 @@ def cmd_one(args) -> dict:
     out = {
         "config": {k: getattr(args, k) for k in ("preset", "layers", "nsamples", "seqlen", "activation_dtype",
                                                  "offload", "forward_dtype", "batch_size", "replay_cache_gb",
-                                                 "weights_dtype", "seed")},
+                                                 "weights_dtype", "keep_weights", "seed")},
         "dry_plan": dry, "plan": run.plan, "measured": run.measured,
         "measured_peak_bytes": peak_rss_bytes(), "rss_after_imports": rss_imports, "rss_after_model": rss_model,
         "quantize_s": wall, "build_s": t_build, "solve_s": sum(m.seconds for m in run.modules),
@@ -199,7 +212,7 @@ def replan(rec: dict, available: int = 10**13) -> dict:
     c, p = rec["config"], rec["dry_plan"]
     settings = MemorySettings(activation_dtype=c["activation_dtype"], offload=p["hidden_states"],
                               forward_dtype=c["forward_dtype"], batch_size=p["batch_size"],
-                              replay_cache_gb=c["replay_cache_gb"])
+                              replay_cache_gb=c["replay_cache_gb"], keep_weights=bool(c.get("keep_weights", 1)))
     config = get_preset(c["preset"]).to_hf_config(num_hidden_layers=c["layers"]).to_dict()
     return plan_memory(config, c["nsamples"], c["seqlen"], settings, 4, 128, "cpu", available_bytes=available,
                        weights_dtype=c.get("weights_dtype", "float32"), disk_available_bytes=10**13)
@@ -321,6 +334,7 @@ def cmd_errors(args) -> None:
         "bf16 forward": MemorySettings(forward_dtype="bfloat16"),
         "bf16 forward+storage": MemorySettings(forward_dtype="bfloat16", activation_dtype="bfloat16"),
     }
+    variants["fp32, other windows"] = MemorySettings()  # the calibration-seed noise: same weights, new windows
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants}
     from quantlm.eval.datasets import load_text_source
@@ -338,8 +352,10 @@ def cmd_errors(args) -> None:
         ref = _final_hidden(base, heldout)
         for name, settings in variants.items():
             model = copy.deepcopy(base)
+            windows = calib if name != "fp32, other windows" else calibration_tokens(
+                tok, None, args.nsamples, args.seqlen, 100 + seed)
             t0 = time.perf_counter()
-            run = quantize_blocks(model, LLAMA, calib, gptq_recipe(), progress=False, memory=settings)
+            run = quantize_blocks(model, LLAMA, windows, gptq_recipe(), progress=False, memory=settings)
             secs = time.perf_counter() - t0
             layer = sum(reconstruction_error(base.get_submodule(n).weight.detach(), r.dequantize(), H[n])
                         for n, r in run.results.items())
@@ -352,6 +368,78 @@ def cmd_errors(args) -> None:
             print(json.dumps(rec), flush=True)
             del model
     out["loadavg_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def cmd_plans(args) -> None:
+    """Predicted peak host memory of the full Spectra recipe (512 x 2048, 4-bit g128) for every Spectra shape,
+    per storage mode (CPU, batch 8 unless the budget forces a smaller one), and what ``offload=auto`` picks
+    within ``--budget-gb``."""
+    from quantlm.gptq.memory import MemorySettings, plan_memory
+    from quantlm.specs import SPECTRA_PRESETS
+
+    budget = int(args.budget_gb * 2**30)
+    modes = [("fp32, host", dict(offload="host"), "float32"), ("bf16, host", dict(offload="host",
+             activation_dtype="bfloat16"), "float32"), ("fp32, disk", dict(offload="disk"), "float32"),
+             ("bf16, disk", dict(offload="disk", activation_dtype="bfloat16"), "float32"),
+             ("bf16, disk, bf16 weights", dict(offload="disk", activation_dtype="bfloat16"), "bfloat16"),
+             ("fp32, disk, weights released", dict(offload="disk", keep_weights=False), "float32")]
+    print("| shape | " + " | ".join(m[0] for m in modes) + f" | auto within {args.budget_gb:g} GiB |")
+    print("|---|" + "---|" * (len(modes) + 1))
+    for name, spec in SPECTRA_PRESETS.items():
+        if not name.startswith("floatlm-"):
+            continue
+        config = spec.to_hf_config().to_dict()
+        cells = []
+        for _label, kw, wd in modes:
+            p = plan_memory(config, 512, 2048, MemorySettings(batch_size=8, **kw), 4, 128, "cpu",
+                            available_bytes=10**13, disk_available_bytes=10**13, weights_dtype=wd)
+            cells.append(f"{p['predicted_peak_bytes'] / 1e9:.1f}")
+        auto = plan_memory(config, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=budget,
+                           disk_available_bytes=10**13)
+        pick = (f"{auto['hidden_states']}, batch {auto['batch_size']}: {auto['predicted_peak_bytes'] / 1e9:.1f} GB"
+                if auto["fits"] else "does not fit: " + ", ".join(
+                    " ".join(f"{k}={v}" for k, v in fx["change"].items()) for fx in auto.get("fixes", [])))
+        print(f"| {name} | " + " | ".join(cells) + f" | {pick} |")
+
+
+def cmd_speed(args) -> None:
+    """Wall time of the quantize call with each forward/storage setting, interleaved (A B A B ...) in one
+    process on the same weights and windows, so load changes hit every setting alike; ratios to fp32."""
+    import statistics
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from quantlm.calibration import calibration_tokens
+    from quantlm.gptq.memory import MemorySettings
+    from quantlm.gptq.pipeline import quantize_blocks
+    from quantlm.models.blocks import LLAMA
+    from quantlm.specs import get_preset
+
+    variants = {"fp32": MemorySettings(), "bf16 storage": MemorySettings(activation_dtype="bfloat16"),
+                "bf16 forward": MemorySettings(forward_dtype="bfloat16")}
+    config = get_preset(args.preset).to_hf_config(**({"num_hidden_layers": args.layers} if args.layers else {}))
+    torch.manual_seed(args.seed)
+    base = LlamaForCausalLM(config).eval()
+    tok = _tokenizer(Path(args.work), config.vocab_size)
+    calib = calibration_tokens(tok, None, args.nsamples, args.seqlen, args.seed)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for name, settings in variants.items():
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            quantize_blocks(model, LLAMA, calib, gptq_recipe(), progress=False, memory=settings)
+            times[name].append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+            print(json.dumps({"variant": name, "seconds": times[name][-1], "loadavg": loads[-1]}), flush=True)
+    ref = statistics.median(times["fp32"])
+    out = {"env": _env(), "commit": _git_commit(), "args": vars(args), "loadavg": loads,
+           "median_s": {k: statistics.median(v) for k, v in times.items()},
+           "ratio_to_fp32": {k: statistics.median(v) / ref for k, v in times.items()}, "times": times}
+    print(json.dumps(out["ratio_to_fp32"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
@@ -371,6 +459,7 @@ def main() -> None:
     one.add_argument("--batch-size", type=int, default=0)
     one.add_argument("--replay-cache-gb", type=float, default=-1.0)
     one.add_argument("--weights-dtype", default="float32")
+    one.add_argument("--keep-weights", type=int, default=1, help="0: release quantized weights")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--json", default="")
     sw = sub.add_parser("sweep")
@@ -391,8 +480,19 @@ def main() -> None:
     er.add_argument("--variants", nargs="*", default=None)
     er.add_argument("--work", default="/tmp/quantlm-bench-memory")
     er.add_argument("--json", default="")
+    pl = sub.add_parser("plans")
+    pl.add_argument("--budget-gb", type=float, default=24.0)
+    sp = sub.add_parser("speed")
+    sp.add_argument("--preset", default="floatlm-99m")
+    sp.add_argument("--layers", type=int, default=4)
+    sp.add_argument("--nsamples", type=int, default=32)
+    sp.add_argument("--seqlen", type=int, default=512)
+    sp.add_argument("--repeats", type=int, default=2)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--work", default="/tmp/quantlm-bench-memory")
+    sp.add_argument("--json", default="")
     args = ap.parse_args()
-    {"one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
+    {"plans": cmd_plans, "speed": cmd_speed, "one": cmd_one, "sweep": cmd_sweep, "fit": cmd_fit, "table": cmd_table, "errors": cmd_errors}[args.cmd](args)
 
 
 if __name__ == "__main__":

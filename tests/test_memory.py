@@ -254,6 +254,20 @@ def test_killed_disk_run_resumes_at_its_block_to_identical_results(base, tokens,
         assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
 
 
+def test_released_weights_same_results_less_memory(base, tokens, tmp_path):
+    _, kept = _run(base, tokens)
+    model, released = _run(base, tokens, memory=MemorySettings(keep_weights=False))
+    _same(kept, released)
+    assert all(model.get_submodule(n).weight.numel() == 0 for n in released.results)
+    assert model.model.embed_tokens.weight.numel() > 0
+    assert released.plan["predicted_peak_bytes"] < kept.plan["predicted_peak_bytes"]
+    s = MemorySettings(offload="disk", keep_weights=False)
+    big = plan_memory(SPECTRA_39B, 512, 2048, s, 4, 128, "cpu", available_bytes=10**12, disk_available_bytes=10**12)
+    full = plan_memory(SPECTRA_39B, 512, 2048, dataclasses.replace(s, keep_weights=True), 4, 128, "cpu",
+                       available_bytes=10**12, disk_available_bytes=10**12)
+    assert full["predicted_peak_bytes"] - big["predicted_peak_bytes"] > 3.5e9  # the 3.9B codes
+
+
 def test_stale_state_of_another_run_is_not_resumed(tmp_path):
     state = RunState(tmp_path / "s", "aaaa")
     state.mark_started()

@@ -41,10 +41,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---- fitted constants (bench/quantize_memory.md, "memory model"); bytes unless stated -----------------
 # Process baseline of a quantize run on the CPU: interpreter, torch, transformers, the model object
-# without its weights (~401 MB when the pipeline starts), plus what the run itself adds besides the modelled
+# without its weights (~405 MB when the pipeline starts), plus what the run itself adds besides the modelled
 # terms (oneDNN primitive caches, thread pools, allocator arenas: BASELINE_GROWTH, the fitted difference).
-BASELINE_CPU = 535e6
-BASELINE_GROWTH = 134e6
+BASELINE_CPU = 481e6
+BASELINE_GROWTH = 73e6
 # On a GPU the CUDA runtime and libraries add host memory (not measured on this project's machines yet:
 # a conservative guess that bench/gpu_check.sh records next to the measured value).
 BASELINE_CUDA_EXTRA = 2.5e9
@@ -52,15 +52,15 @@ BASELINE_CUDA_EXTRA = 2.5e9
 # (norm, attention and MLP temporaries, and the allocator's slack: tensors below glibc's 32 MB mmap threshold
 # stay in the heap); plus the Hessian hook's fp32 copy of the widest input and its [in, in] accumulator.
 # One constant for d + f because every Spectra shape has f ~ 2.5-3 d, so separate ones are not identifiable.
-K_FWD = 1.06
+K_FWD = 0.955
 # Solve working set: K_SOLVE_H fp32 matrices [in, in] (the group's H and the solver's copies: permuted H,
 # Cholesky factor, its inverse) and K_SOLVE_W fp32 matrices [rows, in] (stacked W, its transpose, codes, errors);
 # measured on the solver alone for down_proj and gate/up of the 3.9B shape (bench/quantize_memory.md).
 K_SOLVE_H = 4.0
 K_SOLVE_W = 4.2
 # Allocator slack per quantized block, as a fraction of the block's fp32 weights: after malloc_trim the
-# per-block growth measured 0.89x (99M), 1.1-1.37x (390M) and 0.98x (1.1B) of weights + results.
-K_BLOCK_SLACK = 0.1
+# per-block growth measured 0.89x (99M), 1.1-1.37x (390M, noisy) and 0.98x (1.1B) of weights + results.
+K_BLOCK_SLACK = 0.05
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
 # Share of a GPU's memory left after the plan that the auto replay cache may take.
@@ -88,6 +88,10 @@ class MemorySettings:
         "memory for submodule outputs replayed between a block's passes; -1: up to 4 on the CPU, "
         "what is left of the GPU's memory on a GPU; 0 recomputes", -1.0)
     max_memory_gb: float = doc("host memory the plan may use; 0: what the machine has available", 0.0)
+    keep_weights: bool = doc(
+        "write the dequantized weights back into the model (it stays usable); off: release each quantized "
+        "linear's weight after its block (the results hold the codes; the writers need only those), which "
+        "saves the codes' worth of memory at the peak", True)
 
     def __post_init__(self):
         if self.batch_size < 0:
@@ -401,6 +405,8 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
             cap = max(0.0, GPU_REPLAY_SHARE * (FIT_FRACTION * device_available - dev_fixed - max(forward, solve)))
         else:
             cap = 0.0 if on_gpu else 4 * 2**30
+    if replay_bytes(shape, tokens, fbytes, cap, true_sequential) == 0:
+        cap = 0.0  # no pass's records would ever be kept: recording its first batch would only cost memory
     replay = replay_bytes(shape, tokens, fbytes, cap, true_sequential, bt)
     weights = n_params * wbytes
     results = result_bytes(shape, group_size, rtn)
@@ -415,6 +421,10 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if on_gpu:
         host["working_set"] = 2 * bt * d * sbytes if place != "device" else 0  # staging
     host_peak = int(sum(host.values()))
+    if not settings.keep_weights:  # block i holds the weights of blocks >= i and the results of blocks < i
+        outside = weights - shape["layers"] * block_params * wbytes
+        at_end = base + outside + results + slack + tokens * 8
+        host_peak = int(max(host_peak - results - slack, at_end))
     plan = {
         "shape": shape, "nsamples": nsamples, "seqlen": seqlen, "tokens": tokens, "bits": bits,
         "group_size": group_size, "device": dev, "weights_dtype": weights_dtype,

@@ -282,6 +282,11 @@ def _quantize_group(names: list[str], linears: list[nn.Module], Ws: list[torch.T
     return out
 
 
+def _release(linear: nn.Module) -> None:
+    """Drop a quantized linear's weight (``MemorySettings.keep_weights`` off): an empty tensor of its dtype."""
+    linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)
+
+
 # Test hook: "BLOCK:GROUP" kills the process (SIGKILL) after that group of that block is quantized, so a
 # test can check that a disk-offloaded run resumes to the same result. Never set outside tests.
 CRASH_ENV = "QUANTLM_TEST_CRASH_AT"
@@ -344,7 +349,8 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
                     device: str | torch.device = "cpu", rtn: bool = False, batch_size: int | None = None,
                     offload: bool | None = None, replay_cache_gb: float | None = None,
                     progress: bool = True, memory: MemorySettings | None = None) -> PipelineResult:
-    """Quantize every block linear of ``model`` in place (weights replaced by their dequantized values).
+    """Quantize every block linear of ``model`` in place (weights replaced by their dequantized values, or
+    released with ``memory.keep_weights`` off).
 
     ``tokens``: ``[nsamples, seqlen]`` calibration windows. ``rtn``: round to nearest instead of GPTQ (the
     Hessians are still collected, to report the same reconstruction error). ``memory``: where the hidden
@@ -427,7 +433,10 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
             block = layers[i]
             for name, res in block_results.items():
                 lin = get_submodule(model, name)
-                lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
+                if settings.keep_weights:
+                    lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
+                else:
+                    _release(lin)
                 results[name] = res
             reports += [ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in block_reports]
             del block
@@ -445,7 +454,7 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
     tf32 = recipe.hessian_tf32
     try:
         _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
-                     replay_on, cache_bytes, tf32, ntokens, progress, results, reports)
+                     replay_on, cache_bytes, tf32, ntokens, progress, results, reports, settings.keep_weights)
     except BaseException:
         if state is not None:
             log.warning("the disk-offloaded run stopped; its state is kept in %s: run again to resume", state.dir)
@@ -459,7 +468,7 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
 
 
 def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
-                 replay_on, cache_bytes, tf32, ntokens, progress, results, reports) -> None:
+                 replay_on, cache_bytes, tf32, ntokens, progress, results, reports, keep_weights) -> None:
     """Quantize blocks ``start``.. in order (``hidden``: the inputs of block ``start``), filling ``results``
     and ``reports``; each block's outputs become the next block's inputs."""
     method = "rtn" if rtn else "gptq"
@@ -507,6 +516,9 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
         bar.close()
         hidden.close()  # the inputs of this block: no longer needed
         hidden = outputs
+        if not keep_weights:
+            for name in block_map.linears:
+                _release(get_submodule(block, name))
         results.update(block_results)
         reports += block_reports
         if state is not None:
