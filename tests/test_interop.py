@@ -93,10 +93,11 @@ def test_compressed_tensors_loads_in_transformers(interop_model_dir, tmp_path, b
     tensors = load_file(f"{paths['compressed-tensors']}/model.safetensors")
     ql = ours.model.layers[1].mlp.down_proj
     assert isinstance(ql, QuantLinear)
-    signed = (ql.codes().to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    codes = ql.quantized().q
+    signed = (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
     words = tensors["model.layers.1.mlp.down_proj.weight_packed"]
     assert torch.equal(pack_to_int32(signed, bits), words)
-    assert torch.equal(unpack_from_int32(words, bits, torch.Size(ql.codes().shape)), signed)
+    assert torch.equal(unpack_from_int32(words, bits, torch.Size(codes.shape)), signed)
 
     ext = AutoModelForCausalLM.from_pretrained(paths["compressed-tensors"], device_map="cpu", dtype=torch.float32,
                                                local_files_only=True)
