@@ -278,31 +278,17 @@ def _tokenizer(work: Path, vocab: int):
     vocab = min(8192, vocab)
     tok_dir = work / f"tokenizer-{vocab}"
     if not (tok_dir / "tokenizer.json").is_file():
-        text = (REPO / "data" / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
+        from quantlm.paths import data_dir
+
+        text = (data_dir() / "corpus" / "austen-persuasion.txt").read_text(encoding="utf-8")
         train_bpe_tokenizer([text], vocab_size=vocab, out_dir=tok_dir)
     return load_tokenizer(tok_dir)
 
 
-def _float_hessians(model, tokens, batch: int = 8) -> dict:
-    import torch
+def _float_hessians(model, tokens) -> dict:
+    from bench_quantize_cpu import linear_hessians  # beside this script: the one Hessian loop of the benches
 
-    from quantlm.gptq.hessian import HessianAccumulator
-    from quantlm.models.blocks import LLAMA
-
-    accs, handles = {}, []
-    for i, block in enumerate(model.get_submodule(LLAMA.layers_path)):
-        for group in LLAMA.sequential:
-            lin = block.get_submodule(group[0])
-            acc = HessianAccumulator(lin.in_features, "cpu")
-            for name in group:
-                accs[f"{LLAMA.layers_path}.{i}.{name}"] = acc
-            handles.append(lin.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(a[0])))
-    with torch.no_grad():
-        for s in range(0, tokens.shape[0], batch):
-            model.model(input_ids=tokens[s:s + batch])
-    for h in handles:
-        h.remove()
-    return {k: acc.H for k, acc in accs.items()}
+    return linear_hessians(model, tokens)
 
 
 def _final_hidden(model, tokens, batch: int = 8):

@@ -203,6 +203,11 @@ def main():
         "quantlm": (sys.executable, "_run_quantlm.py", [], {}),
         "quantlm-layerwise": (sys.executable, "_run_quantlm.py", ["--layerwise"], {}),
         "quantlm-rtn": (sys.executable, "_run_quantlm.py", ["--rtn"], {}),
+        # issue 13: bf16 storage of the block inputs/outputs, and bf16 forwards (Hessians and solves stay fp32)
+        "quantlm-bf16-storage": (sys.executable, "_run_quantlm.py",
+                                 ["--activation-dtype", "bfloat16", "--tool", "quantlm-bf16-storage"], {}),
+        "quantlm-bf16-forward": (sys.executable, "_run_quantlm.py",
+                                 ["--forward-dtype", "bfloat16", "--tool", "quantlm-bf16-forward"], {}),
         "gptqmodel": (args.gptqmodel_python, "_peer_gptqmodel.py", [], {"GPTQMODEL_CPU_WORKERS": "2"}),
         "llm-compressor": (args.llmcompressor_python, "_peer_llmcompressor.py", [], {}),
     }

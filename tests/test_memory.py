@@ -209,6 +209,18 @@ def test_storage_dtype_and_plan_in_the_result(base, tokens):
             assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
 
 
+def test_allocator_trimmed_only_near_the_limit_same_results(base, tokens):
+    from quantlm.gptq.memory import GB, TRIM_FRACTION
+
+    _, ample = _run(base, tokens)
+    assert not ample.plan["trim_allocator"]  # far from the limit: freed pages stay for the next block
+    peak = ample.plan["predicted_peak_bytes"]
+    # a limit that leaves the plan fitting but above TRIM_FRACTION of it
+    _, tight = _run(base, tokens, memory=MemorySettings(max_memory_gb=peak / (TRIM_FRACTION + 0.2) / GB))
+    assert tight.plan["trim_allocator"] and tight.plan["fits"]
+    _same(ample, tight)  # trimming moves pages, never numbers
+
+
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_disk_offload_matches_memory_and_cleans_up(base, tokens, tmp_path, storage):
     _, host = _run(base, tokens, memory=MemorySettings(activation_dtype=storage, offload="host"))

@@ -61,6 +61,14 @@ K_SOLVE_W = 4.2
 # Allocator slack per quantized block, as a fraction of the block's fp32 weights: after malloc_trim the
 # per-block growth measured 0.89x (99M), 1.1-1.37x (390M, noisy) and 0.98x (1.1B) of weights + results.
 K_BLOCK_SLACK = 0.05
+# The same without trimming (runs far from the memory limit, see TRIM_FRACTION): freed temporaries stay
+# resident between the results. Fitted on the 99M/390M per-block runs of bench/quantize_memory.md.
+K_BLOCK_SLACK_UNTRIMMED = 0.05
+# The allocator's free pages are handed back to the OS (malloc_trim after each group and block) only when the
+# plan's peak is above this share of the available memory: every trim makes the next allocations fault their
+# pages in again (99M shape, 32 x 512 tokens: 3.1M minor faults and 11.9 s of system time with the trims,
+# 0.56M and 2.7 s without; quantize call 42 -> 33 s), which costs more than it saves where memory is ample.
+TRIM_FRACTION = 0.5
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
 # Share of a GPU's memory left after the plan that the auto replay cache may take.
@@ -421,6 +429,11 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if on_gpu:
         host["working_set"] = 2 * bt * d * sbytes if place != "device" else 0  # staging
     host_peak = int(sum(host.values()))
+    trim = host_peak > TRIM_FRACTION * available
+    if not trim:
+        untrimmed = int(K_BLOCK_SLACK_UNTRIMMED * block_params * 4 * shape["layers"])
+        host_peak += untrimmed - slack
+        host["allocator_slack"] = slack = untrimmed
     if not settings.keep_weights:  # block i holds the weights of blocks >= i and the results of blocks < i
         outside = weights - shape["layers"] * block_params * wbytes
         at_end = base + outside + results + slack + tokens * 8
@@ -434,6 +447,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
         "working_sets": {"forward": int(forward), "solve": int(solve), "block_copy": int(block_copy)},
         "predicted_peak_bytes": host_peak,
         "available_bytes": int(available),
+        "trim_allocator": bool(trim),
     }
     fits = host_peak <= FIT_FRACTION * available
     if on_gpu:
@@ -546,7 +560,7 @@ class PeakSampler:
     """Peak RSS while the block runs: VmHWM when it rose during the block (exact), else the highest RSS
     sampled every ``interval`` seconds by a thread (the process's earlier peak was higher)."""
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float = 0.05):
         self.interval = interval
         self._stop = threading.Event()
         self._max = 0

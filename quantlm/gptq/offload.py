@@ -51,22 +51,22 @@ def _as_bytes(t: Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+def _positional_io(op, fd: int, buf: memoryview, offset: int, what: str) -> None:
+    """All of ``buf`` through ``os.preadv`` / ``os.pwritev`` at ``offset`` (they may move fewer bytes)."""
     done = 0
     while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
+        n = op(fd, [buf[done:]], offset + done)
         if n <= 0:
-            raise OSError(f"short read from the offload file at byte {offset + done}")
+            raise OSError(f"short {what} the offload file at byte {offset + done}")
         done += n
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    _positional_io(os.preadv, fd, buf, offset, "read from")
 
 
 def _pwrite_from(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.pwritev(fd, [buf[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short write to the offload file at byte {offset + done}")
-        done += n
+    _positional_io(os.pwritev, fd, buf, offset, "write to")
 
 
 class HiddenStates:
@@ -74,12 +74,14 @@ class HiddenStates:
 
     ``where``: ``device`` | ``host`` | ``disk``; ``device``/``dtype``: the compute device and dtype the
     batches are read in; ``storage``: the dtype they are kept in. ``path``: the file (disk); ``create``
-    False opens an existing file (resume). Iterating yields the batches in order (with read-ahead).
+    False opens an existing file (resume). ``reuse``: a closed store whose buffer (same shape, dtype and
+    place) this one takes over, so that block after block the same pages hold the hidden states instead of
+    fresh ones being faulted in. Iterating yields the batches in order (with read-ahead).
     """
 
     def __init__(self, batches: list[tuple[int, int]], seqlen: int, width: int, storage: torch.dtype, *,
                  where: str, device: torch.device, dtype: torch.dtype, path: str | os.PathLike | None = None,
-                 create: bool = True):
+                 create: bool = True, reuse: HiddenStates | None = None):
         self.batches, self.seqlen, self.width = batches, seqlen, width
         self.storage, self.where, self.device, self.dtype = storage, where, torch.device(device), dtype
         self.nsamples = batches[-1][1] if batches else 0
@@ -90,7 +92,13 @@ class HiddenStates:
         self._copy_stream = None
         self.path = Path(path) if path is not None else None
         self._fd = None
-        if where == "device":
+        self._spare: Tensor | None = None
+        spare = reuse.take_spare(shape, storage, where) if reuse is not None else None
+        if spare is not None:
+            self._buf = spare
+            if where == "host" and self._cuda:
+                self._copy_stream = torch.cuda.Stream(self.device)
+        elif where == "device":
             self._buf = torch.empty(shape, dtype=storage, device=self.device)
         elif where == "host":
             self._buf = torch.empty(shape, dtype=storage, pin_memory=self._cuda)
@@ -179,11 +187,24 @@ class HiddenStates:
         if self._fd is not None:
             os.fsync(self._fd)
 
-    def close(self) -> None:
+    def close(self, keep_buffer: bool = False) -> None:
+        """Done with these hidden states; ``keep_buffer``: hold the buffer for a next store (``reuse``)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._spare = self._buf if keep_buffer else None
         self._buf = None
+
+    @property
+    def reusable(self) -> bool:
+        """Closed with its buffer kept for a next store."""
+        return self._spare is not None
+
+    def take_spare(self, shape: tuple, storage: torch.dtype, where: str) -> Tensor | None:
+        spare, self._spare = self._spare, None
+        if spare is None or where != self.where or tuple(spare.shape) != tuple(shape) or spare.dtype != storage:
+            return None
+        return spare
 
     def tensor(self) -> Tensor:
         """All hidden states as one CPU tensor in the storage dtype (tests, small runs)."""

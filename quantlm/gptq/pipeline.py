@@ -282,6 +282,10 @@ def _quantize_group(names: list[str], linears: list[nn.Module], Ws: list[torch.T
     return out
 
 
+def _keep_free_memory() -> None:
+    """The allocator keeps its free pages (the plan has room; see ``memory.TRIM_FRACTION``)."""
+
+
 def _release(linear: nn.Module) -> None:
     """Drop a quantized linear's weight (``MemorySettings.keep_weights`` off): an empty tensor of its dtype."""
     linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)
@@ -377,7 +381,9 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
                  plan["hidden_states"], plan["activation_dtype"], plan["batch_size"],
                  plan["predicted_peak_bytes"] / 1e9, plan["available_bytes"] / 1e9)
         where, bs, cache_bytes = plan["hidden_states"], plan["batch_size"], plan["replay_cache_bytes"]
+        trim = plan["trim_allocator"]
     else:
+        trim = False
         where = {"auto": "device" if device.type == "cuda" else "host", "none": "device"}.get(
             settings.offload, settings.offload)
         bs = settings.batch_size or 8
@@ -389,7 +395,7 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         torch.cuda.reset_peak_memory_stats(device)
     with PeakSampler() as sampler:
         results, reports, resumed = _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
-                                                where, bs, cache_bytes, progress)
+                                                where, bs, cache_bytes, progress, trim)
     measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
                 "rss_at_start_bytes": sampler.rss_before, "resumed_from_block": resumed,
                 "hidden_states": where, "batch_size": bs}
@@ -399,7 +405,7 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
 
 
 def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn, where, bs, cache_bytes,
-                progress):
+                progress, trim):
     fwd = DTYPES[settings.forward_dtype]
     storage = DTYPES[settings.activation_dtype]
     nsamples, seqlen = tokens.shape
@@ -417,8 +423,9 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
     opened: list[HiddenStates] = []
 
     def store(name: str | None, create: bool = True) -> HiddenStates:
+        closed = next((h for h in opened if h.reusable), None)
         hs = HiddenStates(batches, seqlen, width, storage, where=where, device=device, dtype=fwd,
-                          path=state.dir / name if state is not None else None, create=create)
+                          path=state.dir / name if state is not None else None, create=create, reuse=closed)
         opened.append(hs)
         return hs
 
@@ -454,7 +461,8 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
     tf32 = recipe.hessian_tf32
     try:
         _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
-                     replay_on, cache_bytes, tf32, ntokens, progress, results, reports, settings.keep_weights)
+                     replay_on, cache_bytes, tf32, ntokens, progress, results, reports, settings.keep_weights,
+                     _memory.release_free_memory if trim else _keep_free_memory)
     except BaseException:
         if state is not None:
             log.warning("the disk-offloaded run stopped; its state is kept in %s: run again to resume", state.dir)
@@ -468,9 +476,10 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
 
 
 def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
-                 replay_on, cache_bytes, tf32, ntokens, progress, results, reports, keep_weights) -> None:
+                 replay_on, cache_bytes, tf32, ntokens, progress, results, reports, keep_weights, trim) -> None:
     """Quantize blocks ``start``.. in order (``hidden``: the inputs of block ``start``), filling ``results``
-    and ``reports``; each block's outputs become the next block's inputs."""
+    and ``reports``; each block's outputs become the next block's inputs. ``trim()`` after each group and
+    block: hands freed memory back to the OS, or not (``memory.TRIM_FRACTION``)."""
     method = "rtn" if rtn else "gptq"
     for i in range(start, len(layers)):
         block = layers[i]
@@ -507,14 +516,14 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
                         block_reports.append(report)
                         bar.update(1)
                     del H
-                    _memory.release_free_memory()  # the pass's and solve's temporaries, trapped between records
+                    trim()  # the pass's and solve's temporaries, trapped between records
                     _maybe_crash(i, k)
                 passes.outputs(sink=outputs.write)
                 tails = passes.tails
             del passes
         outputs.flush()
         bar.close()
-        hidden.close()  # the inputs of this block: no longer needed
+        hidden.close(keep_buffer=i + 1 < len(layers))  # this block's inputs: the next block's outputs go there
         hidden = outputs
         if not keep_weights:
             for name in block_map.linears:
@@ -525,4 +534,4 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
             state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        _memory.release_free_memory()  # this block's freed temporaries, trapped between its results
+        trim()  # this block's freed temporaries, trapped between its results
