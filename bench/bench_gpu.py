@@ -282,30 +282,29 @@ def main() -> None:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
+    def gptq_jobs(preset, model, tokens):
+        """quantlm exact and fast, and the reference GPTQ, on the same weights, tokens and scoring Hessians."""
+        H = float_hessians(model, tokens, device, batch=8)
+        record(preset, job_quantlm(model, tokens, device, H, exact, "quantlm exact (fp32)"))
+        record(preset, job_quantlm(model, tokens, device, H, fast, "quantlm fast (bf16 fwd, tf32 H)"))
+        if "reference" not in args.skip:
+            record(preset, job_reference(model, tokens, device, H, ref_dtype))
+
+    def random_tokens(model):
+        return torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
+                             generator=torch.Generator().manual_seed(args.seed))
+
     t_all = time.perf_counter()
     if "99m" not in args.skip:
         preset, _ = shapes["99m"]
         base = build(preset, None, args.seed, device)
-        tokens = torch.randint(0, base.config.vocab_size, (args.nsamples, args.seqlen),
-                               generator=torch.Generator().manual_seed(args.seed))
-        H = float_hessians(base, tokens, device, batch=8)
-        record(preset, job_quantlm(base, tokens, device, H, exact, "quantlm exact (fp32)"))
-        record(preset, job_quantlm(base, tokens, device, H, fast, "quantlm fast (bf16 fwd, tf32 H)"))
-        if "reference" not in args.skip:
-            record(preset, job_reference(base, tokens, device, H, ref_dtype))
-        del base, H
+        gptq_jobs(preset, base, random_tokens(base))
+        del base
     if "39b" not in args.skip:
         preset, _ = shapes["39b"]
         full = build(preset, None, args.seed, device)
-        tokens = torch.randint(0, full.config.vocab_size, (args.nsamples, args.seqlen),
-                               generator=torch.Generator().manual_seed(args.seed))
-        sub = first_blocks(full, args.blocks_39b)
-        H = float_hessians(sub, tokens, device, batch=8)
-        record(preset, job_quantlm(sub, tokens, device, H, exact, "quantlm exact (fp32)"))
-        record(preset, job_quantlm(sub, tokens, device, H, fast, "quantlm fast (bf16 fwd, tf32 H)"))
-        if "reference" not in args.skip:
-            record(preset, job_reference(sub, tokens, device, H, ref_dtype))
-        del sub, H
+        tokens = random_tokens(full)
+        gptq_jobs(preset, first_blocks(full, args.blocks_39b), tokens)
         if "39b-full" not in args.skip:
             r = job_quantlm(full, tokens, device, None, fast, "quantlm fast (bf16 fwd, tf32 H), whole model",
                             in_place=True)

@@ -205,7 +205,11 @@ def _load(paths) -> list[dict]:
 
 
 def replan(rec: dict, available: int = 10**13) -> dict:
-    """The dry-run plan of a recorded run, recomputed with the current constants (same location and batch)."""
+    """The dry-run plan of a recorded run, recomputed with the current constants (same location and batch).
+    Runs recorded before the pipeline trimmed only near the limit (no ``trim_allocator`` in their plan)
+    trimmed always: they are replanned with a limit that turns trimming on (1.6x their measured peak)."""
+    if "trim_allocator" not in rec["dry_plan"]:
+        available = int(1.6 * rec["measured_peak_bytes"])
     from quantlm.gptq.memory import MemorySettings, plan_memory
     from quantlm.specs import get_preset
 
@@ -380,7 +384,7 @@ def cmd_plans(args) -> None:
         cells = []
         for _label, kw, wd in modes:
             p = plan_memory(config, 512, 2048, MemorySettings(batch_size=8, **kw), 4, 128, "cpu",
-                            available_bytes=10**13, disk_available_bytes=10**13, weights_dtype=wd)
+                            available_bytes=budget, disk_available_bytes=10**13, weights_dtype=wd)  # trims as there
             cells.append(f"{p['predicted_peak_bytes'] / 1e9:.1f}")
         auto = plan_memory(config, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=budget,
                            disk_available_bytes=10**13)

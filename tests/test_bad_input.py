@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_edits import copy_model
 from safetensors.torch import load_file, save_file
 
 from quantlm.atomic import hostname
@@ -68,17 +69,7 @@ def assert_one_line_error(rc: int, err: str, command: str, match: str) -> None:
 def edit_model(ws: Path, name: str, edit: Callable[[dict], None] | None = None,
                config_edit: Callable[[dict], None] | None = None) -> Path:
     """A copy of ``ws/m`` as ``ws/name`` with its tensors and/or config.json edited."""
-    dst = ws / name
-    shutil.copytree(ws / "m", dst)
-    if edit is not None:
-        tensors = load_file(dst / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    if config_edit is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config_edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    return copy_model(ws / "m", ws / name, edit, config_edit=config_edit)
 
 
 def _set(name: str, fn):

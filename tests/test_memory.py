@@ -121,6 +121,14 @@ def test_plan_storage_dtype_batch_and_failure_message():
         check_plan(nodisk)
 
 
+def test_failure_offers_releasing_the_weights_as_a_cli_flag():
+    plan = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=int(22.5e9),
+                       disk_available_bytes=10**13)
+    assert not plan["fits"]
+    with pytest.raises(QuantlmError, match=r"--no-keep-weights \(about 18\.\d GB\)"):
+        check_plan(plan)
+
+
 def test_plan_gpu_keeps_hidden_states_on_the_device_when_they_fit():
     kw = dict(available_bytes=10**12, disk_available_bytes=10**12)
     h200 = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cuda", device_available_bytes=140 * 10**9,

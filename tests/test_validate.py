@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_edits import copy_model
 from safetensors.torch import load_file, save_file
 
 from quantlm import textdocs, validate
 from quantlm.errors import QuantlmError
-
-
-def copy_model(src: Path, dst: Path, edit=None, *, config_edit=None) -> Path:
-    """A copy of the tiny checkpoint with its tensors (a dict, edited in place by ``edit``) rewritten."""
-    shutil.copytree(src, dst)
-    if edit is not None:
-        tensors = load_file(dst / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    if config_edit is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config_edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def test_a_good_checkpoint_passes_every_check(tiny_model_dir):

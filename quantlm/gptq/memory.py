@@ -62,8 +62,11 @@ K_SOLVE_W = 4.2
 # per-block growth measured 0.89x (99M), 1.1-1.37x (390M, noisy) and 0.98x (1.1B) of weights + results.
 K_BLOCK_SLACK = 0.05
 # The same without trimming (runs far from the memory limit, see TRIM_FRACTION): freed temporaries stay
-# resident between the results. Fitted on the 99M/390M per-block runs of bench/quantize_memory.md.
-K_BLOCK_SLACK_UNTRIMMED = 0.05
+# resident, per block and about one working set's worth in all. Least squares over the 99M (2 and 16 blocks,
+# 32 x 512) and 390M (2 and 24 blocks, 16 x 1024) runs of bench/quantize_memory.md: predicted/measured
+# 0.97-1.01.
+K_BLOCK_SLACK_UNTRIMMED = 0.12
+K_HEAP_WORKING_SET = 0.68
 # The allocator's free pages are handed back to the OS (malloc_trim after each group and block) only when the
 # plan's peak is above this share of the available memory: every trim makes the next allocations fault their
 # pages in again (99M shape, 32 x 512 tokens: 3.1M minor faults and 11.9 s of system time with the trims,
@@ -431,7 +434,8 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     host_peak = int(sum(host.values()))
     trim = host_peak > TRIM_FRACTION * available
     if not trim:
-        untrimmed = int(K_BLOCK_SLACK_UNTRIMMED * block_params * 4 * shape["layers"])
+        untrimmed = int(K_BLOCK_SLACK_UNTRIMMED * block_params * 4 * shape["layers"]
+                        + K_HEAP_WORKING_SET * max(forward, solve))
         host_peak += untrimmed - slack
         host["allocator_slack"] = slack = untrimmed
     if not settings.keep_weights:  # block i holds the weights of blocks >= i and the results of blocks < i
@@ -500,6 +504,8 @@ def _fixes(settings: MemorySettings, fixed: dict) -> list[dict]:
             trials.append({"offload": "disk", "batch_size": b})
     if settings.replay_cache_gb != 0:
         trials.append({"offload": "disk", "batch_size": 1, "replay_cache_gb": 0.0})
+    if settings.keep_weights:
+        trials.append({"offload": "disk", "keep_weights": False})
     if fixed["weights_dtype"] == "float32":
         trials.append({"offload": "disk", "weights_dtype": "bfloat16"})
     out = []
@@ -521,7 +527,10 @@ def _fixes(settings: MemorySettings, fixed: dict) -> list[dict]:
 def _option(key: str, value) -> str:
     if key == "weights_dtype":
         return f"load the checkpoint in {value} (lossless for a {value} checkpoint)"
-    return f"--{key.replace('_', '-')} {value}"
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):  # the CLI's --x / --no-x
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def _gb(x) -> str:
