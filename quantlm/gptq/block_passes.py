@@ -52,17 +52,22 @@ def _tensors(obj) -> list[Tensor]:
     return []
 
 
+def map_tensors(obj, fn):
+    """``obj`` (tensor or nested tuple / list / dict of them) with every tensor replaced by ``fn(tensor)``."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj, device: torch.device):
     """``obj`` (tensor or nested tuple / list / dict of them) with every tensor moved to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 _SLOT = object()  # where a tail record's linear output goes

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq import memory as _memory
-from quantlm.gptq.block_passes import BlockPasses, StopForward, to_device
+from quantlm.gptq.block_passes import BlockPasses, StopForward, map_tensors, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
 from quantlm.gptq.memory import (
@@ -139,15 +139,7 @@ def _outside_blocks_on(model: nn.Module, layers: nn.Module, device: torch.device
 
 def _cast_floats(obj, dtype: torch.dtype):
     """``obj`` (nested tuple / list / dict of tensors) with floating tensors cast to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple):
-        return tuple(_cast_floats(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast_floats(o, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 @torch.no_grad()
