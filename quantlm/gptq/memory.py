@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from quantlm.errors import QuantlmError
+from quantlm.models.blocks import LLAMA
 from quantlm.recipes import doc
 
 GB = 1e9
@@ -130,23 +131,19 @@ def model_shape(config: dict) -> dict:
 
 
 def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
-    """(out, in) of each block linear."""
-    d, f, hd = shape["hidden"], shape["intermediate"], shape["head_dim"]
-    q, kv = shape["heads"] * hd, shape["kv_heads"] * hd
-    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
-            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    """(out, in) of each block linear, keyed by block-relative path (the shape rules of ``LLAMA``)."""
+    return LLAMA.linear_shapes(shape["hidden"], shape["kv_heads"] * shape["head_dim"], shape["intermediate"])
 
 
 def _groups(shape: dict) -> list[tuple[int, int]]:
     """(stacked rows, in) of the true-sequential groups (one shared solve each)."""
     s = linear_shapes(shape)
-    return [(s["q_proj"][0] + s["k_proj"][0] + s["v_proj"][0], shape["hidden"]), (s["o_proj"][0], s["o_proj"][1]),
-            (2 * shape["intermediate"], shape["hidden"]), (shape["hidden"], shape["intermediate"])]
+    return [(sum(s[path][0] for path in group), s[group[0]][1]) for group in LLAMA.sequential]
 
 
 def param_count(shape: dict) -> tuple[int, int]:
     """(parameters of the whole model, parameters of one block)."""
-    block = sum(o * i for o, i in linear_shapes(shape).values()) + 2 * shape["hidden"]
+    block = sum(o * i for o, i in linear_shapes(shape).values()) + len(LLAMA.norms) * shape["hidden"]
     outside = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2) + shape["hidden"]
     return shape["layers"] * block + outside, block
 
