@@ -328,8 +328,7 @@ def _make_plan(model: nn.Module, layers: nn.Module, block_map: BlockMap, tokens:
     unique = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in unique)
     first = get_submodule(layers[0], block_map.linears[0]).weight
-    wdtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(first.dtype,
-                                                                                                   "float32")
+    wdtype = {dt: name for name, dt in DTYPES.items()}.get(first.dtype, "float32")
     try:
         return plan_memory(config, tokens.shape[0], tokens.shape[1], settings, recipe.bits, recipe.group_size,
                            str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential, rtn=rtn,
