@@ -288,6 +288,17 @@ def test_released_weights_same_results_less_memory(base, tokens, tmp_path):
     assert full["predicted_peak_bytes"] - big["predicted_peak_bytes"] > 3.5e9  # the 3.9B codes
 
 
+def test_run_state_removes_its_own_files_only(tmp_path):
+    folder = tmp_path / "off"
+    folder.mkdir()
+    own = ["state.json", ".state.json.k2j.json", "block-0003.pt", ".block-0004.pt.x9.pt", "hidden-0.bin"]
+    foreign = ["block-diagram.png", "state.json.bak", "notes.txt"]
+    for name in own + foreign:
+        (folder / name).write_text("x")
+    RunState(folder, "f" * 64).remove()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(foreign)
+
+
 def test_stale_state_of_another_run_is_not_resumed(tmp_path):
     state = RunState(tmp_path / "s", "aaaa")
     state.mark_started()

@@ -27,12 +27,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from quantlm.atomic import atomic_path, write_json
 from quantlm.gptq.solver import GPTQResult
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_NAME = "state.json"
 STATE_VERSION = 1
+# The files a run state writes in its folder, with atomic_path's temporaries (nothing else there is touched).
+_OWN_FILE = re.compile(r"hidden-[01]\.bin|(state\.json|block-\d{4,}\.pt)(\.tmp)?|\.(state\.json|block-\d{4,}\.pt)\..+")
 
 
 def batches_of(nsamples: int, batch_size: int) -> list[tuple[int, int]]:
@@ -293,16 +297,10 @@ class RunState:
         return "hidden-1.bin" if self.inputs == "hidden-0.bin" else "hidden-0.bin"
 
     def _write_state(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         body = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "next_block": self.next_block,
                 "inputs": self.inputs, "tails": self.tails}
-        tmp = self.dir / (STATE_NAME + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(body, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / STATE_NAME)
-        _fsync_dir(self.dir)
+        write_json(self.dir / STATE_NAME, body)
+        _fsync_dir(self.dir)  # the rename itself survives a power cut
 
     def mark_started(self) -> None:
         """The first block's inputs are complete in ``self.inputs``."""
@@ -312,12 +310,10 @@ class RunState:
     def block_done(self, i: int, results: dict[str, GPTQResult], reports: list[dict], tails: dict[str, str]) -> None:
         """Block ``i`` is finished and its outputs are complete in ``self.other``: persist and swap."""
         body = {"results": {k: _result_to_dict(v) for k, v in results.items()}, "reports": reports}
-        tmp = self.dir / f"block-{i:04d}.pt.tmp"
-        with open(tmp, "wb") as fh:
+        with atomic_path(self.dir / f"block-{i:04d}.pt") as tmp, open(tmp, "wb") as fh:
             torch.save(body, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / f"block-{i:04d}.pt")
         self.next_block, self.inputs, self.tails = i + 1, self.other, dict(tails)
         self._write_state()
 
@@ -329,9 +325,8 @@ class RunState:
         """Delete every file this state wrote (and the folder when it is left empty)."""
         if not self.dir.is_dir():
             return
-        for p in self.dir.iterdir():
-            if p.name in (STATE_NAME, STATE_NAME + ".tmp", "hidden-0.bin", "hidden-1.bin") or (
-                    p.name.startswith("block-") and p.name.endswith((".pt", ".pt.tmp"))):
+        for p in self.dir.iterdir():  # and the temporaries of atomic_path (".NAME.*") that a kill left
+            if _OWN_FILE.fullmatch(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         with contextlib.suppress(OSError):
