@@ -75,6 +75,10 @@ GRIDS = {
         dict(preset="floatlm-390m", layers=2, nsamples=16, seqlen=1024),
         dict(preset="floatlm-390m", layers=24, nsamples=16, seqlen=1024),
     ],
+    # the Spectra recipe in full on the 99M shape (all 16 blocks), after large_tensors_in_heap
+    "spectra-99m-full": [
+        dict(preset="floatlm-99m", layers=16, nsamples=512, seqlen=2048, activation_dtype="float32", offload="host"),
+    ],
     "spectra-390m": [
         dict(preset="floatlm-390m", layers=1, nsamples=512, seqlen=2048, activation_dtype="bfloat16", offload="host"),
     ],

@@ -374,3 +374,20 @@ def test_dtype_bytes_cover_every_setting():
     for name in ("activation_dtype", "forward_dtype"):
         assert set(str(hints[name]).split("[")[1].rstrip("]").replace("'", "").replace('"', "").split(", ")) <= set(
             DTYPE_BYTES)
+
+
+def test_large_batches_run_from_the_heap_with_trims_same_results(base, tokens, monkeypatch):
+    from quantlm.gptq import memory
+
+    from quantlm.specs import get_preset
+
+    config = get_preset("floatlm-99m").to_hf_config().to_dict()
+    spectra = plan_memory(config, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=24 * 2**30)
+    assert spectra["large_tensors_in_heap"] and spectra["trim_allocator"]  # 84 MB MLP activations per batch
+    bench = plan_memory(config, 32, 512, MemorySettings(), 4, 128, "cpu", available_bytes=24 * 2**30)
+    assert not bench["large_tensors_in_heap"] and not bench["trim_allocator"]  # 21 MB: glibc keeps them in the heap
+    _, plain = _run(base, tokens)
+    monkeypatch.setattr(memory, "MMAP_THRESHOLD_MAX", 0)  # every batch counts as large
+    _, heap = _run(base, tokens)
+    assert heap.plan["large_tensors_in_heap"] and heap.plan["trim_allocator"]
+    _same(plain, heap)  # the allocator moves pages, never numbers

@@ -73,6 +73,10 @@ K_HEAP_WORKING_SET = 0.68
 # pages in again (99M shape, 32 x 512 tokens: 3.1M minor faults and 11.9 s of system time with the trims,
 # 0.56M and 2.7 s without; quantize call 42 -> 33 s), which costs more than it saves where memory is ample.
 TRIM_FRACTION = 0.5
+# glibc's largest mmap threshold: larger allocations are always mmap-served (and fault their pages in
+# every time), unless allocator.large_tensors_in_heap is on. 1 block of the 99M shape at 512 x 2048 tokens,
+# batch 8 (84 MB MLP activations): 289 s with 43M minor faults -> 197 s with 2.8M (bench/quantize_memory.md).
+MMAP_THRESHOLD_MAX = 32 * 2**20
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
 # Share of a GPU's memory left after the plan that the auto replay cache may take.
@@ -252,27 +256,6 @@ def available_host_bytes() -> int:
     return total
 
 
-def release_free_memory() -> None:
-    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Tensors below glibc's mmap threshold (up to 32 MB) live in the heap; a block's temporaries freed between
-    its long-lived results (codes, scales) stay resident otherwise, adding ~20% of a block's weights per
-    block (measured on the 390M shape, bench/quantize_memory.md)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
-
-
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX on this CPU (bf16 products then run at least as fast as fp32 through oneDNN)."""
     try:
@@ -429,7 +412,11 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if on_gpu:
         host["working_set"] = 2 * bt * d * sbytes if place != "device" else 0  # staging
     host_peak = int(sum(host.values()))
-    trim = host_peak > TRIM_FRACTION * available
+    # a batch's widest fp32 activations above glibc's mmap threshold: serve them from the heap (allocator.py)
+    # and trim after each group, which then costs a small share of a group's compute and keeps the peak
+    # that of mmap-served tensors (the heap's holes between records handed back)
+    heap = not on_gpu and bt * max(d, f) * 4 > MMAP_THRESHOLD_MAX
+    trim = heap or host_peak > TRIM_FRACTION * available
     if not trim:
         untrimmed = int(K_BLOCK_SLACK_UNTRIMMED * block_params * 4 * shape["layers"]
                         + K_HEAP_WORKING_SET * max(forward, solve))
@@ -448,7 +435,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
         "working_sets": {"forward": int(forward), "solve": int(solve), "block_copy": int(block_copy)},
         "predicted_peak_bytes": host_peak,
         "available_bytes": int(available),
-        "trim_allocator": bool(trim),
+        "trim_allocator": bool(trim), "large_tensors_in_heap": bool(heap),
     }
     fits = host_peak <= FIT_FRACTION * available
     if on_gpu:

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import QuantlmError
-from quantlm.gptq import memory as _memory
+from quantlm.gptq.allocator import large_tensors_in_heap, release_free_memory
 from quantlm.gptq.block_passes import BlockPasses, StopForward, map_tensors, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
@@ -372,9 +372,9 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
                  plan["hidden_states"], plan["activation_dtype"], plan["batch_size"],
                  plan["predicted_peak_bytes"] / 1e9, plan["available_bytes"] / 1e9)
         where, bs, cache_bytes = plan["hidden_states"], plan["batch_size"], plan["replay_cache_bytes"]
-        trim = plan["trim_allocator"]
+        trim, heap = plan["trim_allocator"], plan.get("large_tensors_in_heap", False)
     else:
-        trim = False
+        trim = heap = False
         where = {"auto": "device" if device.type == "cuda" else "host", "none": "device"}.get(
             settings.offload, settings.offload)
         bs = settings.batch_size or 8
@@ -384,7 +384,7 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         where = "host"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with PeakSampler() as sampler:
+    with PeakSampler() as sampler, large_tensors_in_heap() if heap else contextlib.nullcontext():
         results, reports, resumed = _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
                                                 where, bs, cache_bytes, progress, trim)
     measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
@@ -453,7 +453,7 @@ def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
     try:
         _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
                      replay_on, cache_bytes, tf32, ntokens, progress, results, reports, settings.keep_weights,
-                     _memory.release_free_memory if trim else _keep_free_memory)
+                     release_free_memory if trim else _keep_free_memory)
     except BaseException:
         if state is not None:
             log.warning("the disk-offloaded run stopped; its state is kept in %s: run again to resume", state.dir)
