@@ -31,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -158,7 +159,9 @@ def cmd_one(args) -> dict:
     tokens = torch.randint(0, config.vocab_size, (args.nsamples, args.seqlen),
                            generator=torch.Generator().manual_seed(args.seed))
     t1 = time.perf_counter()
-    run = quantize_blocks(model, LLAMA, tokens, gptq_recipe(), progress=False, memory=settings)
+    if args.progress:  # long runs: a bar per block and the pipeline's plan / resume lines on stderr
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run = quantize_blocks(model, LLAMA, tokens, gptq_recipe(), progress=args.progress, memory=settings)
     wall = time.perf_counter() - t1
     out = {
         "config": {k: getattr(args, k) for k in ("preset", "layers", "nsamples", "seqlen", "activation_dtype",
@@ -456,6 +459,7 @@ def main() -> None:
     one.add_argument("--keep-weights", type=int, default=1, help="0: release quantized weights")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--json", default="")
+    one.add_argument("--progress", action="store_true", help="progress bars and the pipeline's log on stderr")
     sw = sub.add_parser("sweep")
     sw.add_argument("--grid", choices=sorted(GRIDS), required=True)
     sw.add_argument("--out", required=True)

@@ -386,6 +386,10 @@ def test_large_batches_run_from_the_heap_with_trims_same_results(base, tokens, m
     assert spectra["large_tensors_in_heap"] and spectra["trim_allocator"]  # 84 MB MLP activations per batch
     bench = plan_memory(config, 32, 512, MemorySettings(), 4, 128, "cpu", available_bytes=24 * 2**30)
     assert not bench["large_tensors_in_heap"] and not bench["trim_allocator"]  # 21 MB: glibc keeps them in the heap
+    assert spectra["bytes"]["heap_fragments"] > 0 and "heap_fragments" not in bench["bytes"]
+    big = plan_memory(get_preset("floatlm-390m").to_hf_config().to_dict(), 512, 2048, MemorySettings(), 4, 128, "cpu",
+                      available_bytes=24 * 2**30)
+    assert not big["large_tensors_in_heap"]  # 16 GB of 24: not ample, the mmap-served (validated) model applies
     _, plain = _run(base, tokens)
     monkeypatch.setattr(memory, "MMAP_THRESHOLD_MAX", 0)  # every batch counts as large
     _, heap = _run(base, tokens)

@@ -6,8 +6,9 @@ recipe (batches of 8 x 2048 tokens) most block temporaries are larger than that 
 activations: 84 MB): one 99M block spent 153 s of its 298 s in the kernel, 43M minor faults
 (bench/quantize_memory.md, "Large tensors in the heap"). Inside :func:`large_tensors_in_heap` they come from
 the heap and are reused: 2.8M faults, 21 s of system time, 206 s in all, the same codes. The memory plan
-turns it on for such batches (``large_tensors_in_heap``) together with a trim after each group, without
-which the heap's holes between replay records added ~20% to the peak. Everything here is a no-op where
+turns it on for such batches where memory is ample (``large_tensors_in_heap``: its peak then depends on the
+order of allocations, ``memory.K_HEAP_FRAGMENTS``), together with a trim after each group, without which the
+heap's holes between replay records added ~20% to the peak. Everything here is a no-op where
 the C library is not glibc.
 """
 

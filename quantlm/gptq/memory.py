@@ -77,6 +77,11 @@ TRIM_FRACTION = 0.5
 # every time), unless allocator.large_tensors_in_heap is on. 1 block of the 99M shape at 512 x 2048 tokens,
 # batch 8 (84 MB MLP activations): 289 s with 43M minor faults -> 197 s with 2.8M (bench/quantize_memory.md).
 MMAP_THRESHOLD_MAX = 32 * 2**20
+# Large tensors in the heap (allocator.py): freed chunks between replay records and results are reused
+# in whatever order the passes free and allocate them, so the peak rises above the mmap-served one by up to
+# this share of the replay cache plus the working set (99M shape, batch 8 x 2048: 0.47 over all 16 blocks
+# of the Spectra recipe, 0.25 for 8 blocks at 64 x 2048, 0.1-0.2 for 1-2 blocks; bench/quantize_memory.md).
+K_HEAP_FRAGMENTS = 0.5
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
 # Share of a GPU's memory left after the plan that the auto replay cache may take.
@@ -412,10 +417,15 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if on_gpu:
         host["working_set"] = 2 * bt * d * sbytes if place != "device" else 0  # staging
     host_peak = int(sum(host.values()))
-    # a batch's widest fp32 activations above glibc's mmap threshold: serve them from the heap (allocator.py)
-    # and trim after each group, which then costs a small share of a group's compute and keeps the peak
-    # that of mmap-served tensors (the heap's holes between records handed back)
-    heap = not on_gpu and bt * max(d, f) * 4 > MMAP_THRESHOLD_MAX
+    # a batch's widest fp32 activations above glibc's mmap threshold: serve them from the heap (allocator.py),
+    # where memory is ample (its peak depends on the allocation order: K_HEAP_FRAGMENTS), and trim after each
+    # group, which then costs a small share of a group's compute
+    large = not on_gpu and bt * max(d, f) * 4 > MMAP_THRESHOLD_MAX
+    fragments = int(K_HEAP_FRAGMENTS * (replay + max(forward, solve)))
+    heap = large and host_peak + fragments <= TRIM_FRACTION * available
+    if heap:
+        host["heap_fragments"] = fragments
+        host_peak += fragments
     trim = heap or host_peak > TRIM_FRACTION * available
     if not trim:
         untrimmed = int(K_BLOCK_SLACK_UNTRIMMED * block_params * 4 * shape["layers"]

@@ -473,7 +473,7 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
     block: hands freed memory back to the OS, or not (``memory.TRIM_FRACTION``)."""
     method = "rtn" if rtn else "gptq"
     for i in range(start, len(layers)):
-        block = layers[i]
+        block, t_block = layers[i], time.perf_counter()
         bar = tqdm(total=len(block_map.linears), desc=f"{method} block {i + 1}/{len(layers)}",
                    disable=not progress, leave=False)
         outputs = store(state.other if state is not None else None)
@@ -523,6 +523,8 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
         reports += block_reports
         if state is not None:
             state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
+        log.info("%s block %d/%d done in %.1f s (error %.4g)", method, i + 1, len(layers),
+                 time.perf_counter() - t_block, sum(r.error for r in block_reports))
         if device.type == "cuda":
             torch.cuda.empty_cache()
         trim()  # this block's freed temporaries, trapped between its results
