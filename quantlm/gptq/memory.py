@@ -80,7 +80,8 @@ MMAP_THRESHOLD_MAX = 32 * 2**20
 # Large tensors in the heap (allocator.py): freed chunks between replay records and results are reused
 # in whatever order the passes free and allocate them, so the peak rises above the mmap-served one by up to
 # this share of the replay cache plus the working set (99M shape, batch 8 x 2048: 0.47 over all 16 blocks
-# of the Spectra recipe, 0.25 for 8 blocks at 64 x 2048, 0.1-0.2 for 1-2 blocks; bench/quantize_memory.md).
+# of the Spectra recipe, 0.16 for 8 blocks at 64 x 2048, 0.06-0.10 for 1-2 blocks; bench/quantize_memory.md):
+# the largest measured, so shorter runs are over-predicted.
 K_HEAP_FRAGMENTS = 0.5
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
