@@ -87,8 +87,10 @@ def _allocator_overrides(args, pipeline) -> dict:
     """Monkeypatches for --heap / --trim (bench only); the quantize_blocks keywords for the rest."""
     from quantlm.gptq import memory
 
-    if args.heap != "plan":  # the plan turns the heap (and per-group trims) on above this batch size
-        memory.MMAP_THRESHOLD_MAX = 0 if args.heap == "on" else 1 << 62
+    if args.heap == "on":  # the plan's rule: batches above the mmap threshold, and memory ample
+        memory.MMAP_THRESHOLD_MAX, memory.TRIM_FRACTION = 0, memory.FIT_FRACTION
+    elif args.heap == "off":
+        memory.MMAP_THRESHOLD_MAX = 1 << 62
     if args.trim != "plan":
         release, calls = pipeline.release_free_memory, [0]
 
@@ -97,8 +99,8 @@ def _allocator_overrides(args, pipeline) -> dict:
             if args.trim == "group" or (args.trim == "block" and calls[0] % 5 == 0):
                 release()
 
-        memory.TRIM_FRACTION = 0.0  # the pipeline calls trim() ...
-        pipeline.release_free_memory = trim  # ... which decides here
+        # the pipeline calls one of the two after each group and block, as the plan says; both decide here
+        pipeline.release_free_memory = pipeline._keep_free_memory = trim
     if args.replay_cache_gb < 0:
         return {}
     from quantlm.gptq.memory import MemorySettings
