@@ -378,7 +378,6 @@ def test_dtype_bytes_cover_every_setting():
 
 def test_large_batches_run_from_the_heap_with_trims_same_results(base, tokens, monkeypatch):
     from quantlm.gptq import memory
-
     from quantlm.specs import get_preset
 
     config = get_preset("floatlm-99m").to_hf_config().to_dict()
