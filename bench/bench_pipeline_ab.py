@@ -38,19 +38,21 @@ def main() -> None:
     ap.add_argument("--replay-cache-gb", type=float, default=-1.0)
     args = ap.parse_args()
     sys.path.insert(0, args.repo)
-    import torch
-
     from quantlm.gptq import pipeline
     from quantlm.gptq.pipeline import quantize_blocks
     from quantlm.models.blocks import LLAMA
 
     kwargs = _allocator_overrides(args, pipeline)
-    if args.random:
-        model, tokens, recipe = _random_run(args)
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, rtn=args.rtn, **kwargs)
-        _report(args, run, time.perf_counter() - t0, r0)
-        return
+    model, tokens, recipe = _random_run(args) if args.random else _bench_run(args)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, rtn=args.rtn, **kwargs)
+    _report(args, run, time.perf_counter() - t0, r0)
+
+
+def _bench_run(args):
+    """The quantize bench's model and windows, for the quantlm tree at --repo."""
+    import torch
+
     tokens = torch.load(Path(args.work) / "tokens.pt")
     try:  # since the one-house refactor (issue 10)
         from quantlm.gptq.settings import GPTQSettings
@@ -65,9 +67,7 @@ def main() -> None:
         recipe = QuantRecipe(bits=4, group_size=128, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
                              formats=("gptq",))
     model = load_causal_lm(Path(args.work) / "floatlm-99m-random", dtype=torch.float32)
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, rtn=args.rtn, **kwargs)
-    _report(args, run, time.perf_counter() - t0, r0)
+    return model, tokens, recipe
 
 
 def _random_run(args):

@@ -21,12 +21,14 @@ import functools
 import threading
 from collections.abc import Iterator
 
+# glibc's largest mmap threshold (on 64-bit): larger allocations are always mmap-served outside the context.
+MMAP_THRESHOLD_MAX = 32 * 2**20
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 # Restored on exit. glibc's defaults adapt at run time (an mmap threshold that rises to the size of freed
-# chunks, up to 32 MB, with a trim threshold of twice that), which any mallopt call switches off for good;
-# these are the values that adaptation reaches with tensors of 32 MB and more.
-_AFTER = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20}
+# chunks, up to MMAP_THRESHOLD_MAX, with a trim threshold of twice that), which any mallopt call switches off
+# for good; these are the values that adaptation reaches with tensors of 32 MB and more.
+_AFTER = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: MMAP_THRESHOLD_MAX, _M_TRIM_THRESHOLD: 2 * MMAP_THRESHOLD_MAX}
 # Inside: no mmap-served allocations, and the heap's free top is never trimmed by free() itself (only by an
 # explicit release_free_memory, which the memory plan asks for when memory is tight).
 _INSIDE = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from quantlm.errors import QuantlmError
+from quantlm.gptq.allocator import MMAP_THRESHOLD_MAX
 from quantlm.models.blocks import LLAMA
 from quantlm.recipes import doc
 
@@ -73,10 +74,9 @@ K_HEAP_WORKING_SET = 0.68
 # pages in again (99M shape, 32 x 512 tokens: 3.1M minor faults and 11.9 s of system time with the trims,
 # 0.56M and 2.7 s without; quantize call 42 -> 33 s), which costs more than it saves where memory is ample.
 TRIM_FRACTION = 0.5
-# glibc's largest mmap threshold: larger allocations are always mmap-served (and fault their pages in
-# every time), unless allocator.large_tensors_in_heap is on. 1 block of the 99M shape at 512 x 2048 tokens,
-# batch 8 (84 MB MLP activations): 289 s with 43M minor faults -> 197 s with 2.8M (bench/quantize_memory.md).
-MMAP_THRESHOLD_MAX = 32 * 2**20
+# Activations above allocator.MMAP_THRESHOLD_MAX are mmap-served (and fault their pages in every time),
+# unless allocator.large_tensors_in_heap is on. 1 block of the 99M shape at 512 x 2048 tokens, batch 8 (84 MB
+# MLP activations): 289 s with 43M minor faults -> 197 s with 2.8M (bench/quantize_memory.md).
 # Large tensors in the heap (allocator.py): freed chunks between replay records and results are reused
 # in whatever order the passes free and allocate them, so the peak rises above the mmap-served one by up to
 # this share of the replay cache plus the working set (99M shape, batch 8 x 2048: 0.47 over all 16 blocks

@@ -470,7 +470,8 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
                  replay_on, cache_bytes, tf32, ntokens, progress, results, reports, keep_weights, trim) -> None:
     """Quantize blocks ``start``.. in order (``hidden``: the inputs of block ``start``), filling ``results``
     and ``reports``; each block's outputs become the next block's inputs. ``trim()`` after each group and
-    block: hands freed memory back to the OS, or not (``memory.TRIM_FRACTION``)."""
+    block: hands freed memory back to the OS, or not (the plan's ``trim_allocator``: near the memory limit, or
+    with large tensors in the heap)."""
     method = "rtn" if rtn else "gptq"
     for i in range(start, len(layers)):
         block, t_block = layers[i], time.perf_counter()
