@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--heap", choices=["plan", "on", "off"], default="plan")
     ap.add_argument("--trim", choices=["plan", "group", "block", "never"], default="plan")
     ap.add_argument("--replay-cache-gb", type=float, default=-1.0)
+    ap.add_argument("--batch-size", type=int, default=0, help="calibration windows per forward; 0: the plan's")
     args = ap.parse_args()
     sys.path.insert(0, args.repo)
     from quantlm.gptq import pipeline
@@ -101,11 +102,11 @@ def _allocator_overrides(args, pipeline) -> dict:
 
         # the pipeline calls one of the two after each group and block, as the plan says; both decide here
         pipeline.release_free_memory = pipeline._keep_free_memory = trim
-    if args.replay_cache_gb < 0:
+    if args.replay_cache_gb < 0 and not args.batch_size:
         return {}
     from quantlm.gptq.memory import MemorySettings
 
-    return {"memory": MemorySettings(replay_cache_gb=args.replay_cache_gb)}
+    return {"memory": MemorySettings(replay_cache_gb=args.replay_cache_gb, batch_size=args.batch_size)}
 
 
 def _report(args, run, seconds: float, r0) -> None:
@@ -116,6 +117,7 @@ def _report(args, run, seconds: float, r0) -> None:
                       "sys_s": round(r1.ru_stime - r0.ru_stime, 2), "minor_faults": r1.ru_minflt - r0.ru_minflt,
                       "own_path_error": round(sum(m.error for m in run.modules), 4),
                       "trim_allocator": plan.get("trim_allocator"), "heap": plan.get("large_tensors_in_heap"),
+                      "batch_size": plan.get("batch_size"),
                       "measured_peak_gb": round(measured.get("measured_peak_bytes", 0) / 1e9, 3),
                       "predicted_peak_gb": round(plan.get("predicted_peak_bytes", 0) / 1e9, 3),
                       "heap_arg": args.heap, "trim_arg": args.trim}))
