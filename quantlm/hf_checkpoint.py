@@ -1,13 +1,19 @@
-"""Hugging Face checkpoint directories: read configs, check the architecture, load models. Local paths only."""
+"""Hugging Face checkpoint directories: read configs and safetensors headers (no tensor data), check the
+architecture, describe a config as a ModelSpec, load models. Local paths only."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from quantlm.errors import QuantlmError
+from quantlm.formats.registry import DTYPE_BITS, Layout, layout_of_config
 from quantlm.models.blocks import LLAMA, LLAMA_LIKE_ARCHITECTURES, LLAMA_LIKE_MODEL_TYPES, BlockMap
+from quantlm.specs import ModelSpec
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
@@ -36,6 +42,102 @@ def block_map_for(config: dict, where: str = "model") -> BlockMap:
 def is_trilm(config: dict) -> bool:
     """An unpacked TriLM is a plain LLaMA checkpoint whose config records its pretraining MP degree."""
     return config.get("pretraining_model_parallel") is not None or config.get("quantlm_family") == "trilm"
+
+
+def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
+    """A ModelSpec for an HF LLaMA config dict (family from its quantization_config / TriLM marker)."""
+    block_map_for(config, name)
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        kwargs = dict(
+            hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
+            num_attention_heads=heads, num_hidden_layers=int(config["num_hidden_layers"]),
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            vocab_size=int(config["vocab_size"]),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            vocab_multiple=1,  # a config's vocab_size is the stored (already padded) row count
+        )
+    except KeyError as e:
+        raise QuantlmError(f"{name}: config.json lacks {e.args[0]!r}; is this a complete LLaMA config?") from None
+    head_dim = config.get("head_dim")
+    if head_dim not in (None, hidden // heads):
+        raise QuantlmError(f"{name}: head_dim={head_dim} differs from hidden_size/num_attention_heads; not supported")
+    layout = layout_of_config(config)
+    if bits is not None:
+        layout = Layout("quantlm", "unpacked", bits=bits, group_size=-1 if group_size is None else group_size)
+    mp = layout.mp if layout.family == "trilm" else 1
+    # vocab_size in a config is already padded: keep it as is (128*mp divides it for Spectra checkpoints)
+    return ModelSpec(name=name, family=layout.family, size="custom", model_parallel=mp, bits=layout.bits,
+                     group_size=layout.group_size if layout.bits and layout.group_size != -1 else None, **kwargs)
+
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[list[HeaderEntry], int]:
+    """Tensor entries and header size of one safetensors file, reading only its header bytes."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise QuantlmError(f"{path}: file is too short to be safetensors; re-download or re-export it")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 1 or n > min(size - 8, 100 * 2**20):
+                raise QuantlmError(f"{path}: corrupt safetensors header (length {n}); re-download or re-export it")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise QuantlmError(f"{path}: file not found; check the checkpoint directory") from None
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QuantlmError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
+    entries = []
+    end = 0
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise QuantlmError(f"{path}: corrupt safetensors header entry {name!r}") from None
+        if dtype not in DTYPE_BITS:
+            raise QuantlmError(f"{path}: tensor {name} has dtype {dtype} that quantlm does not account")
+        nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        if stop - start != nbytes:
+            raise QuantlmError(f"{path}: header of {name} says {stop - start} bytes for shape {list(shape)} {dtype} "
+                               f"({nbytes} expected); the file is corrupt")
+        end = max(end, stop)
+        entries.append(HeaderEntry(name, dtype, shape, nbytes))
+    if 8 + n + end > size:
+        raise QuantlmError(f"{path}: file is truncated ({size} bytes, header promises {8 + n + end}); "
+                           "re-download or re-export it")
+    return entries, 8 + n
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the sharded index's files, or every *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise QuantlmError(f"{index}: not a valid safetensors index (needs a weight_map)") from None
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise QuantlmError(f"{model_dir}: no *.safetensors files; quantlm measures safetensors checkpoints")
+    return files
+
 
 
 def load_causal_lm(model_dir: str | os.PathLike, dtype=None, device: str = "cpu"):

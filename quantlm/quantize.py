@@ -85,9 +85,8 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
     and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit)."""
     from quantlm import validate
-    from quantlm.accounting import spec_from_config
     from quantlm.atomic import check_output
-    from quantlm.hf_checkpoint import block_map_for, read_config
+    from quantlm.hf_checkpoint import block_map_for, read_config, spec_from_config
     from quantlm.quantized import check_group_size
 
     config = read_config(model_dir)
@@ -129,7 +128,8 @@ def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str =
 
 def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
     """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
-    from quantlm.accounting import budget_from_spec, spec_from_config
+    from quantlm.accounting import budget_from_spec
+    from quantlm.hf_checkpoint import spec_from_config
 
     spec = spec_from_config(config, "model").with_family("quantlm", recipe.gptq.bits)
     total = 0

@@ -51,7 +51,7 @@ def _int(config: dict, key: str, where: str) -> int:
 
 def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a LLaMA checkpoint with this config stores (HF names, from the BlockMap)."""
-    from quantlm.accounting import spec_from_config
+    from quantlm.hf_checkpoint import spec_from_config
     from quantlm.models.blocks import LLAMA
 
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
@@ -80,7 +80,7 @@ class CheckpointInfo:
 
     path: Path
     config: dict
-    tensors: dict  # name -> accounting.HeaderEntry
+    tensors: dict  # name -> hf_checkpoint.HeaderEntry
     files: dict  # name -> Path of the safetensors file holding it
     packed: bool
     problems: tuple[str, ...] = field(default=())  # non-fatal notes (e.g. ignored buffers)
@@ -104,8 +104,8 @@ def _one_line(where: Path, problems: list[str]) -> str:
 
 
 def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files (accounting's rules) and the index's weight map, if the checkpoint is sharded."""
-    from quantlm.accounting import safetensors_files
+    """The safetensors files (hf_checkpoint.safetensors_files) and the index's weight map, if the checkpoint is sharded."""
+    from quantlm.hf_checkpoint import safetensors_files
 
     index = model_dir / "model.safetensors.index.json"
     weight_map = None
@@ -129,11 +129,10 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
                      headers: dict | None = None) -> CheckpointInfo:
     """Headers-only check of a LLaMA checkpoint directory (see the module docstring); returns what it read.
 
-    ``headers``: ``{file: [HeaderEntry, ...]}`` a caller already read with ``accounting.read_safetensors_header``
+    ``headers``: ``{file: [HeaderEntry, ...]}`` a caller already read with ``hf_checkpoint.read_safetensors_header``
     (so ``quantlm size`` reads every header once); without it the headers are read here.
     """
-    from quantlm.accounting import read_safetensors_header
-    from quantlm.hf_checkpoint import block_map_for, read_config
+    from quantlm.hf_checkpoint import block_map_for, read_config, read_safetensors_header
     from quantlm.models.blocks import LLAMA
 
     model_dir = Path(model_dir)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from quantlm import accounting as acc
+from quantlm import hf_checkpoint
 from quantlm.errors import QuantlmError
 from quantlm.specs import get_preset
 
@@ -220,7 +221,9 @@ def test_measuring_reads_headers_only(tmp_path, monkeypatch):
         def __exit__(self, *a):
             self.fh.close()
 
-    monkeypatch.setattr(acc, "open", lambda p, mode="r", *a, **k: Spy(real_open(p, mode, *a, **k)), raising=False)
+    # the headers are read by hf_checkpoint (accounting's reader of checkpoint files)
+    monkeypatch.setattr(hf_checkpoint, "open", lambda p, mode="r", *a, **k: Spy(real_open(p, mode, *a, **k)),
+                        raising=False)
     b = acc.budget(ckpt)
     assert b.total_bits("exact") == 8 * payload
     assert sum(read_bytes) == b.header_bytes  # 8-byte lengths + JSON headers, not one byte of tensor data

@@ -78,7 +78,7 @@ def read_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory's safetensors files (shards included)."""
     from safetensors.torch import load_file
 
-    from quantlm.accounting import read_safetensors_header, safetensors_files
+    from quantlm.hf_checkpoint import read_safetensors_header, safetensors_files
 
     tensors: dict[str, torch.Tensor] = {}
     for f in safetensors_files(Path(model_dir)):
@@ -93,7 +93,7 @@ def read_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_linears(model_dir: str | os.PathLike, config: dict, layout: Layout, block_map
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """(the dense tensors, name -> decoded block linear) of a checkpoint in ``layout``."""
-    from quantlm.accounting import spec_from_config
+    from quantlm.hf_checkpoint import spec_from_config
 
     fmt = get_format(layout.format)
     tensors = read_state(model_dir)

@@ -6,7 +6,9 @@ A :class:`Layout` says how a checkpoint stores its block linears (family, format
 them, how to decode them back, and how its ``quantization_config`` reads and writes. Because the writer writes
 exactly what ``linear_tensors`` declares (checked on every write) and the accounting counts the same
 declaration, the measured size of a written checkpoint and the size predicted from its config agree by
-construction. Only torch and the standard library are imported here.
+construction. Only torch and the standard library are imported here; the built-in formats register themselves
+when ``quantlm.formats`` is imported (its ``__init__`` imports each format module), so this module imports none
+of them.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ class Layout:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise QuantlmError(f"unknown model family {self.family!r}; use one of {', '.join(FAMILIES)}")
-        _load_builtin()
         if self.format not in FORMATS:
             raise QuantlmError(f"unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
         if self.family == "quantlm":
@@ -131,9 +132,11 @@ class Format:
         """Checks of a whole model that need no compute (run before a quantization or an export starts)."""
 
     def write(self, out, config: dict, dense: dict[str, Tensor], linears: dict, layout: Layout, block_map,
-              meta, tokenizer_dir=None):
-        """Write a whole model into the directory ``out``: only for formats whose container is not a safetensors
-        checkpoint (those ``formats.writer.write_checkpoint`` writes itself)."""
+              meta, tokenizer_dir=None) -> dict:
+        """Write a whole model's file(s) into the directory ``out``: only for formats whose container is not a
+        safetensors checkpoint (those ``formats.writer.write_checkpoint`` writes itself). Returns
+        ``{"payload_bytes": tensor data bytes, "info": what quantlm.json records}``; the writer then checks the
+        payload against the accounting and writes ``quantlm.json`` last."""
         raise NotImplementedError
 
     def quantization_config(self, layout: Layout, recipe: dict) -> dict | None:
@@ -156,25 +159,17 @@ def register(fmt: Format) -> Format:
 
 
 def get_format(name: str) -> Format:
-    _load_builtin()
     if name not in FORMATS:
         raise QuantlmError(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
     return FORMATS[name]
 
 
 def formats_for(family: str) -> list[str]:
-    _load_builtin()
     return [n for n, f in FORMATS.items() if family in f.families]
-
-
-def _load_builtin() -> None:
-    # the format modules register themselves on import; imported lazily so registry.py has no import cycle
-    from quantlm.formats import compressed_tensors, gguf, gptq, ternary, unpacked  # noqa: F401
 
 
 def layout_of_config(config: dict) -> Layout:
     """The layout a checkpoint's config.json describes (its quantization_config, or the TriLM marker)."""
-    _load_builtin()
     qc = config.get("quantization_config")
     if qc:
         for fmt in FORMATS.values():

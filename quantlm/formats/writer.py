@@ -68,7 +68,11 @@ def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], li
 
     fmt = get_format(layout.format)
     if fmt.container != "safetensors":
-        return fmt.write(out, config, dense, linears, layout, block_map, meta, tokenizer_dir)
+        written = fmt.write(out, config, dense, linears, layout, block_map, meta, tokenizer_dir)
+        accounting = container_accounting(out, config, layout, block_map, written["payload_bytes"])
+        write_meta(out, dataclasses.replace(meta, format=layout.format, info={**meta.info, **written["info"]},
+                                            accounting=accounting))
+        return out
     float_dtype = ST_DTYPES[layout.float_dtype]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: (t.to(float_dtype) if t.is_floating_point() else t).contiguous() for k, t in dense.items()}
@@ -94,6 +98,19 @@ def accounting_summary(out: Path, layout: Layout) -> dict:
     packed = acc.deployed_budget(out / "config.json", layout)
     summary["packed"] = {"layout": packed.layout, **{c: packed.total_bits(c) for c in acc.CONVENTIONS}}
     return summary
+
+
+def container_accounting(out: Path, config: dict, layout: Layout, block_map: BlockMap, payload_bytes: int) -> dict:
+    """Total bits of a file a format wrote itself (gguf), after checking that its payload is the size the
+    accounting predicts from the config and layout, and the size the accounting measures in the file."""
+    from quantlm import accounting as acc
+
+    stored = acc.budget(out)
+    predicted = acc.budget_from_spec(acc.spec_from_config(config, out.name), layout, block_map=block_map)
+    if not stored.total_bits("exact") == predicted.total_bits("exact") == 8 * payload_bytes:
+        raise AssertionError(f"{out}: {payload_bytes} payload bytes, but the {layout.format} format declares "
+                             f"{predicted.total_bits('exact') / 8:.0f} for this config and layout")
+    return {"as_stored": {c: stored.total_bits(c) for c in acc.CONVENTIONS}, "layout": layout.describe()}
 
 
 def written_changes(out: Path) -> list[dict]:
