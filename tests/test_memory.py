@@ -217,6 +217,24 @@ def test_storage_dtype_and_plan_in_the_result(base, tokens):
             assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
 
 
+def test_each_block_logs_its_time_error_and_the_peak_so_far(base, tokens, caplog):
+    import re
+
+    with caplog.at_level("INFO", logger="quantlm.gptq.pipeline"):
+        _, run = _run(base, tokens)
+    lines = [r.getMessage() for r in caplog.records if " done in " in r.getMessage()]
+    n = base.config.num_hidden_layers
+    assert len(lines) == n
+    peaks = []
+    for i, line in enumerate(lines):
+        m = re.fullmatch(rf"gptq block {i + 1}/{n} done in [\d.]+ s \(error ([\d.e+-]+); peak RSS so far "
+                         r"([\d.]+) GB\)", line)
+        assert m, line
+        peaks.append(float(m.group(2)))
+    assert peaks == sorted(peaks) and peaks[0] > 0.05  # a running maximum of the process's resident memory
+    assert peaks[-1] <= run.measured["measured_peak_bytes"] / 1e9 + 0.01
+
+
 def test_allocator_trimmed_only_near_the_limit_same_results(base, tokens):
     from quantlm.gptq.memory import GB, TRIM_FRACTION
 

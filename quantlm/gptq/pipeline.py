@@ -524,8 +524,8 @@ def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwa
         reports += block_reports
         if state is not None:
             state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
-        log.info("%s block %d/%d done in %.1f s (error %.4g)", method, i + 1, len(layers),
-                 time.perf_counter() - t_block, sum(r.error for r in block_reports))
+        log.info("%s block %d/%d done in %.1f s (error %.4g; peak RSS so far %.2f GB)", method, i + 1, len(layers),
+                 time.perf_counter() - t_block, sum(r.error for r in block_reports), peak_rss_bytes() / 1e9)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         trim()  # this block's freed temporaries, trapped between its results
