@@ -79,10 +79,11 @@ TRIM_FRACTION = 0.5
 # MLP activations): 289 s with 43M minor faults -> 197 s with 2.8M (bench/quantize_memory.md).
 # Large tensors in the heap (allocator.py): freed chunks between replay records and results are reused
 # in whatever order the passes free and allocate them, so the peak rises above the mmap-served one by up to
-# this share of the replay cache plus the working set (99M shape, batch 8 x 2048: 0.47 over all 16 blocks
-# of the Spectra recipe, 0.16 for 8 blocks at 64 x 2048, 0.06-0.10 for 1-2 blocks; bench/quantize_memory.md):
-# the largest measured, so shorter runs are over-predicted.
-K_HEAP_FRAGMENTS = 0.5
+# this share of the replay cache plus the working set (Spectra recipe, batch 8 x 2048: 390M shape 0.54 for a
+# process that ran blocks 2-14, 0.46 for one that ran 15-24; 99M 0.47 over all 16 blocks; 0.16 for 8 blocks at
+# 64 x 2048, 0.06-0.10 for 1-2 blocks; bench/quantize_memory.md): the largest measured, so shorter runs are
+# over-predicted.
+K_HEAP_FRAGMENTS = 0.54
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
 # Share of a GPU's memory left after the plan that the auto replay cache may take.
