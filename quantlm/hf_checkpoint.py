@@ -73,7 +73,6 @@ def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_
                      group_size=layout.group_size if layout.bits and layout.group_size != -1 else None, **kwargs)
 
 
-
 @dataclass(frozen=True)
 class HeaderEntry:
     name: str
@@ -124,20 +123,31 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[list[HeaderEntry],
     return entries, 8 + n
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the sharded index's files, or every *.safetensors."""
+def read_weight_map(model_dir: Path) -> dict[str, str] | None:
+    """Tensor name -> shard file of a sharded checkpoint's ``model.safetensors.index.json``; None if unsharded."""
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise QuantlmError(f"{index}: not a valid safetensors index (needs a weight_map)") from None
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise QuantlmError(f"{index}: not a valid safetensors index (needs a weight_map object); re-download "
+                           "it or delete it if the checkpoint is a single model.safetensors") from None
+    return weight_map
+
+
+def safetensors_files(model_dir: Path, weight_map: dict[str, str] | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint: the sharded index's files (``weight_map``, if the caller already
+    read it with :func:`read_weight_map`), or every *.safetensors."""
+    weight_map = weight_map if weight_map is not None else read_weight_map(model_dir)
+    if weight_map is not None:
         return [model_dir / f for f in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise QuantlmError(f"{model_dir}: no *.safetensors files; quantlm measures safetensors checkpoints")
     return files
-
 
 
 def load_causal_lm(model_dir: str | os.PathLike, dtype=None, device: str = "cpu"):

@@ -104,25 +104,18 @@ def _one_line(where: Path, problems: list[str]) -> str:
 
 
 def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files (hf_checkpoint.safetensors_files) and the index's weight map, if the checkpoint is sharded."""
-    from quantlm.hf_checkpoint import safetensors_files
+    """The safetensors files (hf_checkpoint.safetensors_files) and the index's weight map, if the checkpoint is
+    sharded; every shard the index names must exist."""
+    from quantlm.hf_checkpoint import read_weight_map, safetensors_files
 
-    index = model_dir / "model.safetensors.index.json"
-    weight_map = None
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise QuantlmError(f"{index}: not a valid safetensors index (needs a weight_map object); re-download "
-                               "it or delete it if the checkpoint is a single model.safetensors") from None
+    weight_map = read_weight_map(model_dir)
+    if weight_map is not None:
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
         if missing:
             raise QuantlmError(f"{model_dir}: shard {missing[0]} named by model.safetensors.index.json is missing"
                                + (f" ({len(missing)} shards missing)" if len(missing) > 1 else "")
                                + "; re-download or re-export the checkpoint")
-    return safetensors_files(model_dir), weight_map
+    return safetensors_files(model_dir, weight_map), weight_map
 
 
 def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,

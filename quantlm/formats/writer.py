@@ -104,9 +104,10 @@ def container_accounting(out: Path, config: dict, layout: Layout, block_map: Blo
     """Total bits of a file a format wrote itself (gguf), after checking that its payload is the size the
     accounting predicts from the config and layout, and the size the accounting measures in the file."""
     from quantlm import accounting as acc
+    from quantlm.hf_checkpoint import spec_from_config
 
     stored = acc.budget(out)
-    predicted = acc.budget_from_spec(acc.spec_from_config(config, out.name), layout, block_map=block_map)
+    predicted = acc.budget_from_spec(spec_from_config(config, out.name), layout, block_map=block_map)
     if not stored.total_bits("exact") == predicted.total_bits("exact") == 8 * payload_bytes:
         raise AssertionError(f"{out}: {payload_bytes} payload bytes, but the {layout.format} format declares "
                              f"{predicted.total_bits('exact') / 8:.0f} for this config and layout")
