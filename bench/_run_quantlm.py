@@ -37,12 +37,12 @@ def main():
     from quantlm.recipes import to_dict
 
     tokens = torch.load(tokens_path)
-    recipe = GPTQSettings(bits=4, group_size=128, true_sequential=not layerwise)
+    recipe = GPTQSettings(bits=4, group_size=128, true_sequential=not layerwise, method="rtn" if rtn else "gptq")
     model = load_causal_lm(model_dir, dtype=torch.float32)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     memory = MemorySettings(activation_dtype=activation_dtype, forward_dtype=forward_dtype)
-    run = quantize_blocks(model, LLAMA, tokens, recipe, rtn=rtn, progress=False, memory=memory)
+    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, memory=memory)
     t_quant = time.perf_counter() - t1
     from pathlib import Path
 

@@ -46,7 +46,13 @@ def main() -> None:
     kwargs = _allocator_overrides(args, pipeline)
     model, tokens, recipe = _random_run(args) if args.random else _bench_run(args)
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, rtn=args.rtn, **kwargs)
+    if args.rtn and hasattr(recipe, "method"):  # a named method since the seams refactor (issue 19)
+        import dataclasses
+
+        recipe = dataclasses.replace(recipe, method="rtn")
+    elif args.rtn:
+        kwargs["rtn"] = True
+    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, **kwargs)
     _report(args, run, time.perf_counter() - t0, r0)
 
 
@@ -100,8 +106,12 @@ def _allocator_overrides(args, pipeline) -> dict:
             if args.trim == "group" or (args.trim == "block" and calls[0] % 5 == 0):
                 release()
 
-        # the pipeline calls one of the two after each group and block, as the plan says; both decide here
-        pipeline.release_free_memory = pipeline._keep_free_memory = trim
+        try:  # since the seams refactor (issue 19) the residency trims, or not, as the plan says
+            from quantlm.gptq.residency import Residency
+
+            Residency.trim = lambda self: trim()
+        except ImportError:  # the pipeline called one of the two after each group and block
+            pipeline.release_free_memory = pipeline._keep_free_memory = trim
     if args.replay_cache_gb < 0 and not args.batch_size:
         return {}
     from quantlm.gptq.memory import MemorySettings

@@ -27,7 +27,7 @@ from pathlib import Path
 from quantlm.errors import QuantlmError
 from quantlm.formats.registry import DTYPE_BITS, LOG2_3, Layout, get_format, layout_of_config
 from quantlm.hf_checkpoint import HeaderEntry, read_safetensors_header, safetensors_files, spec_from_config
-from quantlm.models.blocks import LLAMA, BlockMap
+from quantlm.models.blocks import ARCHITECTURES, BlockMap
 from quantlm.specs import ModelSpec, get_preset, is_preset
 
 CONVENTIONS = ("paper", "exact", "entropy")
@@ -36,7 +36,7 @@ PAPER_TRILM_BITS = 1.58
 DEPLOYED_FORMAT = {"floatlm": "unpacked", "quantlm": "compressed-tensors", "trilm": "ternary-1.6"}
 
 # Roles: what a tensor belongs to. Parts: what it is within that role.
-ROLES = ("block_linear", "embedding", "lm_head", "norm", "other")
+ROLES = ("block_linear", "bias", "embedding", "lm_head", "norm", "other")
 PARTS = ("weight", "codes", "scale", "zero", "g_idx", "meta")
 
 
@@ -164,10 +164,12 @@ def preset_layout(spec: ModelSpec, *, quant_format: str | None = None, ternary_f
     return Layout("floatlm", "unpacked", float_dtype=float_dtype)
 
 
-def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, block_map: BlockMap = LLAMA,
-                     source: str = "preset", with_reference: bool = True) -> ModelBudget:
-    """The bit budget of a preset or config-described model in ``layout`` (default: :func:`preset_layout`)."""
+def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, source: str = "preset",
+                     with_reference: bool = True) -> ModelBudget:
+    """The bit budget of a preset or config-described model in ``layout`` (default: :func:`preset_layout`).
+    Biases of block linears are stored like norms and, like norms, not counted by the paper convention."""
     layout = layout or preset_layout(spec)
+    block_map = spec.block_map
     fd = layout.float_dtype
     h, n = spec.hidden_size, spec.num_hidden_layers
     vocab = spec.padded_vocab_size
@@ -178,16 +180,19 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, block_map
                             None, emb_paper)]
     nd = get_format(layout.format).norm_dtype(layout)
     records += [TensorRecord(lp + norm + ".weight", (h,), nd, "norm", "weight", h, count=n) for norm in block_map.norms]
+    biased = set(spec.biased_linears)
     for name, (out_f, in_f) in spec.linear_shapes().items():
         records += _linear_records(lp + name, out_f, in_f, layout, block_map.shard_kind(name), n)
+        if name in biased:
+            records.append(TensorRecord(lp + name + ".bias", (out_f,), nd, "bias", "weight", out_f, count=n))
     records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), nd, "norm", "weight", h))
     if not spec.tie_word_embeddings:
         records.append(TensorRecord(block_map.head_path + ".weight", (vocab, h), fd, "lm_head", "weight",
                                     vocab * h, None, emb_paper))
     ref = None
     if with_reference and layout.family != "floatlm":
-        ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None),
-                               block_map=block_map, source=source, with_reference=False)
+        ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None), source=source,
+                               with_reference=False)
     return ModelBudget(spec.name, layout.family, tuple(records), layout.bits, layout.describe(), source, ref)
 
 
@@ -206,21 +211,20 @@ def checkpoint_layout(model_dir: Path, config: dict) -> Layout:
     return layout
 
 
-def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = None,
-                           block_map: BlockMap | None = None) -> ModelBudget:
+def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = None) -> ModelBudget:
     """The bit budget of a checkpoint directory from its config.json and safetensors headers alone.
 
     Each block-linear tensor is matched to its format's declaration (what it encodes, its code bits); a tensor the
     format does not declare counts at its stored size as ``meta``.
     """
-    from quantlm.hf_checkpoint import block_map_for, read_config
+    from quantlm.hf_checkpoint import read_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     label = name or model_dir.name
-    block_map = block_map or block_map_for(config, str(model_dir))
     layout = checkpoint_layout(model_dir, config)
     spec = spec_from_config(config, label)
+    block_map = spec.block_map
     fmt = get_format(layout.format)
     declared = {lin: {s.suffix: s for s in fmt.linear_tensors(*shape, layout, block_map.shard_kind(lin))}
                 for lin, shape in spec.linear_shapes().items()}
@@ -241,7 +245,9 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     records = []
     for e in entries:
         linear = block_map.block_linear_of(e.name)
-        if linear is not None:
+        if linear is not None and e.name.endswith(".bias"):
+            records.append(TensorRecord(e.name, e.shape, e.dtype, "bias", "weight", math.prod(e.shape)))
+        elif linear is not None:
             suffix = "." + e.name.rsplit(".", 1)[-1]
             d = declared[linear].get(suffix)
             if d is None:
@@ -257,8 +263,8 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
             records.append(TensorRecord(e.name, e.shape, e.dtype, "norm", "weight", math.prod(e.shape)))
         else:
             records.append(TensorRecord(e.name, e.shape, e.dtype, "other", "meta", 0))
-    ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None), block_map=block_map,
-                           source="config", with_reference=False)
+    ref = budget_from_spec(replace(spec, family="floatlm", bits=None, group_size=None), source="config",
+                           with_reference=False)
     return ModelBudget(label, layout.family, tuple(records), layout.bits, layout.describe() + " (as stored)",
                        "checkpoint", ref, header_bytes, file_bytes)
 
@@ -286,8 +292,7 @@ def gguf_file(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None,
-                     block_map: BlockMap = LLAMA) -> ModelBudget:
+def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None) -> ModelBudget:
     """The bit budget of a GGUF file from its header alone (metadata and tensor table; no tensor data is read).
 
     Tensors keep the file's names (``blk.0.attn_q.weight``). A block-type tensor counts as uint8
@@ -304,6 +309,11 @@ def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None,
         raise QuantlmError(f"{path}: no such GGUF file; check the path")
     header = read_gguf_header(path)
     md, tensors = header["metadata"], header["tensors"]
+    arch = md.get("general.architecture", "llama")
+    if arch not in ARCHITECTURES:
+        raise QuantlmError(f"{path}: GGUF architecture {arch!r} is not one quantlm sizes; supported: "
+                           f"{', '.join(ARCHITECTURES)}")
+    block_map = ARCHITECTURES[arch].block_map
     roles = {t["name"]: _gguf_role(hf_name(t["name"]), block_map) for t in tensors}
     linear_types = [t["type"] for t in tensors if roles[t["name"]] == "block_linear"]
     main = max(set(linear_types), key=linear_types.count) if linear_types else "F16"
@@ -319,7 +329,7 @@ def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None,
     records = []
     for t in tensors:
         role, shape, n, typ = roles[t["name"]], tuple(t["shape"]), int(t["n_elements"]), t["type"]
-        params, pbits, code_bits = (n, 0.0, None) if role in ("block_linear", "embedding", "lm_head", "norm") \
+        params, pbits, code_bits = (n, 0.0, None) if role in ("block_linear", "bias", "embedding", "lm_head", "norm") \
             else (0, 0.0, None)
         if role == "block_linear":
             pbits = paper
@@ -346,7 +356,7 @@ def _gguf_role(hf: str | None, block_map: BlockMap) -> str:
     if hf is None:
         return "other"
     if block_map.block_linear_of(hf) is not None:
-        return "block_linear"
+        return "bias" if hf.endswith(".bias") else "block_linear"
     if hf.startswith(block_map.embed_path + "."):
         return "embedding"
     if hf.startswith(block_map.head_path + "."):

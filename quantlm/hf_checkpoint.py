@@ -10,9 +10,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlm import specs
 from quantlm.errors import QuantlmError
 from quantlm.formats.registry import DTYPE_BITS, Layout, layout_of_config
-from quantlm.models.blocks import LLAMA, LLAMA_LIKE_ARCHITECTURES, LLAMA_LIKE_MODEL_TYPES, BlockMap
+from quantlm.models.blocks import BlockMap, architecture_for
 from quantlm.specs import ModelSpec
 
 
@@ -29,14 +30,8 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 
 def block_map_for(config: dict, where: str = "model") -> BlockMap:
-    """The block map of a checkpoint's architecture; a clear error for architectures quantlm does not map."""
-    model_type = config.get("model_type")
-    archs = set(config.get("architectures") or [])
-    if model_type in LLAMA_LIKE_MODEL_TYPES or archs & LLAMA_LIKE_ARCHITECTURES:
-        return LLAMA
-    raise QuantlmError(
-        f"{where}: architecture {sorted(archs) or model_type!r} is not LLaMA-like; quantlm handles "
-        "LlamaForCausalLM checkpoints (model_type 'llama') - convert the model or add a BlockMap for it")
+    """The block map of a checkpoint's architecture; one line naming the supported ones otherwise."""
+    return architecture_for(config, where).block_map
 
 
 def is_trilm(config: dict) -> bool:
@@ -45,32 +40,14 @@ def is_trilm(config: dict) -> bool:
 
 
 def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
-    """A ModelSpec for an HF LLaMA config dict (family from its quantization_config / TriLM marker)."""
-    block_map_for(config, name)
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        kwargs = dict(
-            hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
-            num_attention_heads=heads, num_hidden_layers=int(config["num_hidden_layers"]),
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            vocab_size=int(config["vocab_size"]),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            vocab_multiple=1,  # a config's vocab_size is the stored (already padded) row count
-        )
-    except KeyError as e:
-        raise QuantlmError(f"{name}: config.json lacks {e.args[0]!r}; is this a complete LLaMA config?") from None
-    head_dim = config.get("head_dim")
-    if head_dim not in (None, hidden // heads):
-        raise QuantlmError(f"{name}: head_dim={head_dim} differs from hidden_size/num_attention_heads; not supported")
+    """The ModelSpec of a checkpoint's HF config dict, its family (and bits, group size, scale shards) from its
+    quantization_config / TriLM marker, or a QuantLM of ``bits`` when given."""
     layout = layout_of_config(config)
     if bits is not None:
         layout = Layout("quantlm", "unpacked", bits=bits, group_size=-1 if group_size is None else group_size)
     mp = layout.mp if layout.family == "trilm" else 1
-    # vocab_size in a config is already padded: keep it as is (128*mp divides it for Spectra checkpoints)
-    return ModelSpec(name=name, family=layout.family, size="custom", model_parallel=mp, bits=layout.bits,
-                     group_size=layout.group_size if layout.bits and layout.group_size != -1 else None, **kwargs)
+    return specs.spec_from_config(config, name, family=layout.family, bits=layout.bits, model_parallel=mp,
+                                  group_size=layout.group_size if layout.bits and layout.group_size != -1 else None)
 
 
 @dataclass(frozen=True)

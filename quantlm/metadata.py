@@ -34,7 +34,7 @@ class ModelMeta:
     group_size: int | None = None
     sym: bool | None = None
     seed: int | None = None  # calibration seed (QuantLM)
-    method: str | None = None  # gptq | rtn
+    method: str | None = None  # the quantizer's name: gptq | rtn | a registered one
     settings: dict = field(default_factory=dict)  # the recipe that produced it, as a mapping
     calibration: dict = field(default_factory=dict)
     modules: list = field(default_factory=list)  # per-module losses and times (quantize)
@@ -102,6 +102,6 @@ def model_label(model_dir: str | os.PathLike, meta: ModelMeta | None) -> str:
     """A label that tells exports apart: a quantize export is named after its source, bits, group and seed."""
     if meta is not None and meta.producer == "quantize" and meta.source_model:
         group = "" if meta.group_size in (None, -1) else f"-g{meta.group_size}"
-        method = "-rtn" if meta.method == "rtn" else ""
+        method = "" if meta.method in (None, "gptq") else f"-{meta.method}"
         return f"{Path(meta.source_model).name}-{meta.bits}bit{group}{method}-s{meta.seed}"
     return Path(model_dir).name

@@ -139,12 +139,13 @@ def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
 
 
 def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: str | os.PathLike, *,
-                   device: str = "cpu", overwrite: bool = False, rtn: bool = False, progress: bool = True) -> dict:
+                   device: str = "cpu", overwrite: bool = False, progress: bool = True) -> dict:
     """Quantize the LLaMA-like checkpoint in ``model_dir`` with ``recipe``; write its formats to ``out_dir``.
 
     Each format goes to ``out_dir/<format>/`` (a complete checkpoint directory with the tokenizer and a
     ``quantlm.json``); ``out_dir/report.json`` holds the report returned here (per-module losses and times,
-    total time, paths). ``rtn`` gives the round-to-nearest baseline through the same export path. The whole
+    total time, paths). The recipe's ``gptq.method`` names the quantizer (``rtn``: the round-to-nearest baseline
+    through the same export path) and ``gptq.transforms`` the per-block transforms run before it. The whole
     ``out_dir`` appears atomically, or not at all.
     """
     import torch
@@ -170,7 +171,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     check_quantizable(model, block_map, recipe.gptq)
     t_load = time.perf_counter() - t0
 
-    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, rtn=rtn, progress=progress,
+    run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, progress=progress,
                           memory=recipe.memory)
     linears = {name: res.stored(name) for name, res in run.results.items()}
     dense = dense_state_dict(model, skip=set(linears))
@@ -178,10 +179,11 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     meta = ModelMeta(
         producer="quantize", family="quantlm", format="unpacked", model=model_dir.name,
         source_model=str(model_dir.resolve()), bits=g.bits, group_size=g.group_size, sym=g.sym, seed=cal.seed,
-        method="rtn" if rtn else "gptq", settings=to_dict(recipe),
+        method=g.method, settings=to_dict(recipe),
         calibration={"source": str(cal.source_path()), "nsamples": cal.nsamples, "seqlen": cal.seqlen,
                      "seed": cal.seed, "tokens": int(tokens.numel())},
-        modules=[m.to_dict() for m in run.modules], info={"device": device}, versions=library_versions())
+        modules=[m.to_dict() for m in run.modules], versions=library_versions(),
+        info={"device": device, **({"transforms": run.transforms} if g.transforms else {})})
     hf_config = model.config.to_dict()
     t1 = time.perf_counter()
     paths = {}
@@ -191,7 +193,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
             paths[fmt] = str(out_dir / fmt)
         t_write = time.perf_counter() - t1
         report = {
-            "method": meta.method, "recipe": meta.settings, "seed": cal.seed, "calibration": meta.calibration,
+            "method": meta.method, "transforms": run.transforms, "recipe": meta.settings, "seed": cal.seed, "calibration": meta.calibration,
             "source_model": meta.source_model, "device": device, "versions": meta.versions,
             "modules": meta.modules,
             "total_loss": float(sum(m.loss for m in run.modules)),

@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from quantlm.errors import QuantlmError
-
-COLUMN = "column"  # output dimension split across model-parallel ranks (q, k, v, gate, up)
-ROW = "row"  # input dimension split across model-parallel ranks (o, down)
+from quantlm.models.blocks import COLUMN, ROW
 
 
 def check_bits(bits: int, where: str = "bits") -> None:

@@ -4,7 +4,8 @@ Names: ``floatlm-<size>``, ``trilm-<size>`` and ``quantlm-<size>-<b>bit`` for th
 (99m ... 3.9b) and b in 3, 4, 6, 8: 54 presets. A small CPU ladder (``micro``, ``tiny``) with a 4096-token
 BPE vocabulary follows the same shape rules; it is what the tests and the default demo train.
 
-This module imports only the standard library; ``to_hf_config`` imports transformers when called.
+This module imports only the standard library and the architecture table; ``to_hf_config`` imports transformers
+when called.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import difflib
 from dataclasses import dataclass, field, replace
 
 from quantlm.errors import QuantlmError
+from quantlm.models.blocks import ARCHITECTURES, Architecture, BlockMap, architecture_for
 
 FAMILIES = ("floatlm", "quantlm", "trilm")
 QUANT_BITS = (3, 4, 6, 8)
@@ -61,8 +63,9 @@ SPECTRA_BATCH_TOKENS = {"floatlm": 2 * 1024 * 1024, "trilm": 1024 * 1024}
 class ModelSpec:
     """A model of the suite: its architecture, family and (for QuantLMs) bitwidth.
 
-    The HF checkpoint it describes is a ``LlamaForCausalLM``: RMSNorm (eps 1e-5), SwiGLU, RoPE (theta
-    10000), no biases, untied embedding and LM head, embedding padded to a multiple of 128 * MP.
+    The Spectra models are ``LlamaForCausalLM`` checkpoints: RMSNorm (eps 1e-5), SwiGLU, RoPE (theta 10000), no
+    biases, untied embedding and LM head, embedding padded to a multiple of 128 * MP. A spec read from another
+    checkpoint's config also carries its ``model_type``, head width and bias flags.
     """
 
     name: str
@@ -83,24 +86,34 @@ class ModelSpec:
     group_size: int | None = None  # QuantLM group size (None: per-channel)
     peak_lr: tuple[float, ...] = field(default=())  # FloatLM: (lr,); TriLM: (first half, second half)
     vocab_multiple: int = 0  # embedding rows padded to a multiple of this; 0: 128 * MP (the Spectra rule)
+    model_type: str = "llama"  # a key of models.blocks.ARCHITECTURES
+    attention_head_dim: int | None = None  # None: hidden_size / num_attention_heads
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise QuantlmError(f"{self.name}: model_type {self.model_type!r} is not supported; use one of "
+                               f"{', '.join(ARCHITECTURES)}")
         if self.family not in FAMILIES:
             raise QuantlmError(f"unknown family {self.family!r}; use one of {', '.join(FAMILIES)}")
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                      "model_parallel", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise QuantlmError(f"{self.name}: {name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.attention_head_dim is not None and self.attention_head_dim <= 0:
+            raise QuantlmError(f"{self.name}: attention_head_dim must be positive, got {self.attention_head_dim}")
+        if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
             raise QuantlmError(
                 f"{self.name}: num_attention_heads={self.num_attention_heads} does not divide "
-                f"hidden_size={self.hidden_size}; pick a head count that divides the width")
+                f"hidden_size={self.hidden_size}; pick a head count that divides the width (or set head_dim)")
         if self.num_attention_heads % self.kv_heads:
             raise QuantlmError(
                 f"{self.name}: num_key_value_heads={self.kv_heads} does not divide "
                 f"num_attention_heads={self.num_attention_heads}")
         mp = self.model_parallel
         for dim_name, dim in (("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size),
+                              ("q width", self.num_attention_heads * self.head_dim),
                               ("kv width", self.kv_heads * self.head_dim)):
             if dim % mp:
                 raise QuantlmError(
@@ -120,7 +133,26 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def block_map(self) -> BlockMap:
+        return self.architecture.block_map
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """The widths the block map's shape rules name."""
+        return {"hidden": self.hidden_size, "q": self.num_attention_heads * self.head_dim,
+                "kv": self.kv_heads * self.head_dim, "intermediate": self.intermediate_size}
+
+    @property
+    def biased_linears(self) -> tuple[str, ...]:
+        """Block-relative paths of the linears that carry a bias."""
+        return self.block_map.biased({"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias})
 
     @property
     def padded_vocab_size(self) -> int:
@@ -130,14 +162,12 @@ class ModelSpec:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every linear layer of one block, keyed by block-relative path."""
-        from quantlm.models.blocks import LLAMA
-
-        return LLAMA.linear_shapes(self.hidden_size, self.kv_heads * self.head_dim, self.intermediate_size)
+        return self.block_map.linear_shapes(self.dims)
 
     def tensor_shapes(self, padded_vocab: bool = True) -> dict[str, tuple[int, ...]]:
         """Every tensor of the unpacked HF checkpoint, by its state-dict name."""
-        from quantlm.models.blocks import LLAMA as bm
-
+        bm = self.block_map
+        biased = set(self.biased_linears)
         vocab = self.padded_vocab_size if padded_vocab else self.vocab_size
         h = (self.hidden_size,)
         shapes: dict[str, tuple[int, ...]] = {bm.embed_path + ".weight": (vocab, self.hidden_size)}
@@ -146,6 +176,8 @@ class ModelSpec:
             shapes.update({p + n + ".weight": h for n in bm.norms})
             for name, shape in self.linear_shapes().items():
                 shapes[p + name + ".weight"] = shape
+                if name in biased:
+                    shapes[p + name + ".bias"] = (shape[0],)
         shapes[bm.final_norm_path + ".weight"] = h
         if not self.tie_word_embeddings:
             shapes[bm.head_path + ".weight"] = (vocab, self.hidden_size)
@@ -176,8 +208,9 @@ class ModelSpec:
             rms_norm_eps=self.rms_norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             tie_word_embeddings=self.tie_word_embeddings,
-            attention_bias=False,
-            mlp_bias=False,
+            attention_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias,
+            head_dim=self.head_dim,
             architectures=["LlamaForCausalLM"],
         )
         kwargs.update(overrides)
@@ -189,6 +222,37 @@ class ModelSpec:
     def with_family(self, family: str, bits: int | None = None) -> ModelSpec:
         row = _row_for(self.size)
         return _make(row, family, bits) if row else replace(self, family=family, bits=bits)
+
+
+def spec_from_config(config: dict, name: str, *, family: str = "floatlm", bits: int | None = None,
+                     group_size: int | None = None, model_parallel: int = 1) -> ModelSpec:
+    """The ModelSpec of an HF ``config.json`` dict: the one reading of its architecture fields (model type, widths,
+    heads, head width, bias flags, vocabulary, tying). The family and its bits come from the caller."""
+    arch = architecture_for(config, name)
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config["head_dim"]) if config.get("head_dim") else None
+        if head_dim == hidden // heads and not hidden % heads:
+            head_dim = None  # the default width, spelled out
+        kwargs = dict(
+            hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
+            num_attention_heads=heads, num_hidden_layers=int(config["num_hidden_layers"]),
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            vocab_size=int(config["vocab_size"]),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            vocab_multiple=1,  # a config's vocab_size is the stored (already padded) row count
+            model_type=arch.model_type, attention_head_dim=head_dim,
+            **{flag: bool(config.get(flag, default)) for flag, default in arch.bias_flags},
+        )
+    except KeyError as e:
+        raise QuantlmError(f"{name}: config.json lacks {e.args[0]!r}; is this a complete "
+                           f"{arch.model_type} config?") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise QuantlmError(f"{name}: config.json has a field of the wrong type or value ({e})") from None
+    return ModelSpec(name=name, family=family, size="custom", model_parallel=model_parallel, bits=bits,
+                     group_size=group_size, **kwargs)
 
 
 def _row_for(size: str) -> SizeRow | None:

@@ -50,19 +50,12 @@ def _int(config: dict, key: str, where: str) -> int:
 
 
 def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a LLaMA checkpoint with this config stores (HF names, from the BlockMap)."""
+    """Name -> shape of every tensor a checkpoint with this config stores (HF names, from its ModelSpec)."""
     from quantlm.hf_checkpoint import spec_from_config
-    from quantlm.models.blocks import LLAMA
 
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         _int(config, key, where)
-    out = dict(spec_from_config(config, where).tensor_shapes())
-    for name, shape in list(out.items()):
-        linear = LLAMA.block_linear_of(name)
-        if linear and ((config.get("attention_bias") and linear.startswith("self_attn"))
-                       or (config.get("mlp_bias") and linear.startswith("mlp"))):
-            out[name[: -len(".weight")] + ".bias"] = (shape[0],)
-    return out
+    return dict(spec_from_config(config, where).tensor_shapes())
 
 
 def is_packed(model_dir: Path, config: dict) -> bool:
@@ -126,16 +119,19 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
     (so ``quantlm size`` reads every header once); without it the headers are read here.
     """
     from quantlm.hf_checkpoint import block_map_for, read_config, read_safetensors_header
-    from quantlm.models.blocks import LLAMA
 
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise QuantlmError(f"{model_dir}: no such directory; pass a Hugging Face checkpoint directory")
     if config is None:
         config = read_config(model_dir)
-    block_map_for(config, str(model_dir))
+    block_map = block_map_for(config, str(model_dir))
     expected = expected_tensors(config, str(model_dir))
     packed = is_packed(model_dir, config)
+
+    def format_owned(name: str) -> bool:  # a packed format stores a block linear's weight as its own tensors
+        return packed and block_map.block_linear_of(name) is not None and not name.endswith(".bias")
+
     files, weight_map = _shard_files(model_dir)
     if headers is not None:
         files = [Path(f) for f in headers]
@@ -154,9 +150,9 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
                 problems.append(f"the index puts tensor {name} in {fname}, which does not hold it; the index and the "
                                 "shards do not match: re-download or re-export the checkpoint")
                 break
-    missing = [n for n in expected if n not in tensors and not (packed and LLAMA.block_linear_of(n))]
+    missing = [n for n in expected if n not in tensors and not format_owned(n)]
     unexpected = [n for n in tensors if n not in expected and not n.endswith(IGNORED_SUFFIXES)
-                  and not (packed and LLAMA.block_linear_of(n))
+                  and not format_owned(n)
                   and not (n == "lm_head.weight" and config.get("tie_word_embeddings"))]
     for n in missing:
         close = difflib.get_close_matches(n, unexpected, n=1, cutoff=0.8)

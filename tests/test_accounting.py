@@ -259,7 +259,7 @@ def test_corrupt_and_truncated_headers(tmp_path):
 
 def test_not_llama(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(QuantlmError, match="not LLaMA-like"):
+    with pytest.raises(QuantlmError, match="is not supported; quantlm handles llama"):
         acc.budget(tmp_path)
 
 

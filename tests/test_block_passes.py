@@ -23,11 +23,14 @@ def model_and_tokens(tiny_model_dir):
     return load_causal_lm(tiny_model_dir), tokens
 
 
-def _run(model, tokens, **kw):
+def _run(model, tokens, replay_cache_gb=-1.0, **kw):
     import copy
 
+    from quantlm.gptq.memory import MemorySettings
+
     recipe = GPTQSettings(bits=3, group_size=4)
-    return quantize_blocks(copy.deepcopy(model), LLAMA, tokens, recipe, batch_size=4, progress=False, **kw)
+    memory = MemorySettings(batch_size=4, replay_cache_gb=replay_cache_gb)
+    return quantize_blocks(copy.deepcopy(model), LLAMA, tokens, recipe, memory=memory, progress=False, **kw)
 
 
 def test_replay_gives_the_same_codes_as_recomputing(model_and_tokens):

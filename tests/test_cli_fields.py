@@ -51,7 +51,8 @@ SPECIAL = {"bits": (3, ["--X", "3"]), "group_size": (64, ["--X", "64"]), "format
            "corpus": (("data/corpus",), ["--X", "data/corpus"]), "lr": ((0.004,), ["--X", "0.004"]), "replay_cache_gb": (2.0, ["--X", "2"]),
            "max_memory_gb": (20.0, ["--X", "20"]), "offload_dir": ("/tmp/off", ["--X", "/tmp/off"]),
            "gguf_type": ("Q8_0", ["--X", "Q8_0", "--formats", "gguf"]),
-           "kquant_grouped": (True, ["--X", "--formats", "gguf"])}
+           "kquant_grouped": (True, ["--X", "--formats", "gguf"]),
+           "method": ("rtn", ["--X", "rtn"]), "transforms": ((), ["--X", "none"])}
 
 
 @pytest.mark.parametrize("command,cls", [("quantize", QuantRecipe), ("eval", EvalRecipe), ("train", TrainRecipe)])

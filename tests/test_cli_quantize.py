@@ -90,7 +90,7 @@ def broken_models(tiny_model_dir, tmp_path):
     ("llama", ["--seqlen", "2000000"], "exceeds the model's context"),
     ("llama", ["--calib", "/nonexistent/calib.jsonl"], "does not exist"),
     ("llama", ["--recipe", "/nonexistent/r.yaml"], "does not exist"),
-    ("gpt2", [], "not LLaMA-like"),
+    ("gpt2", [], "is not supported; quantlm handles llama"),
     ("nan", [], "NaN or Inf"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(tiny_model_dir, broken_models, tmp_path, capsys,

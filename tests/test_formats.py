@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,9 @@ def test_asymmetric_and_deterministic_exports(tiny_model_dir, tmp_path):
 
 
 def test_rtn_goes_through_the_same_export(tiny_model_dir, tmp_path):
-    rep = quantize_model(tiny_model_dir, recipe(4), tmp_path / "rtn", rtn=True, progress=False)
+    r = recipe(4)
+    rep = quantize_model(tiny_model_dir, replace(r, gptq=replace(r.gptq, method="rtn")), tmp_path / "rtn",
+                         progress=False)
     assert rep["method"] == "rtn" and json.load(open(f"{rep['paths']['gptq']}/quantlm.json"))["method"] == "rtn"
     load_quantized(rep["paths"]["gptq"])
 

@@ -26,7 +26,7 @@ from quantlm.gptq.memory import (
     result_bytes,
 )
 from quantlm.gptq.offload import HiddenStates, RunState, batches_of
-from quantlm.gptq.pipeline import CRASH_ENV, quantize_blocks
+from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.hf_checkpoint import load_causal_lm
 from quantlm.models.blocks import LLAMA
 
@@ -56,8 +56,9 @@ def tokens():
 
 def _run(base, tokens, memory=None, **kw):
     model = copy.deepcopy(base)
-    run = quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), progress=False, memory=memory,
-                          **{"batch_size": 4, **kw})
+    memory = memory or MemorySettings()
+    memory = memory if memory.batch_size else dataclasses.replace(memory, batch_size=4)
+    run = quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), progress=False, memory=memory, **kw)
     return model, run
 
 
@@ -73,7 +74,7 @@ def _same(a, b) -> None:
 
 # ------------------------------------------------------------------------------------------- the plan
 
-SPECTRA_39B = {"hidden_size": 3072, "intermediate_size": 9216, "num_hidden_layers": 30, "num_attention_heads": 24,
+SPECTRA_39B = {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 9216, "num_hidden_layers": 30, "num_attention_heads": 24,
                "num_key_value_heads": 24, "vocab_size": 50688, "tie_word_embeddings": False}
 
 
@@ -258,25 +259,35 @@ def test_disk_offload_matches_memory_and_cleans_up(base, tokens, tmp_path, stora
     assert not folder.exists()  # deleted on success
 
 
+# The child kills itself (SIGKILL, as a crash would) right after block 1's gate/up group is quantized: the
+# test wraps the block loop's group step from outside the library.
 _CHILD = r"""
-import sys, torch
+import os, signal, sys, torch
 from quantlm.hf_checkpoint import load_causal_lm
+from quantlm.gptq import pipeline
 from quantlm.gptq.memory import MemorySettings
-from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.models.blocks import LLAMA
 sys.path.insert(0, sys.argv[3])
 from test_memory import gptq_settings, RECIPE
+step = pipeline.BlockLoop._quantize_group
+def dying(self, names, *args):
+    out = step(self, names, *args)
+    if names[0] == "model.layers.1.mlp.gate_proj":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+pipeline.BlockLoop._quantize_group = dying
 model = load_causal_lm(sys.argv[1])
 tokens = torch.randint(0, 512, (10, 40), generator=torch.Generator().manual_seed(3))
-quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), batch_size=4, progress=False,
-                memory=MemorySettings(offload="disk", offload_dir=sys.argv[2], activation_dtype="bfloat16"))
+pipeline.quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), progress=False,
+                         memory=MemorySettings(offload="disk", offload_dir=sys.argv[2], activation_dtype="bfloat16",
+                                               batch_size=4))
 print("finished")
 """
 
 
 def test_killed_disk_run_resumes_at_its_block_to_identical_results(base, tokens, tiny_model_dir, tmp_path):
     folder = tmp_path / "off"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", CRASH_ENV: "1:2"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_model_dir), str(folder), str(REPO / "tests")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

@@ -7,6 +7,7 @@ import torch
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq.hessian import HessianAccumulator
+from quantlm.gptq.memory import MemorySettings
 from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.gptq.solver import reconstruction_error
@@ -94,7 +95,9 @@ def test_gptq_beats_round_to_nearest(fresh, tokens):
         errs = {}
         for rtn in (False, True):
             model = fresh()
-            run = quantize_blocks(model, LLAMA, tokens, _recipe(bits=bits, group_size=-1), rtn=rtn, progress=False)
+            method = "rtn" if rtn else "gptq"
+            run = quantize_blocks(model, LLAMA, tokens, _recipe(bits=bits, group_size=-1, method=method),
+                                  progress=False)
             errs[rtn] = sum(m.error for m in run.modules)
         assert errs[False] < 0.9 * errs[True], (bits, errs)
 
@@ -103,7 +106,8 @@ def test_deterministic(fresh, tokens):
     runs = []
     for _ in range(2):
         model = fresh()
-        runs.append(quantize_blocks(model, LLAMA, tokens, _recipe(bits=3), batch_size=3, progress=False))
+        runs.append(quantize_blocks(model, LLAMA, tokens, _recipe(bits=3), memory=MemorySettings(batch_size=3),
+                                    progress=False))
     for name, res in runs[0].results.items():
         other = runs[1].results[name]
         assert torch.equal(res.q, other.q) and torch.equal(res.scale, other.scale)
@@ -114,7 +118,8 @@ def test_batch_size_does_not_change_the_result(fresh, tokens):
     out = []
     for bs in (1, 8):
         model = fresh()
-        out.append(quantize_blocks(model, LLAMA, tokens, _recipe(), batch_size=bs, progress=False))
+        out.append(quantize_blocks(model, LLAMA, tokens, _recipe(), memory=MemorySettings(batch_size=bs),
+                                   progress=False))
     for name, res in out[0].results.items():
         torch.testing.assert_close(res.dequantize(), out[1].results[name].dequantize(), rtol=0, atol=0.05)
 

@@ -100,10 +100,10 @@ def test_quantize_job_hash_is_pinned_across_processes():
     from quantlm.quantize import QuantRecipe
 
     code = ("from quantlm.quantize import QuantRecipe; from quantlm.suite import quantize_job_hash; "
-            "print(quantize_job_hash(QuantRecipe(), False, 'src'))")
+            "print(quantize_job_hash(QuantRecipe(), 'src'))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": "", "PYTHONPATH": str(Path(__file__).parent.parent)})
-    mine = suite.quantize_job_hash(QuantRecipe(), False, "src")
+    mine = suite.quantize_job_hash(QuantRecipe(), "src")
     assert other.stdout.strip() == mine == "b309739c9193f3fd"
 
 

@@ -23,7 +23,8 @@ def register(sub) -> None:
                    help="same as --no-sym")
     p.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N] (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR (only once complete)")
-    p.add_argument("--rtn", action="store_true", help="round-to-nearest baseline instead of GPTQ")
+    p.add_argument("--rtn", dest="recipe__gptq__method", action="store_const", const="rtn", default=None,
+                   help="round-to-nearest baseline instead of GPTQ (same as --method rtn)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan as JSON (from MODEL_DIR/config.json alone: no weights needed) and "
                         "exit; a run that would not fit is refused with the option that fixes it")
@@ -55,7 +56,7 @@ def _run(args) -> int:
         check_plan(plan)
         return 0
     report = quantize_model(args.model_dir, recipe, args.out, device=args.device, overwrite=args.overwrite,
-                            rtn=args.rtn, progress=args.progress)
+                            progress=args.progress)
     s, g = report["seconds"], recipe.gptq
     print(f"{report['method']} {g.bits}-bit, group {g.group_size}: {len(report['modules'])} modules, "
           f"total error {report['total_error']:.4g}, {s['total']:.1f}s (quantize {s['quantize']:.1f}s)")

@@ -19,11 +19,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def dense_state_dict(model, skip: set[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model`` except the ``skip`` module prefixes, on the CPU (a tied LM head dropped)."""
+    """Every tensor of ``model`` on the CPU except the weights of the ``skip`` linears (their format writes them;
+    their biases stay dense) and a tied LM head."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    skipped = {s + ".weight" for s in skip}
     tensors = {}
     for key, t in model.state_dict().items():
-        if any(key == s or key.startswith(s + ".") for s in skip):
+        if key in skipped:
             continue
         if tied and key == "lm_head.weight":
             continue  # transformers re-ties it to the embedding on load
@@ -107,7 +109,7 @@ def container_accounting(out: Path, config: dict, layout: Layout, block_map: Blo
     from quantlm.hf_checkpoint import spec_from_config
 
     stored = acc.budget(out)
-    predicted = acc.budget_from_spec(spec_from_config(config, out.name), layout, block_map=block_map)
+    predicted = acc.budget_from_spec(spec_from_config(config, out.name), layout)
     if not stored.total_bits("exact") == predicted.total_bits("exact") == 8 * payload_bytes:
         raise AssertionError(f"{out}: {payload_bytes} payload bytes, but the {layout.format} format declares "
                              f"{predicted.total_bits('exact') / 8:.0f} for this config and layout")

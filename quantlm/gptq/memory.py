@@ -35,8 +35,9 @@ from typing import Literal
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq.allocator import MMAP_THRESHOLD_MAX
-from quantlm.models.blocks import LLAMA
+from quantlm.models.blocks import ARCHITECTURES, BlockMap
 from quantlm.recipes import doc
+from quantlm.specs import spec_from_config
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -128,33 +129,33 @@ class MemorySettings:
 # ---------------------------------------------------------------------------------------------- shapes
 
 def model_shape(config: dict) -> dict:
-    """The fields of an HF LLaMA-like ``config.json`` the plan needs (head_dim derived when absent)."""
-    try:
-        d, f = int(config["hidden_size"]), int(config["intermediate_size"])
-        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-        vocab = int(config["vocab_size"])
-    except KeyError as e:
-        raise QuantlmError(f"config.json lacks {e.args[0]!r}; a memory plan needs a LLaMA-like config") from None
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or d // heads)
-    return {"hidden": d, "intermediate": f, "layers": layers, "heads": heads, "kv_heads": kv,
-            "head_dim": head_dim, "vocab": vocab, "tied": bool(config.get("tie_word_embeddings", False))}
+    """The fields of an HF ``config.json`` the plan needs, read once by ``specs.spec_from_config``."""
+    spec = spec_from_config(config, "config.json")
+    return {"model_type": spec.model_type, "hidden": spec.hidden_size, "intermediate": spec.intermediate_size,
+            "layers": spec.num_hidden_layers, "heads": spec.num_attention_heads, "kv_heads": spec.kv_heads,
+            "head_dim": spec.head_dim, "vocab": spec.vocab_size, "tied": spec.tie_word_embeddings}
+
+
+def _block_map(shape: dict) -> BlockMap:
+    return ARCHITECTURES[shape.get("model_type", "llama")].block_map
 
 
 def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
-    """(out, in) of each block linear, keyed by block-relative path (the shape rules of ``LLAMA``)."""
-    return LLAMA.linear_shapes(shape["hidden"], shape["kv_heads"] * shape["head_dim"], shape["intermediate"])
+    """(out, in) of each block linear, keyed by block-relative path (the shape rules of the block map)."""
+    dims = {"hidden": shape["hidden"], "q": shape["heads"] * shape["head_dim"],
+            "kv": shape["kv_heads"] * shape["head_dim"], "intermediate": shape["intermediate"]}
+    return _block_map(shape).linear_shapes(dims)
 
 
 def _groups(shape: dict) -> list[tuple[int, int]]:
     """(stacked rows, in) of the true-sequential groups (one shared solve each)."""
     s = linear_shapes(shape)
-    return [(sum(s[path][0] for path in group), s[group[0]][1]) for group in LLAMA.sequential]
+    return [(sum(s[path][0] for path in group), s[group[0]][1]) for group in _block_map(shape).sequential]
 
 
 def param_count(shape: dict) -> tuple[int, int]:
     """(parameters of the whole model, parameters of one block)."""
-    block = sum(o * i for o, i in linear_shapes(shape).values()) + len(LLAMA.norms) * shape["hidden"]
+    block = sum(o * i for o, i in linear_shapes(shape).values()) + len(_block_map(shape).norms) * shape["hidden"]
     outside = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2) + shape["hidden"]
     return shape["layers"] * block + outside, block
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlm.errors import QuantlmError
-from quantlm.gptq.allocator import large_tensors_in_heap, release_free_memory
+from quantlm.gptq.allocator import large_tensors_in_heap
 from quantlm.gptq.block_passes import BlockPasses, StopForward, map_tensors, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
 from quantlm.gptq.hessian import HessianAccumulator
@@ -48,10 +46,12 @@ from quantlm.gptq.memory import (
     plan_memory,
     rss_bytes,
 )
-from quantlm.gptq.offload import DTYPES, HiddenStates, RunState, batches_of, run_fingerprint
+from quantlm.gptq.methods import get_quantizer, get_transform
+from quantlm.gptq.offload import DTYPES, HiddenStates, RunState, run_fingerprint
+from quantlm.gptq.residency import Placement, Residency
 from quantlm.gptq.settings import GPTQSettings
-from quantlm.gptq.solver import GPTQResult, gptq_quantize_shared, reconstruction_error, rtn_quantize
-from quantlm.models.blocks import BlockMap
+from quantlm.gptq.solver import GPTQResult, reconstruction_error
+from quantlm.models.blocks import ARCHITECTURES, BlockMap
 from quantlm.quantized import check_group_size
 from quantlm.recipes import to_dict
 
@@ -82,6 +82,7 @@ class PipelineResult:
     # this call (see memory.PeakSampler); device_peak_bytes: torch.cuda.max_memory_allocated (GPU runs);
     # resumed_from_block: the block a disk-offloaded run restarted at (0: from the start)
     measured: dict = field(default_factory=dict)
+    transforms: list[dict] = field(default_factory=list)  # the block transforms' records, in block order
 
     @property
     def measured_peak_bytes(self) -> int | None:
@@ -92,16 +93,12 @@ class PipelineResult:
         return {"plan": self.plan, **self.measured}
 
 
-def get_submodule(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def check_quantizable(model: nn.Module, block_map: BlockMap, recipe: GPTQSettings) -> None:
     """Fail fast, before any compute, on settings the model cannot take (group size, NaN/Inf weights)."""
-    layers = get_submodule(model, block_map.layers_path)
+    layers = model.get_submodule(block_map.layers_path)
     for i, block in enumerate(layers):
         for name in block_map.linears:
-            lin = get_submodule(block, name)
+            lin = block.get_submodule(name)
             full = f"{block_map.layers_path}.{i}.{name}"
             in_features = lin.weight.shape[1]
             check_group_size(recipe.group_size, in_features, full)
@@ -151,7 +148,7 @@ def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Te
     Without ``store`` the hidden states are returned (fp32, a list of batches); with it each batch is
     written to ``store`` as it is computed and the list is empty.
     """
-    layers = get_submodule(model, block_map.layers_path)
+    layers = model.get_submodule(block_map.layers_path)
     first = layers[0]
     captured: dict = {}
 
@@ -224,9 +221,9 @@ def _block_on(block: nn.Module, device: torch.device, dtype: torch.dtype, linear
     if dtype == torch.float32:
         if any(p.dtype != dtype for p in block.parameters()):
             block.to(dtype)  # weights stored in half precision: the fp32 upcast is the master
-        masters = {n: get_submodule(block, n).weight.data for n in linear_names}
+        masters = {n: block.get_submodule(n).weight.data for n in linear_names}
     else:  # fp32 masters (the stored tensors themselves when fp32), then the forward copies
-        masters = {n: get_submodule(block, n).weight.data.float() for n in linear_names}
+        masters = {n: block.get_submodule(n).weight.data.float() for n in linear_names}
         block.to(dtype)
     try:
         yield masters
@@ -235,47 +232,10 @@ def _block_on(block: nn.Module, device: torch.device, dtype: torch.dtype, linear
             if p.data is not saved[name]:
                 p.data = saved[name]
         for n in linear_names:
-            w = get_submodule(block, n).weight.data
+            w = block.get_submodule(n).weight.data
             if w is not masters[n]:
                 w.copy_(masters[n])
         block.to("cpu")
-
-
-def _quantize_group(names: list[str], linears: list[nn.Module], Ws: list[torch.Tensor], H: torch.Tensor,
-                    recipe: GPTQSettings, rtn: bool, device: torch.device, ntokens: int
-                    ) -> list[tuple[GPTQResult, ModuleReport]]:
-    """Quantize the linears of one group (sharing the Hessian ``H``) from their fp32 master weights ``Ws``;
-    write the dequantized weights back to the masters and to the linears (forward copies)."""
-    t0 = time.perf_counter()
-    grid = {"grid": recipe.grid_spec()}
-    with _solver_threads(device):
-        if rtn:
-            group_results = [rtn_quantize(W, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                                          **grid) for W in Ws]
-        else:  # the linears of a group share H: one solve over their stacked rows
-            group_results = gptq_quantize_shared(
-                Ws, H, names=names, bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                act_order=recipe.act_order, static_groups=recipe.static_groups, damp=recipe.damp,
-                block_size=recipe.block_size, **grid)
-    seconds = time.perf_counter() - t0
-    rows = sum(W.shape[0] for W in Ws)
-    out = []
-    for full, lin, W, res in zip(names, linears, Ws, group_results, strict=True):
-        Q = res.dequantize().to(W.device)
-        err = float(reconstruction_error(W, Q, H))  # before the copy: W is the master weight
-        W.copy_(Q)
-        if lin.weight.data is not W:
-            lin.weight.data.copy_(Q.to(lin.weight.dtype))
-        # a shared solve's time is split over the group's layers by their share of rows
-        report = ModuleReport(full, tuple(W.shape), float(res.loss), err, float(res.damp),
-                              seconds * W.shape[0] / rows, ntokens)
-        log.debug("%s: loss %.4g error %.4g damp %.3g", full, res.loss, err, res.damp)
-        out.append((res.to("cpu"), report))  # codes leave the device with their block
-    return out
-
-
-def _keep_free_memory() -> None:
-    """The allocator keeps its free pages (the plan has room; see ``memory.TRIM_FRACTION``)."""
 
 
 def _release(linear: nn.Module) -> None:
@@ -283,43 +243,195 @@ def _release(linear: nn.Module) -> None:
     linear.weight.data = torch.empty(0, dtype=linear.weight.dtype)
 
 
-# Test hook: "BLOCK:GROUP" kills the process (SIGKILL) after that group of that block is quantized, so a
-# test can check that a disk-offloaded run resumes to the same result. Never set outside tests.
-CRASH_ENV = "QUANTLM_TEST_CRASH_AT"
-
-
-def _maybe_crash(block: int, group: int) -> None:
-    at = os.environ.get(CRASH_ENV)
-    if at and at == f"{block}:{group}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _settings(memory: MemorySettings | None, batch_size: int | None, offload: bool | None,
-              replay_cache_gb: float | None) -> MemorySettings:
-    """``memory`` with the older keyword arguments of ``quantize_blocks`` applied on top (when given)."""
-    s = memory or MemorySettings()
-    if batch_size is not None:
-        s = replace(s, batch_size=batch_size)
-    if offload is not None:
-        s = replace(s, offload="host" if offload else "none")
-    if replay_cache_gb is not None:
-        s = replace(s, replay_cache_gb=replay_cache_gb)
-    return s
-
-
-_NOT_IN_FINGERPRINT = {"formats", "seeds", "calibration", "nsamples", "seqlen"}
-
-
-def _fingerprint_extra(recipe, block_map: BlockMap, rtn: bool, settings: MemorySettings, batch: int,
-                       device: torch.device) -> dict:
-    recipe_fields = {k: v for k, v in to_dict(recipe).items() if k not in _NOT_IN_FINGERPRINT}
-    return {"recipe": recipe_fields, "rtn": rtn, "block_map": asdict(block_map), "batch_size": batch,
-            "activation_dtype": settings.activation_dtype, "forward_dtype": settings.forward_dtype,
+def _fingerprint_extra(recipe: GPTQSettings, block_map: BlockMap, placement: Placement, device: torch.device) -> dict:
+    return {"recipe": to_dict(recipe), "block_map": asdict(block_map), "batch_size": placement.batch_size,
+            "activation_dtype": placement.storage_dtype, "forward_dtype": placement.forward_dtype,
             "device": device.type, "torch": torch.__version__}
 
 
-def _make_plan(model: nn.Module, layers: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe,
-               settings: MemorySettings, device: torch.device, rtn: bool) -> dict | None:
+def _placement(plan: dict | None, settings: MemorySettings, device: torch.device) -> Placement:
+    """The plan's decisions (or, with no plan, the settings' own with the defaults filled in)."""
+    if plan is not None:
+        where, bs, cache = plan["hidden_states"], plan["batch_size"], plan["replay_cache_bytes"]
+        trim, heap = plan["trim_allocator"], plan.get("large_tensors_in_heap", False)
+    else:
+        trim = heap = False
+        where = {"auto": "device" if device.type == "cuda" else "host", "none": "device"}.get(
+            settings.offload, settings.offload)
+        bs = settings.batch_size or 8
+        gb = settings.replay_cache_gb if settings.replay_cache_gb >= 0 else (4.0 if device.type == "cpu" else 0)
+        cache = int(gb * 2**30)
+    if where == "device" and device.type == "cpu":
+        where = "host"
+    return Placement(where, bs, settings.activation_dtype, settings.forward_dtype, cache, trim, heap)
+
+
+class BlockLoop:
+    """Quantizes the decoder blocks of one model in order: per block, the recipe's transforms, then per
+    sequential group one Hessian and one call of the recipe's quantizer; each block's outputs (computed with its
+    quantized weights) are the next block's inputs, kept by a :class:`Residency`."""
+
+    def __init__(self, model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings,
+                 residency: Residency, device: torch.device, *, keep_weights: bool = True, progress: bool = True):
+        self.model, self.block_map, self.tokens, self.recipe = model, block_map, tokens, recipe
+        self.residency, self.device = residency, device
+        self.keep_weights, self.progress = keep_weights, progress
+        self.layers = model.get_submodule(block_map.layers_path)
+        self.quantizer = get_quantizer(recipe.method)
+        self.transforms = [get_transform(name) for name in recipe.transforms]
+        self.forward_dtype = DTYPES[residency.placement.forward_dtype]
+        # replay records stay where they are computed on a GPU (the plan sizes the cache from its free memory)
+        self.replay_on = device if device.type == "cuda" else torch.device("cpu")
+        self.ntokens = tokens.numel()
+        self.results: dict[str, GPTQResult] = {}
+        self.reports: list[ModuleReport] = []
+        self.transform_records: list[dict] = []
+        self.tails: dict[str, str] = {}  # submodule -> the linear it ends in, learned by earlier blocks' passes
+        self.start = 0
+
+    def run(self) -> None:
+        succeeded = False
+        try:
+            hidden, kwargs_by_size = self._inputs()
+            for i in range(self.start, len(self.layers)):
+                hidden = self._block(i, hidden, kwargs_by_size)
+            succeeded = True
+        finally:
+            self.residency.close(succeeded=succeeded)
+
+    # -- the first block's inputs, or a resumed run's restored blocks and saved inputs
+    def _inputs(self):
+        res = self.residency
+        self.start = res.resume_block
+        if self.start:
+            self.tails = res.tails
+            for i in range(self.start):
+                self._restore(i)
+            log.info("resuming a disk-offloaded run at block %d of %d (%s)", self.start, len(self.layers), res.folder)
+            hidden = res.first_inputs()
+            kwargs_by_size = _block_kwargs(self.model, self.block_map, self.tokens, res.batches, self.device)
+        else:
+            hidden = res.first_inputs()
+            _, kwargs_by_size = capture_block_inputs(self.model, self.block_map, self.tokens,
+                                                     res.placement.batch_size, self.device, store=hidden)
+            hidden.flush()
+            res.inputs_complete()
+        kwargs_by_size = {b: _cast_floats(to_device(kw, self.device), self.forward_dtype)
+                          for b, kw in kwargs_by_size.items()}
+        return hidden, kwargs_by_size
+
+    def _restore(self, i: int) -> None:
+        """Block ``i`` of a resumed run as it was left: its transforms again, then its saved codes."""
+        block = self.layers[i]
+        self._transform(i, block)
+        block_results, block_reports = self.residency.load_block(i)
+        for name, res in block_results.items():
+            lin = self.model.get_submodule(name)
+            if self.keep_weights:
+                lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
+            else:
+                _release(lin)
+            self.results[name] = res
+        self.reports += [ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in block_reports]
+
+    def _transform(self, i: int, block: nn.Module) -> None:
+        for t in self.transforms:
+            record = t.apply(block, self.block_map, i)
+            if record is not None:
+                self.transform_records.append({"transform": t.name, "block": i, **record})
+
+    # -- one block
+    def _block(self, i: int, hidden: HiddenStates, kwargs_by_size: dict) -> HiddenStates:
+        bm, block, t_block = self.block_map, self.layers[i], time.perf_counter()
+        bar = tqdm(total=len(bm.linears), desc=f"{self.quantizer.name} block {i + 1}/{len(self.layers)}",
+                   disable=not self.progress, leave=False)
+        self._transform(i, block)
+        outputs = self.residency.outputs()
+        block_results: dict[str, GPTQResult] = {}
+        block_reports: list[ModuleReport] = []
+        with _block_on(block, self.device, self.forward_dtype, bm.linears) as masters:
+            passes = BlockPasses(block, bm.linears, hidden, kwargs_by_size, self.device, self.replay_on,
+                                 self.residency.placement.replay_cache_bytes, self.tails)
+            with onednn_linears(block, enabled=self.device.type == "cpu"):
+                for group, H in self._hessians(block, passes):
+                    names = [f"{bm.layers_path}.{i}.{name}" for name in group]
+                    linears = [block.get_submodule(name) for name in group]
+                    for res, report in self._quantize_group(names, linears, [masters[n] for n in group], H):
+                        block_results[report.name] = res
+                        block_reports.append(report)
+                        bar.update(1)
+                    del H
+                    self.residency.trim()  # the pass's and solve's temporaries, trapped between records
+                passes.outputs(sink=outputs.write)
+                self.tails = passes.tails
+            del passes
+        outputs.flush()
+        bar.close()
+        hidden.close(keep_buffer=i + 1 < len(self.layers))  # this block's inputs: the next block's outputs go there
+        if not self.keep_weights:
+            for name in bm.linears:
+                _release(block.get_submodule(name))
+        self.results.update(block_results)
+        self.reports += block_reports
+        self.residency.block_done(i, block_results, [r.to_dict() for r in block_reports], self.tails)
+        log.info("%s block %d/%d done in %.1f s (error %.4g; peak RSS so far %.2f GB)", self.quantizer.name, i + 1,
+                 len(self.layers), time.perf_counter() - t_block, sum(r.error for r in block_reports),
+                 peak_rss_bytes() / 1e9)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.residency.trim()  # this block's freed temporaries, trapped between its results
+        return outputs
+
+    def _hessians(self, block: nn.Module, passes: BlockPasses):
+        """(group, H) per sequential group: with true-sequential, each H from a pass up to the group's input with
+        the earlier groups already quantized; without, every H from one pass over the unquantized block."""
+        firsts = [block.get_submodule(group[0]) for group in self.block_map.sequential]
+
+        def accumulator(lin):
+            return HessianAccumulator(lin.weight.shape[1], self.device, allow_tf32=self.recipe.hessian_tf32)
+
+        accs = [accumulator(lin) for lin in firsts] if not self.recipe.true_sequential else []
+        if accs:
+            passes.collect(firsts, [acc.add for acc in accs], stop=False)
+        for k, group in enumerate(self.block_map.sequential):
+            if self.recipe.true_sequential:
+                acc = accumulator(firsts[k])
+                passes.collect([firsts[k]], [acc.add], stop=True)
+            else:
+                acc, accs[k] = accs[k], None
+            H = acc.take()  # the accumulator's memory becomes H: one [in, in] matrix per group
+            del acc
+            yield group, H
+
+    def _quantize_group(self, names: list[str], linears: list[nn.Module], Ws: list[torch.Tensor], H: torch.Tensor
+                        ) -> list[tuple[GPTQResult, ModuleReport]]:
+        """The quantizer on one group's fp32 master weights ``Ws`` (sharing ``H``); the dequantized weights are
+        written back to the masters and to the linears (forward copies)."""
+        t0 = time.perf_counter()
+        with _solver_threads(self.device):
+            group_results = self.quantizer.solve(Ws, H, self.recipe, names)
+        if len(group_results) != len(Ws):
+            raise QuantlmError(f"quantizer {self.quantizer.name!r} returned {len(group_results)} results for "
+                               f"{len(Ws)} layers ({', '.join(names)}); it must return one per layer")
+        seconds = time.perf_counter() - t0
+        rows = sum(W.shape[0] for W in Ws)
+        out = []
+        for full, lin, W, res in zip(names, linears, Ws, group_results, strict=True):
+            Q = res.dequantize().to(W.device)
+            err = float(reconstruction_error(W, Q, H))  # before the copy: W is the master weight
+            W.copy_(Q)
+            if lin.weight.data is not W:
+                lin.weight.data.copy_(Q.to(lin.weight.dtype))
+            # a shared solve's time is split over the group's layers by their share of rows
+            report = ModuleReport(full, tuple(W.shape), float(res.loss), err, float(res.damp),
+                                  seconds * W.shape[0] / rows, self.ntokens)
+            log.debug("%s: loss %.4g error %.4g damp %.3g", full, res.loss, err, res.damp)
+            out.append((res.to("cpu"), report))  # codes leave the device with their block
+        return out
+
+
+def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings,
+               settings: MemorySettings, device: torch.device) -> dict | None:
     """The memory plan of this run from the model's config, with the process's measured baseline."""
     config = getattr(model, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else None
@@ -327,43 +439,39 @@ def _make_plan(model: nn.Module, layers: nn.Module, block_map: BlockMap, tokens:
         return None
     unique = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in unique)
-    first = get_submodule(layers[0], block_map.linears[0]).weight
+    first = model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0]).weight
     wdtype = {dt: name for name, dt in DTYPES.items()}.get(first.dtype, "float32")
     try:
         return plan_memory(config, tokens.shape[0], tokens.shape[1], settings, recipe.bits, recipe.group_size,
-                           str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential, rtn=rtn,
+                           str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential,
+                           rtn=not get_quantizer(recipe.method).uses_hessian,
                            baseline_bytes=max(0, rss_bytes() - weights))
     except QuantlmError:
-        if block_map.layers_path == "model.layers":  # a LLaMA-like config is expected to plan
+        if config.get("model_type") in ARCHITECTURES:  # an architecture of the table is expected to plan
             raise
-        return None
+        return None  # a model the caller describes with its own block map: the settings as given
 
 
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings, *,
-                    device: str | torch.device = "cpu", rtn: bool = False, batch_size: int | None = None,
-                    offload: bool | None = None, replay_cache_gb: float | None = None,
-                    progress: bool = True, memory: MemorySettings | None = None) -> PipelineResult:
-    """Quantize every block linear of ``model`` in place (weights replaced by their dequantized values, or
-    released with ``memory.keep_weights`` off).
+                    device: str | torch.device = "cpu", progress: bool = True,
+                    memory: MemorySettings | None = None) -> PipelineResult:
+    """Quantize every block linear of ``model`` in place with the recipe's method (weights replaced by their
+    dequantized values, or released with ``memory.keep_weights`` off).
 
-    ``tokens``: ``[nsamples, seqlen]`` calibration windows. ``rtn``: round to nearest instead of GPTQ (the
-    Hessians are still collected, to report the same reconstruction error). ``memory``: where the hidden
-    states live, their dtype, the forward dtype, batch size, replay cache (``MemorySettings``; default:
-    planned automatically). The older keywords override it when given: ``batch_size``, ``offload``
-    (True: hidden states in host memory; False: on the compute device), ``replay_cache_gb``. A plan that
-    does not fit raises ``QuantlmError`` before any compute. Returns the per-module results and reports,
-    the plan and the measured peak memory; ``model`` ends on the CPU.
+    ``tokens``: ``[nsamples, seqlen]`` calibration windows. ``memory``: where the hidden states live, their
+    dtype, the forward dtype, batch size, replay cache (``MemorySettings``; default: planned automatically). A
+    plan that does not fit raises ``QuantlmError`` before any compute. Returns the per-module results and
+    reports, the transforms' records, the plan and the measured peak memory; ``model`` ends on the CPU.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
-    settings = _settings(memory, batch_size, offload, replay_cache_gb)
+    settings = memory or MemorySettings()
     check_quantizable(model, block_map, recipe)
     model.eval()
     t_start = time.perf_counter()
-    layers = get_submodule(model, block_map.layers_path)
-    plan = _make_plan(model, layers, block_map, tokens, recipe, settings, device, rtn)
+    plan = _make_plan(model, block_map, tokens, recipe, settings, device)
     if plan is not None:
         check_plan(plan)
         if plan.get("warning"):
@@ -371,161 +479,25 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         log.info("memory plan: hidden states on %s (%s, batch %d), predicted peak %.2f GB of %.2f GB available",
                  plan["hidden_states"], plan["activation_dtype"], plan["batch_size"],
                  plan["predicted_peak_bytes"] / 1e9, plan["available_bytes"] / 1e9)
-        where, bs, cache_bytes = plan["hidden_states"], plan["batch_size"], plan["replay_cache_bytes"]
-        trim, heap = plan["trim_allocator"], plan.get("large_tensors_in_heap", False)
-    else:
-        trim = heap = False
-        where = {"auto": "device" if device.type == "cuda" else "host", "none": "device"}.get(
-            settings.offload, settings.offload)
-        bs = settings.batch_size or 8
-        cache = settings.replay_cache_gb if settings.replay_cache_gb >= 0 else (4.0 if device.type == "cpu" else 0)
-        cache_bytes = int(cache * 2**30)
-    if where == "device" and device.type == "cpu":
-        where = "host"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with PeakSampler() as sampler, large_tensors_in_heap() if heap else contextlib.nullcontext():
-        results, reports, resumed = _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn,
-                                                where, bs, cache_bytes, progress, trim)
-    measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
-                "rss_at_start_bytes": sampler.rss_before, "resumed_from_block": resumed,
-                "hidden_states": where, "batch_size": bs}
-    if device.type == "cuda":
-        measured["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return PipelineResult(results, reports, time.perf_counter() - t_start, plan, measured)
-
-
-def _run_blocks(model, layers, block_map, tokens, recipe, settings, device, rtn, where, bs, cache_bytes,
-                progress, trim):
-    fwd = DTYPES[settings.forward_dtype]
-    storage = DTYPES[settings.activation_dtype]
-    nsamples, seqlen = tokens.shape
-    batches = batches_of(nsamples, bs)
-    width = get_submodule(layers[0], block_map.linears[0]).weight.shape[1]
-    # replay records stay where they are computed on a GPU (the plan sizes the cache from its free memory)
-    replay_on = device if device.type == "cuda" else torch.device("cpu")
-
+    placement = _placement(plan, settings, device)
     state = None
-    if where == "disk":
-        fingerprint = run_fingerprint(model, tokens, _fingerprint_extra(recipe, block_map, rtn, settings, bs, device))
+    if placement.where == "disk":
+        fingerprint = run_fingerprint(model, tokens, _fingerprint_extra(recipe, block_map, placement, device))
         folder = Path(settings.offload_dir) if settings.offload_dir else default_offload_dir(fingerprint)
         state = RunState.open(folder, fingerprint, settings.resume)
-
-    opened: list[HiddenStates] = []
-
-    def store(name: str | None, create: bool = True) -> HiddenStates:
-        closed = next((h for h in opened if h.reusable), None)
-        hs = HiddenStates(batches, seqlen, width, storage, where=where, device=device, dtype=fwd,
-                          path=state.dir / name if state is not None else None, create=create, reuse=closed)
-        opened.append(hs)
-        return hs
-
-    results: dict[str, GPTQResult] = {}
-    reports: list[ModuleReport] = []
-    tails: dict[str, str] = {}  # submodule -> the linear it ends in, learned by the passes of earlier blocks
-    start = 0
-    if state is not None and state.started:  # resume: earlier blocks from their saved results
-        start, tails = state.next_block, dict(state.tails)
-        for i in range(start):
-            block_results, block_reports = state.load_block(i)
-            block = layers[i]
-            for name, res in block_results.items():
-                lin = get_submodule(model, name)
-                if settings.keep_weights:
-                    lin.weight.data.copy_(res.dequantize().to(lin.weight.dtype))
-                else:
-                    _release(lin)
-                results[name] = res
-            reports += [ModuleReport(**{**r, "shape": tuple(r["shape"])}) for r in block_reports]
-            del block
-        log.info("resuming a disk-offloaded run at block %d of %d (%s)", start, len(layers), state.dir)
-        hidden = store(state.inputs, create=False)
-        kwargs_by_size = _block_kwargs(model, block_map, tokens, batches, device)
-    else:
-        hidden = store(state.inputs if state is not None else None)
-        _, kwargs_by_size = capture_block_inputs(model, block_map, tokens, bs, device, store=hidden)
-        hidden.flush()
-        if state is not None:
-            state.mark_started()
-    kwargs_by_size = {b: _cast_floats(to_device(kw, device), fwd) for b, kw in kwargs_by_size.items()}
-    ntokens = tokens.numel()
-    tf32 = recipe.hessian_tf32
-    try:
-        _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
-                     replay_on, cache_bytes, tf32, ntokens, progress, results, reports, settings.keep_weights,
-                     release_free_memory if trim else _keep_free_memory)
-    except BaseException:
-        if state is not None:
-            log.warning("the disk-offloaded run stopped; its state is kept in %s: run again to resume", state.dir)
-        raise
-    finally:
-        for hs in opened:
-            hs.close()
-    if state is not None:
-        state.remove()
-    return results, reports, start
-
-
-def _blocks_from(start, layers, block_map, recipe, device, rtn, fwd, hidden, kwargs_by_size, tails, store, state,
-                 replay_on, cache_bytes, tf32, ntokens, progress, results, reports, keep_weights, trim) -> None:
-    """Quantize blocks ``start``.. in order (``hidden``: the inputs of block ``start``), filling ``results``
-    and ``reports``; each block's outputs become the next block's inputs. ``trim()`` after each group and
-    block: hands freed memory back to the OS, or not (the plan's ``trim_allocator``: near the memory limit, or
-    with large tensors in the heap)."""
-    method = "rtn" if rtn else "gptq"
-    for i in range(start, len(layers)):
-        block, t_block = layers[i], time.perf_counter()
-        bar = tqdm(total=len(block_map.linears), desc=f"{method} block {i + 1}/{len(layers)}",
-                   disable=not progress, leave=False)
-        outputs = store(state.other if state is not None else None)
-        block_results: dict[str, GPTQResult] = {}
-        block_reports: list[ModuleReport] = []
-        with _block_on(block, device, fwd, block_map.linears) as masters:
-            passes = BlockPasses(block, block_map.linears, hidden, kwargs_by_size, device, replay_on,
-                                 cache_bytes, tails)
-            firsts = [get_submodule(block, group[0]) for group in block_map.sequential]
-
-            def accumulator(lin):
-                return HessianAccumulator(lin.weight.shape[1], device, allow_tf32=tf32)
-
-            with onednn_linears(block, enabled=device.type == "cpu"):
-                accs = [accumulator(lin) for lin in firsts] if not recipe.true_sequential else []
-                if accs:  # every group's Hessian from the unquantized block, one pass
-                    passes.collect(firsts, [acc.add for acc in accs], stop=False)
-                for k, group in enumerate(block_map.sequential):
-                    if recipe.true_sequential:  # up to this group's input, earlier groups already quantized
-                        acc = accumulator(firsts[k])
-                        passes.collect([firsts[k]], [acc.add], stop=True)
-                    else:
-                        acc, accs[k] = accs[k], None
-                    H = acc.take()  # the accumulator's memory becomes H: one [in, in] matrix per group
-                    del acc
-                    names = [f"{block_map.layers_path}.{i}.{name}" for name in group]
-                    linears = [get_submodule(block, name) for name in group]
-                    Ws = [masters[name] for name in group]
-                    for res, report in _quantize_group(names, linears, Ws, H, recipe, rtn, device, ntokens):
-                        block_results[report.name] = res
-                        block_reports.append(report)
-                        bar.update(1)
-                    del H
-                    trim()  # the pass's and solve's temporaries, trapped between records
-                    _maybe_crash(i, k)
-                passes.outputs(sink=outputs.write)
-                tails = passes.tails
-            del passes
-        outputs.flush()
-        bar.close()
-        hidden.close(keep_buffer=i + 1 < len(layers))  # this block's inputs: the next block's outputs go there
-        hidden = outputs
-        if not keep_weights:
-            for name in block_map.linears:
-                _release(get_submodule(block, name))
-        results.update(block_results)
-        reports += block_reports
-        if state is not None:
-            state.block_done(i, block_results, [r.to_dict() for r in block_reports], tails)
-        log.info("%s block %d/%d done in %.1f s (error %.4g; peak RSS so far %.2f GB)", method, i + 1, len(layers),
-                 time.perf_counter() - t_block, sum(r.error for r in block_reports), peak_rss_bytes() / 1e9)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        trim()  # this block's freed temporaries, trapped between its results
+    width = model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0]).weight.shape[1]
+    residency = Residency(placement, tokens.shape[0], tokens.shape[1], width, device, state=state)
+    loop = BlockLoop(model, block_map, tokens, recipe, residency, device, keep_weights=settings.keep_weights,
+                     progress=progress)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    heap = large_tensors_in_heap() if placement.large_tensors_in_heap else contextlib.nullcontext()
+    with PeakSampler() as sampler, heap:
+        loop.run()
+    measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
+                "rss_at_start_bytes": sampler.rss_before, "resumed_from_block": loop.start,
+                "hidden_states": placement.where, "batch_size": placement.batch_size}
+    if device.type == "cuda":
+        measured["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return PipelineResult(loop.results, loop.reports, time.perf_counter() - t_start, plan, measured,
+                          loop.transform_records)

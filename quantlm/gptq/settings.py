@@ -6,14 +6,18 @@ from dataclasses import dataclass
 
 from quantlm.errors import QuantlmError
 from quantlm.gptq.grid import GridSpec
+from quantlm.gptq.methods import get_quantizer, get_transform
 from quantlm.quantized import check_bits, check_group_size
 from quantlm.recipes import doc
 
 
 @dataclass(frozen=True)
 class GPTQSettings:
-    """Grid, solver and block order of GPTQ (the Spectra recipe at 4 bits by default)."""
+    """The quantization method, its grid, solver and block order (the Spectra recipe, GPTQ at 4 bits, by default)."""
 
+    method: str = doc("quantizer of each sequential group: gptq, rtn, or a registered one", "gptq")
+    transforms: tuple[str, ...] = doc("registered per-block transforms run, in order, before a block's Hessians",
+                                      ())
     bits: int = doc("bit width of the integer codes, 2..8", 4)
     group_size: int = doc("input columns sharing one scale; -1 for one scale per output channel", 128)
     sym: bool = doc("symmetric grid (zero point fixed at the grid's middle)", True)
@@ -37,6 +41,9 @@ class GPTQSettings:
         if self.block_size <= 0:
             raise QuantlmError(f"block_size={self.block_size} must be positive")
         self.grid_spec()  # the MSE settings' own checks
+        get_quantizer(self.method)
+        for name in self.transforms:
+            get_transform(name)
 
     def grid_spec(self) -> GridSpec:
         return GridSpec(bits=self.bits, sym=self.sym, mse=self.mse, mse_grid=self.mse_grid,

@@ -1,32 +1,42 @@
-"""The LLaMA decoder block as data: one row per linear (path, sequential group, shard direction, shape rule) plus
-the norms, and where the blocks, embedding, head and final norm live.
+"""Decoder architectures as data: per ``model_type``, one ``BlockMap``: a row per block linear (path, sequential
+group, shard direction, shape rule, the config flag that gives it a bias) plus the norms, and where the blocks,
+embedding, head and final norm live.
 
-The GPTQ pipeline, the TriLM converter, the specs and the bit accounting all read this table, so no code needs
-an ``if model_type == ...`` branch and no module spells the LLaMA tensor names again. Another architecture is
-another ``BlockMap`` value.
+The GPTQ pipeline, the TriLM converter, the specs, the memory plan, validation and the bit accounting all read
+this table (through :func:`architecture_for`), so no code needs an ``if model_type == ...`` branch and no module
+spells the tensor names again. Another architecture is another entry of ``ARCHITECTURES``.
+Only the standard library is imported here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from quantlm.quantized import COLUMN, ROW
+from quantlm.errors import QuantlmError
 
-__all__ = ["COLUMN", "ROW", "BlockLinear", "BlockMap", "LLAMA"]
+__all__ = ["ARCHITECTURES", "COLUMN", "ROW", "Architecture", "BlockLinear", "BlockMap", "LLAMA", "architecture_for"]
 
-DIMS = ("hidden", "kv", "intermediate")  # the widths a shape rule names
+COLUMN = "column"  # output dimension split across model-parallel ranks (q, k, v, gate, up)
+ROW = "row"  # input dimension split across model-parallel ranks (o, down)
+
+# the widths a shape rule names: hidden size, query width (heads x head_dim), key/value width (kv heads x
+# head_dim), MLP width
+DIMS = ("hidden", "q", "kv", "intermediate")
 
 
 @dataclass(frozen=True)
 class BlockLinear:
     """One linear of a block: its path in the block, the sequential group it is quantized in (linears of one
-    group read the same input and share a Hessian), its model-parallel shard kind and its (out, in) widths."""
+    group read the same input and share a Hessian), its model-parallel shard kind, its (out, in) widths and
+    the config flag that gives it a bias ("" when it never has one)."""
 
     path: str
     group: int
     shard: str  # COLUMN | ROW
     out_dim: str  # one of DIMS
     in_dim: str
+    bias_flag: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,14 @@ class BlockMap:
     def shard_kind(self, linear: str) -> str:
         return self.row(linear).shard
 
-    def linear_shapes(self, hidden: int, kv: int, intermediate: int) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of every linear of one block, keyed by block-relative path."""
-        dims = {"hidden": hidden, "kv": kv, "intermediate": intermediate}
+    def linear_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of every linear of one block, keyed by block-relative path; ``dims``
+        gives each width of ``DIMS``."""
         return {r.path: (dims[r.out_dim], dims[r.in_dim]) for r in self.linear_rows}
+
+    def biased(self, flags: Mapping[str, bool]) -> tuple[str, ...]:
+        """The block linears that carry a bias under the config's bias ``flags`` (e.g. ``attention_bias``)."""
+        return tuple(r.path for r in self.linear_rows if r.bias_flag and flags.get(r.bias_flag))
 
     def block_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}."
@@ -106,13 +120,13 @@ class BlockMap:
 LLAMA = BlockMap(
     layers_path="model.layers",
     linear_rows=(
-        BlockLinear("self_attn.q_proj", 0, COLUMN, "hidden", "hidden"),
-        BlockLinear("self_attn.k_proj", 0, COLUMN, "kv", "hidden"),
-        BlockLinear("self_attn.v_proj", 0, COLUMN, "kv", "hidden"),
-        BlockLinear("self_attn.o_proj", 1, ROW, "hidden", "hidden"),
-        BlockLinear("mlp.gate_proj", 2, COLUMN, "intermediate", "hidden"),
-        BlockLinear("mlp.up_proj", 2, COLUMN, "intermediate", "hidden"),
-        BlockLinear("mlp.down_proj", 3, ROW, "hidden", "intermediate"),
+        BlockLinear("self_attn.q_proj", 0, COLUMN, "q", "hidden", "attention_bias"),
+        BlockLinear("self_attn.k_proj", 0, COLUMN, "kv", "hidden", "attention_bias"),
+        BlockLinear("self_attn.v_proj", 0, COLUMN, "kv", "hidden", "attention_bias"),
+        BlockLinear("self_attn.o_proj", 1, ROW, "hidden", "q", "attention_bias"),
+        BlockLinear("mlp.gate_proj", 2, COLUMN, "intermediate", "hidden", "mlp_bias"),
+        BlockLinear("mlp.up_proj", 2, COLUMN, "intermediate", "hidden", "mlp_bias"),
+        BlockLinear("mlp.down_proj", 3, ROW, "hidden", "intermediate", "mlp_bias"),
     ),
     norms=("input_layernorm", "post_attention_layernorm"),
     embed_path="model.embed_tokens",
@@ -120,6 +134,41 @@ LLAMA = BlockMap(
     final_norm_path="model.norm",
 )
 
-# HF ``architectures`` / ``model_type`` values whose checkpoints follow the LLAMA map.
-LLAMA_LIKE_MODEL_TYPES = frozenset({"llama"})
-LLAMA_LIKE_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+
+@dataclass(frozen=True)
+class Architecture:
+    """A decoder family: its ``model_type``, the HF class names its checkpoints declare, its block map, and the
+    config flags (with their defaults) that put biases on block linears."""
+
+    model_type: str
+    hf_architectures: tuple[str, ...]
+    block_map: BlockMap
+    bias_flags: tuple[tuple[str, bool], ...] = ()
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a for a in (
+        Architecture("llama", ("LlamaForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False))),
+    )
+}
+
+
+def architecture_for(config: Mapping, where: str = "model") -> Architecture:
+    """The architecture of an HF ``config.json`` (by ``model_type``, else by its declared class); one line naming
+    the supported ones otherwise."""
+    arch = ARCHITECTURES.get(config.get("model_type") or "")
+    if arch is not None:
+        return arch
+    declared = set(config.get("architectures") or [])
+    for a in ARCHITECTURES.values():
+        if declared & set(a.hf_architectures):
+            return a
+    what = config.get("model_type") or (sorted(declared) or ["(none)"])[0]
+    supported = ", ".join(f"{t} ({'/'.join(a.hf_architectures)})" for t, a in ARCHITECTURES.items())
+    raise QuantlmError(f"{where}: model_type {what!r} is not supported; quantlm handles {supported}")
+
+
+def block_map_of(model) -> BlockMap:
+    """The block map of a loaded transformers model, from its config."""
+    config = getattr(model, "config", None)
+    return architecture_for(config.to_dict() if config is not None else {}, type(model).__name__).block_map

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantlm.errors import QuantlmError
-from quantlm.models.blocks import COLUMN, LLAMA, BlockMap
+from quantlm.models.blocks import COLUMN, BlockMap, block_map_of
 from quantlm.quantized import TernaryWeight, check_shards
 
 EPS = 1e-5
@@ -106,8 +106,9 @@ class TernaryLinear(nn.Linear):
 
 # ------------------------------------------------------------------------------------------- models
 
-def _block_linears(model: nn.Module, block_map: BlockMap = LLAMA):
+def _block_linears(model: nn.Module, block_map: BlockMap | None = None):
     """(full name, parent module, attribute, linear path) of every block linear of ``model``."""
+    block_map = block_map or block_map_of(model)
     layers = model.get_submodule(block_map.layers_path)
     for i, layer in enumerate(layers):
         for path in block_map.linears:
@@ -116,11 +117,12 @@ def _block_linears(model: nn.Module, block_map: BlockMap = LLAMA):
             yield f"{block_map.layers_path}.{i}.{path}", parent, attr, path
 
 
-def convert_to_trilm(model: nn.Module, mp: int = 1, block_map: BlockMap = LLAMA) -> nn.Module:
+def convert_to_trilm(model: nn.Module, mp: int = 1, block_map: BlockMap | None = None) -> nn.Module:
     """Replace every block linear of a (FloatLM) causal LM with a ``TernaryLinear``, in place; returns it.
 
     The latent weights start from the FloatLM's weights; the config records ``pretraining_model_parallel``.
     """
+    block_map = block_map or block_map_of(model)
     for _name, parent, attr, path in _block_linears(model, block_map):
         linear = getattr(parent, attr)
         if isinstance(linear, TernaryLinear):

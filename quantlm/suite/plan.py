@@ -86,14 +86,19 @@ class SuiteManifest:
         return replace(recipe, calibration=replace(recipe.calibration, seed=seed), export=ExportSettings(formats))
 
 
-def quantize_job_hash(recipe: QuantRecipe, rtn: bool, source: str) -> str:
-    """What determines a quantization's weights: the math, the calibration (seed included), RTN, the source, and
-    the activation/forward dtypes where they are not the fp32 defaults (where activations live does not)."""
+def quantize_job_hash(recipe: QuantRecipe, source: str) -> str:
+    """What determines a quantization's weights: the method and its math, the calibration (seed included), the
+    source, and the activation/forward dtypes where they are not the fp32 defaults (where activations live does
+    not). GPTQ and RTN without transforms hash as they did before methods were named (finished jobs stay done)."""
     from quantlm.gptq.memory import MemorySettings
 
     numerics = {k: getattr(recipe.memory, k) for k in ("activation_dtype", "forward_dtype")
                 if getattr(recipe.memory, k) != getattr(MemorySettings(), k)}
-    parts = ("quantize", to_dict(recipe.gptq), to_dict(recipe.calibration), rtn, source)
+    gptq = to_dict(recipe.gptq)
+    method, transforms = gptq.pop("method"), gptq.pop("transforms")
+    if method not in ("gptq", "rtn") or transforms:
+        numerics = {**numerics, "method": method, "transforms": list(transforms)}
+    parts = ("quantize", gptq, to_dict(recipe.calibration), method == "rtn", source)
     return _hash(*parts, numerics) if numerics else _hash(*parts)
 
 
@@ -169,9 +174,11 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
             for rtn in (False, True) if manifest.rtn_baseline else (False,):
                 for seed in (manifest.seeds if not rtn else manifest.seeds[:1]):
                     recipe = manifest.quant_recipe(bits, seed)
+                    if rtn:
+                        recipe = replace(recipe, gptq=replace(recipe.gptq, method="rtn"))
                     qname = _quant_name(m, bits, rtn)
                     label = f"{qname}-s{seed}"
-                    qhash = quantize_job_hash(recipe, rtn, src_hash)
+                    qhash = quantize_job_hash(recipe, src_hash)
                     qid = f"quantize/{label}"
                     qdir = root / "quantlm" / label
                     qpreset = f"quantlm-{m.preset.split('-', 1)[1]}-{bits}bit" if m.preset.startswith("floatlm-") else ""

@@ -43,7 +43,7 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
 
         _require_checkpoint(job)
         report = quantize_model(job.source, job.payload["recipe"], job.out, device=manifest.device,
-                                overwrite=True, rtn=job.rtn, progress=progress)
+                                overwrite=True, progress=progress)
         write_json(job.out / JOB_FILE, {"suite_job": stamp, "report_summary": _brief(report)})
     elif job.kind == "deploy":
         from quantlm.deploy import INSTALL_HINT, bench, llama_cpp_available

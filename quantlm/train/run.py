@@ -38,7 +38,7 @@ from quantlm.atomic import (
 )
 from quantlm.errors import QuantlmError
 from quantlm.metadata import ModelMeta, read_meta, write_meta
-from quantlm.models.blocks import LLAMA
+from quantlm.models.blocks import block_map_of
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
 from quantlm.train.distributed import DistContext, init_distributed, wrap_model
@@ -347,7 +347,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
 
     model = build_model(recipe, len(tokenizer)).to(ctx.device)
     model.train()
-    wrapped = wrap_model(model, ctx, recipe.distributed, LLAMA.layers_path)
+    wrapped = wrap_model(model, ctx, recipe.distributed, block_map_of(model).layers_path)
     decay = [p for p in wrapped.parameters() if p.dim() >= 2]
     no_decay = [p for p in wrapped.parameters() if p.dim() < 2]  # norms: never decayed
     optimizer = torch.optim.AdamW([{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}],
