@@ -123,11 +123,25 @@ def test_plan_storage_dtype_batch_and_failure_message():
 
 
 def test_failure_offers_releasing_the_weights_as_a_cli_flag():
-    plan = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=int(22.5e9),
-                       disk_available_bytes=10**13)
+    """An explicit --offload disk that does not fit names --no-keep-weights as the fix."""
+    plan = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="disk"), 4, 128, "cpu",
+                       available_bytes=int(22.5e9), disk_available_bytes=10**13)
     assert not plan["fits"]
     with pytest.raises(QuantlmError, match=r"--no-keep-weights \(about 18\.\d GB\)"):
         check_plan(plan)
+
+
+@pytest.mark.parametrize("gb", [22.5, 24])
+def test_auto_plans_the_39b_spectra_recipe_on_a_24gb_machine(gb):
+    """Under the default flags auto's last resort releases each block's weights once its codes are kept."""
+    plan = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=int(gb * 1e9),
+                       disk_available_bytes=10**13)
+    assert plan["fits"] and plan["hidden_states"] == "disk" and plan["keep_weights"] is False
+    assert plan["predicted_peak_bytes"] < 0.95 * gb * 1e9 and "--no-keep-weights" in plan["warning"]
+    check_plan(plan)
+    roomy = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cpu", available_bytes=64 * 10**9,
+                        disk_available_bytes=10**13)
+    assert roomy["fits"] and roomy["keep_weights"] is True  # released only when nothing else fits
 
 
 def test_plan_gpu_keeps_hidden_states_on_the_device_when_they_fit():

@@ -315,14 +315,29 @@ def plan_memory(config: dict, nsamples: int, seqlen: int, settings: MemorySettin
                  baseline_bytes=baseline_bytes, available=int(available_bytes),
                  device_available=device_available_bytes, disk_available=disk_available_bytes,
                  offload_dir=offload_dir)
-    plan = None
-    for candidate in _candidates(settings, dev, nsamples):
-        plan = _plan_one(settings, *candidate, **fixed)
-        if plan["fits"]:
-            break
+    plan = _first_fit(settings, fixed)
+    if not plan["fits"] and settings.offload == "auto" and settings.keep_weights:
+        # the last resort of auto: release each block's quantized weights once its codes are kept (the
+        # results are the same; the model is left without its block linears' weights)
+        released = _first_fit(dataclasses.replace(settings, keep_weights=False), fixed)
+        if released["fits"]:
+            released["warning"] = ((released.get("warning") + " ") if released.get("warning") else "") + (
+                "nothing fits while keeping the quantized weights in the model: each block's weights are "
+                "released once its codes are kept (--no-keep-weights; the outputs are the same)")
+            plan = released
     plan["settings"] = dataclasses.asdict(settings)
     if not plan["fits"]:
         plan["fixes"] = _fixes(settings, fixed)
+    return plan
+
+
+def _first_fit(settings: MemorySettings, fixed: dict) -> dict:
+    """The first candidate of ``_candidates`` that fits, else the last one tried."""
+    plan = None
+    for candidate in _candidates(settings, fixed["dev"], fixed["nsamples"]):
+        plan = _plan_one(settings, *candidate, **fixed)
+        if plan["fits"]:
+            break
     return plan
 
 
@@ -444,6 +459,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
         "group_size": group_size, "device": dev, "weights_dtype": weights_dtype,
         "activation_dtype": settings.activation_dtype, "forward_dtype": settings.forward_dtype,
         "hidden_states": place, "batch_size": batch, "replay_cache_bytes": int(cap),
+        "keep_weights": settings.keep_weights,
         "bytes": {k: int(v) for k, v in host.items()},
         "working_sets": {"forward": int(forward), "solve": int(solve), "block_copy": int(block_copy)},
         "predicted_peak_bytes": host_peak,

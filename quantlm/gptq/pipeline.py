@@ -251,9 +251,11 @@ def _fingerprint_extra(recipe: GPTQSettings, block_map: BlockMap, placement: Pla
 
 def _placement(plan: dict | None, settings: MemorySettings, device: torch.device) -> Placement:
     """The plan's decisions (or, with no plan, the settings' own with the defaults filled in)."""
+    keep = settings.keep_weights
     if plan is not None:
         where, bs, cache = plan["hidden_states"], plan["batch_size"], plan["replay_cache_bytes"]
         trim, heap = plan["trim_allocator"], plan.get("large_tensors_in_heap", False)
+        keep = plan.get("keep_weights", keep)
     else:
         trim = heap = False
         where = {"auto": "device" if device.type == "cuda" else "host", "none": "device"}.get(
@@ -263,7 +265,7 @@ def _placement(plan: dict | None, settings: MemorySettings, device: torch.device
         cache = int(gb * 2**30)
     if where == "device" and device.type == "cpu":
         where = "host"
-    return Placement(where, bs, settings.activation_dtype, settings.forward_dtype, cache, trim, heap)
+    return Placement(where, bs, settings.activation_dtype, settings.forward_dtype, cache, trim, heap, keep)
 
 
 class BlockLoop:
@@ -487,7 +489,7 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         state = RunState.open(folder, fingerprint, settings.resume)
     width = model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0]).weight.shape[1]
     residency = Residency(placement, tokens.shape[0], tokens.shape[1], width, device, state=state)
-    loop = BlockLoop(model, block_map, tokens, recipe, residency, device, keep_weights=settings.keep_weights,
+    loop = BlockLoop(model, block_map, tokens, recipe, residency, device, keep_weights=placement.keep_weights,
                      progress=progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -496,7 +498,8 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         loop.run()
     measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
                 "rss_at_start_bytes": sampler.rss_before, "resumed_from_block": loop.start,
-                "hidden_states": placement.where, "batch_size": placement.batch_size}
+                "hidden_states": placement.where, "batch_size": placement.batch_size,
+                "keep_weights": placement.keep_weights}
     if device.type == "cuda":
         measured["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return PipelineResult(loop.results, loop.reports, time.perf_counter() - t_start, plan, measured,

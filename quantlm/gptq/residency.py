@@ -33,6 +33,7 @@ class Placement:
     replay_cache_bytes: int
     trim: bool = False
     large_tensors_in_heap: bool = False
+    keep_weights: bool = True  # False: a block's quantized weights are released once its codes are kept
 
 
 class Residency:
