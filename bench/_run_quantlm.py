@@ -26,14 +26,14 @@ def main():
     activation_dtype, forward_dtype = _option("--activation-dtype", "float32"), _option("--forward-dtype", "float32")
     t0 = time.perf_counter()
     import quantlm
+    from quantlm.architectures import LLAMA
+    from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint
     from quantlm.formats.registry import Layout
-    from quantlm.formats.writer import dense_state_dict, write_checkpoint
     from quantlm.gptq.memory import MemorySettings
     from quantlm.gptq.pipeline import quantize_blocks
     from quantlm.gptq.settings import GPTQSettings
     from quantlm.hf_checkpoint import load_causal_lm
     from quantlm.metadata import ModelMeta
-    from quantlm.models.blocks import LLAMA
     from quantlm.recipes import to_dict
 
     tokens = torch.load(tokens_path)

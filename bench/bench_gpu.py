@@ -44,10 +44,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gptq_reference  # noqa: E402
 
+from quantlm.architectures import LLAMA  # noqa: E402
 from quantlm.gptq.hessian import HessianAccumulator, tf32_matmul  # noqa: E402
 from quantlm.gptq.memory import MemorySettings, PeakSampler  # noqa: E402
 from quantlm.gptq.pipeline import quantize_blocks  # noqa: E402
-from quantlm.models.blocks import LLAMA  # noqa: E402
 from quantlm.specs import get_preset  # noqa: E402
 
 RECIPE = dict(bits=4, group_size=128, sym=True, act_order=True, static_groups=True, damp=0.01, true_sequential=True)

@@ -137,9 +137,9 @@ def cmd_one(args) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
+    from quantlm.architectures import LLAMA
     from quantlm.gptq.memory import peak_rss_bytes, plan_memory, rss_bytes
     from quantlm.gptq.pipeline import quantize_blocks
-    from quantlm.models.blocks import LLAMA
     from quantlm.specs import get_preset
 
     load0 = os.getloadavg()
@@ -314,11 +314,11 @@ def cmd_errors(args) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
+    from quantlm.architectures import LLAMA
     from quantlm.calibration import calibration_tokens
     from quantlm.gptq.memory import MemorySettings
     from quantlm.gptq.pipeline import quantize_blocks
     from quantlm.gptq.solver import reconstruction_error
-    from quantlm.models.blocks import LLAMA
     from quantlm.specs import get_preset
 
     work = Path(args.work)
@@ -409,10 +409,10 @@ def cmd_speed(args) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
+    from quantlm.architectures import LLAMA
     from quantlm.calibration import calibration_tokens
     from quantlm.gptq.memory import MemorySettings
     from quantlm.gptq.pipeline import quantize_blocks
-    from quantlm.models.blocks import LLAMA
     from quantlm.specs import get_preset
 
     variants = {"fp32": MemorySettings(), "bf16 storage": MemorySettings(activation_dtype="bfloat16"),

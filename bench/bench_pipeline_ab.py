@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=0, help="calibration windows per forward; 0: the plan's")
     args = ap.parse_args()
     sys.path.insert(0, args.repo)
+    from quantlm.architectures import LLAMA
     from quantlm.gptq import pipeline
     from quantlm.gptq.pipeline import quantize_blocks
-    from quantlm.models.blocks import LLAMA
 
     kwargs = _allocator_overrides(args, pipeline)
     model, tokens, recipe = _random_run(args) if args.random else _bench_run(args)

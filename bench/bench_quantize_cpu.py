@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from quantlm.architectures import LLAMA  # noqa: E402
 from quantlm.calibration import calibration_tokens  # noqa: E402
 from quantlm.formats.compressed_tensors import COMPRESSED_TENSORS  # noqa: E402
 from quantlm.formats.loader import read_state  # noqa: E402
@@ -46,7 +47,6 @@ from quantlm.formats.packing import unpack_bits  # noqa: E402
 from quantlm.formats.registry import Layout  # noqa: E402
 from quantlm.gptq.hessian import HessianAccumulator  # noqa: E402
 from quantlm.gptq.solver import reconstruction_error  # noqa: E402
-from quantlm.models.blocks import LLAMA  # noqa: E402
 from quantlm.specs import get_preset  # noqa: E402
 
 BITS = 4

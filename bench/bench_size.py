@@ -18,7 +18,7 @@ from pathlib import Path
 
 def fake_checkpoint(path: Path, shards: int = 30) -> int:
     """A Llama-70B-shaped bf16 checkpoint (sparse files: real headers, no data written)."""
-    from quantlm.hf_checkpoint import spec_from_config
+    from quantlm.specs import spec_from_config
 
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
            "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,

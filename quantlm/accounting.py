@@ -24,10 +24,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from quantlm.architectures import ARCHITECTURES, BlockMap
+from quantlm.dtypes import DTYPE_BITS
 from quantlm.errors import QuantlmError
-from quantlm.formats.registry import DTYPE_BITS, LOG2_3, Layout, get_format, layout_of_config
-from quantlm.hf_checkpoint import HeaderEntry, read_safetensors_header, safetensors_files, spec_from_config
-from quantlm.models.blocks import ARCHITECTURES, BlockMap
+from quantlm.formats.registry import LOG2_3, Layout, checkpoint_spec, get_format, layout_of_config
+from quantlm.hf_checkpoint import HeaderEntry, read_safetensors_header, safetensors_files
 from quantlm.specs import ModelSpec, get_preset, is_preset
 
 CONVENTIONS = ("paper", "exact", "entropy")
@@ -223,7 +224,7 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     config = read_config(model_dir)
     label = name or model_dir.name
     layout = checkpoint_layout(model_dir, config)
-    spec = spec_from_config(config, label)
+    spec = checkpoint_spec(config, label)
     block_map = spec.block_map
     fmt = get_format(layout.format)
     declared = {lin: {s.suffix: s for s in fmt.linear_tensors(*shape, layout, block_map.shard_kind(lin))}
@@ -411,7 +412,7 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
         from quantlm.hf_checkpoint import read_config
 
         config = read_config(path)
-        spec = spec_from_config(config, path.name if path.is_dir() else path.parent.name or text)
+        spec = checkpoint_spec(config, path.name if path.is_dir() else path.parent.name or text)
         own = layout_of_config(config)
         if bits is not None:
             spec = spec.with_family("quantlm", bits)

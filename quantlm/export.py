@@ -26,9 +26,9 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     from quantlm import validate
     from quantlm.accounting import checkpoint_layout
     from quantlm.atomic import check_output, output_dir
+    from quantlm.checkpoint_writer import write_checkpoint, written_changes
     from quantlm.formats.loader import read_linears
     from quantlm.formats.registry import Layout, formats_for, get_format
-    from quantlm.formats.writer import write_checkpoint, written_changes
     from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.metadata import ModelMeta, read_meta
     from quantlm.quantized import QuantizedLinear, TernaryWeight

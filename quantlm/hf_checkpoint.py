@@ -1,5 +1,5 @@
 """Hugging Face checkpoint directories: read configs and safetensors headers (no tensor data), check the
-architecture, describe a config as a ModelSpec, load models. Local paths only."""
+architecture, load models. Local paths only."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlm import specs
+from quantlm.architectures import BlockMap, architecture_for
+from quantlm.dtypes import DTYPE_BITS
 from quantlm.errors import QuantlmError
-from quantlm.formats.registry import DTYPE_BITS, Layout, layout_of_config
-from quantlm.models.blocks import BlockMap, architecture_for
-from quantlm.specs import ModelSpec
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
@@ -37,17 +35,6 @@ def block_map_for(config: dict, where: str = "model") -> BlockMap:
 def is_trilm(config: dict) -> bool:
     """An unpacked TriLM is a plain LLaMA checkpoint whose config records its pretraining MP degree."""
     return config.get("pretraining_model_parallel") is not None or config.get("quantlm_family") == "trilm"
-
-
-def spec_from_config(config: dict, name: str, *, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
-    """The ModelSpec of a checkpoint's HF config dict, its family (and bits, group size, scale shards) from its
-    quantization_config / TriLM marker, or a QuantLM of ``bits`` when given."""
-    layout = layout_of_config(config)
-    if bits is not None:
-        layout = Layout("quantlm", "unpacked", bits=bits, group_size=-1 if group_size is None else group_size)
-    mp = layout.mp if layout.family == "trilm" else 1
-    return specs.spec_from_config(config, name, family=layout.family, bits=layout.bits, model_parallel=mp,
-                                  group_size=layout.group_size if layout.bits and layout.group_size != -1 else None)
 
 
 @dataclass(frozen=True)

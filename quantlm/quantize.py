@@ -86,12 +86,13 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit)."""
     from quantlm import validate
     from quantlm.atomic import check_output
-    from quantlm.hf_checkpoint import block_map_for, read_config, spec_from_config
+    from quantlm.formats.registry import checkpoint_spec
+    from quantlm.hf_checkpoint import block_map_for, read_config
     from quantlm.quantized import check_group_size
 
     config = read_config(model_dir)
     block_map_for(config, str(model_dir))
-    spec = spec_from_config(config, str(model_dir))
+    spec = checkpoint_spec(config, str(model_dir))
     if spec.family != "floatlm":
         raise QuantlmError(f"{model_dir} holds a {spec.family}, not a FloatLM; quantize the FloatLM it came from")
     for rel, (_, in_f) in spec.linear_shapes().items():
@@ -129,7 +130,7 @@ def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str =
 def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
     """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
     from quantlm.accounting import budget_from_spec
-    from quantlm.hf_checkpoint import spec_from_config
+    from quantlm.specs import spec_from_config
 
     spec = spec_from_config(config, "model").with_family("quantlm", recipe.gptq.bits)
     total = 0
@@ -152,7 +153,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
 
     from quantlm.atomic import output_dir, write_json
     from quantlm.calibration import calibration_tokens
-    from quantlm.formats.writer import dense_state_dict, write_checkpoint, written_changes
+    from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, written_changes
     from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
     from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer
     from quantlm.metadata import ModelMeta

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quantlm.architectures import COLUMN, ROW
 from quantlm.errors import QuantlmError
-from quantlm.models.blocks import COLUMN, ROW
 
 
 def check_bits(bits: int, where: str = "bits") -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 
+from quantlm.architectures import ARCHITECTURES, Architecture, BlockMap, architecture_for
 from quantlm.errors import QuantlmError
-from quantlm.models.blocks import ARCHITECTURES, Architecture, BlockMap, architecture_for
 
 FAMILIES = ("floatlm", "quantlm", "trilm")
 QUANT_BITS = (3, 4, 6, 8)
@@ -86,7 +86,7 @@ class ModelSpec:
     group_size: int | None = None  # QuantLM group size (None: per-channel)
     peak_lr: tuple[float, ...] = field(default=())  # FloatLM: (lr,); TriLM: (first half, second half)
     vocab_multiple: int = 0  # embedding rows padded to a multiple of this; 0: 128 * MP (the Spectra rule)
-    model_type: str = "llama"  # a key of models.blocks.ARCHITECTURES
+    model_type: str = "llama"  # a key of architectures.ARCHITECTURES
     attention_head_dim: int | None = None  # None: hidden_size / num_attention_heads
     attention_bias: bool = False
     mlp_bias: bool = False

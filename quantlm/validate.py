@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantlm.dtypes import FLOAT_ST
 from quantlm.errors import QuantlmError
 from quantlm.textdocs import read_text_file
 
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+FLOAT_DTYPES = FLOAT_ST
 FP16_MAX = 65504.0
 # Tensors transformers ignores when loading a LLaMA (old checkpoints saved the rotary buffers).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -51,7 +52,7 @@ def _int(config: dict, key: str, where: str) -> int:
 
 def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a checkpoint with this config stores (HF names, from its ModelSpec)."""
-    from quantlm.hf_checkpoint import spec_from_config
+    from quantlm.specs import spec_from_config
 
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         _int(config, key, where)

@@ -120,7 +120,7 @@ def _write_packed_checkpoint(path: Path, bits: int) -> None:
                                        "desc_act": False})
     path.mkdir()
     (path / "config.json").write_text(json.dumps(cfg))
-    spec = acc.spec_from_config(cfg, "x")
+    spec = acc.checkpoint_spec(cfg, "x")
     t = {"model.embed_tokens.weight": torch.randn(512, 64, dtype=torch.float16),
          "lm_head.weight": torch.randn(512, 64, dtype=torch.float16),
          "model.norm.weight": torch.ones(64, dtype=torch.float16)}
@@ -178,7 +178,7 @@ def _fake_huge_checkpoint(path: Path, shards: int = 8) -> int:
                   num_hidden_layers=layers, vocab_size=vocab)
     path.mkdir()
     (path / "config.json").write_text(json.dumps(cfg))
-    spec = acc.spec_from_config(cfg, "big")
+    spec = acc.checkpoint_spec(cfg, "big")
     shapes = spec.tensor_shapes()
     names = list(shapes)
     weight_map, total = {}, 0

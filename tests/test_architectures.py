@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from quantlm import accounting as acc
+from quantlm.architectures import ARCHITECTURES, architecture_for
 from quantlm.cli import main
 from quantlm.errors import QuantlmError
-from quantlm.hf_checkpoint import spec_from_config
-from quantlm.models.blocks import ARCHITECTURES, architecture_for
 from quantlm.quantize import QuantRecipe, quantize_model
 from quantlm.recipes import replace_fields
+from quantlm.specs import spec_from_config
 
 FORMATS = ("unpacked", "gptq", "compressed-tensors", "gguf")
 BIASED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantlm.architectures import LLAMA
 from quantlm.gptq.block_passes import BlockPasses
 from quantlm.gptq.cpu_linear import gram_panels, linear, onednn_available, onednn_linears, override_forward
 from quantlm.gptq.pipeline import capture_block_inputs, quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer
-from quantlm.models.blocks import LLAMA
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantlm.architectures import LLAMA
 from quantlm.errors import QuantlmError
 from quantlm.gptq.hessian import HessianAccumulator, tf32_matmul
 from quantlm.gptq.memory import (
@@ -28,7 +29,6 @@ from quantlm.gptq.memory import (
 from quantlm.gptq.offload import HiddenStates, RunState, batches_of
 from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.hf_checkpoint import load_causal_lm
-from quantlm.models.blocks import LLAMA
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -280,7 +280,7 @@ import os, signal, sys, torch
 from quantlm.hf_checkpoint import load_causal_lm
 from quantlm.gptq import pipeline
 from quantlm.gptq.memory import MemorySettings
-from quantlm.models.blocks import LLAMA
+from quantlm.architectures import LLAMA
 sys.path.insert(0, sys.argv[3])
 from test_memory import gptq_settings, RECIPE
 step = pipeline.BlockLoop._quantize_group

@@ -113,7 +113,6 @@ def test_the_gguf_export_holds_the_test_quantizers_codes(exported):
     import numpy as np
 
     from quantlm.formats.gguf import hf_name
-
     from quantlm.formats.loader import load_model
 
     packed = load_model(exported["paths"]["gptq"])  # the codes x fp16 scales, unrounded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlm.architectures import LLAMA
 from quantlm.errors import QuantlmError
 from quantlm.gptq.hessian import HessianAccumulator
 from quantlm.gptq.memory import MemorySettings
@@ -12,7 +13,6 @@ from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.gptq.solver import reconstruction_error
 from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer
-from quantlm.models.blocks import LLAMA
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from quantlm.architectures import COLUMN, LLAMA, ROW
 from quantlm.errors import QuantlmError
-from quantlm.models.blocks import COLUMN, LLAMA, ROW
 from quantlm.models.trilm import (
     TernaryLinear,
     build_trilm,

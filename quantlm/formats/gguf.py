@@ -621,7 +621,8 @@ class GGUFFormat(Format):
 
     def preflight(self, model_dir, config, layout):
         """Before any compute: a LLaMA config llama.cpp runs, a type for every linear, a tokenizer it reproduces."""
-        from quantlm.hf_checkpoint import block_map_for, spec_from_config
+        from quantlm.hf_checkpoint import block_map_for
+        from quantlm.specs import spec_from_config
 
         _hparams(config)
         block_map = block_map_for(config, str(model_dir))

@@ -93,7 +93,7 @@ def read_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_linears(model_dir: str | os.PathLike, config: dict, layout: Layout, block_map
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """(the dense tensors, name -> decoded block linear) of a checkpoint in ``layout``."""
-    from quantlm.hf_checkpoint import spec_from_config
+    from quantlm.specs import spec_from_config
 
     fmt = get_format(layout.format)
     tensors = read_state(model_dir)

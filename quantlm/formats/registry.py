@@ -17,29 +17,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from quantlm.dtypes import DTYPE_BITS, st_dtype
 from quantlm.errors import QuantlmError
 from quantlm.quantized import QuantizedLinear, TernaryWeight, check_bits, check_group_size
+from quantlm.specs import ModelSpec, spec_from_config
 
 FAMILIES = ("floatlm", "quantlm", "trilm")
 LOG2_3 = math.log2(3)
 
-# safetensors dtype names <-> torch dtypes, and bits per element
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-DTYPE_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-    "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
-}
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def st_dtype(t: Tensor) -> str:
-    return TORCH_TO_ST[t.dtype]
 
 
 @dataclass(frozen=True)
@@ -134,7 +121,7 @@ class Format:
     def write(self, out, config: dict, dense: dict[str, Tensor], linears: dict, layout: Layout, block_map,
               meta, tokenizer_dir=None) -> dict:
         """Write a whole model's file(s) into the directory ``out``: only for formats whose container is not a
-        safetensors checkpoint (those ``formats.writer.write_checkpoint`` writes itself). Returns
+        safetensors checkpoint (those ``checkpoint_writer.write_checkpoint`` writes itself). Returns
         ``{"payload_bytes": tensor data bytes, "info": what quantlm.json records}``; the writer then checks the
         payload against the accounting and writes ``quantlm.json`` last."""
         raise NotImplementedError
@@ -199,3 +186,14 @@ def as_ternary(value, name: str) -> TernaryWeight:
     if not isinstance(value, TernaryWeight):
         raise QuantlmError(f"{name}: this format stores ternary (TriLM) linears, got {type(value).__name__}")
     return value
+
+
+def checkpoint_spec(config: dict, name: str, *, bits: int | None = None, group_size: int | None = None) -> ModelSpec:
+    """The ModelSpec of a checkpoint's HF config dict, its family (and bits, group size, scale shards) from its
+    quantization_config / TriLM marker, or a QuantLM of ``bits`` when given."""
+    layout = layout_of_config(config)
+    if bits is not None:
+        layout = Layout("quantlm", "unpacked", bits=bits, group_size=-1 if group_size is None else group_size)
+    mp = layout.mp if layout.family == "trilm" else 1
+    return spec_from_config(config, name, family=layout.family, bits=layout.bits, model_parallel=mp,
+                            group_size=layout.group_size if layout.bits and layout.group_size != -1 else None)

@@ -3,7 +3,8 @@ whose block weights are gamma * W_t), loadable by transformers anywhere."""
 
 from __future__ import annotations
 
-from quantlm.formats.registry import LOG2_3, ST_DTYPES, Format, Layout, TensorSpec, register
+from quantlm.dtypes import ST_DTYPES
+from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, register
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 
 

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import Tensor, nn
 
+from quantlm.architectures import BlockMap
 from quantlm.errors import QuantlmError
 from quantlm.gptq.solver import GPTQResult, gptq_quantize_shared, rtn_quantize
 
-if TYPE_CHECKING:  # settings.py imports this module to check the names a recipe gives
-    from quantlm.gptq.settings import GPTQSettings
-    from quantlm.models.blocks import BlockMap
-
-# (weights of one group, their shared Hessian, settings, full layer names) -> one result per weight
-SolveGroup = Callable[[Sequence[Tensor], Tensor, "GPTQSettings", Sequence[str]], list[GPTQResult]]
+# (weights of one group, their shared Hessian, the recipe's GPTQSettings, full layer names) -> one result per
+# weight. The settings are typed Any here: settings.py imports this module to check the names a recipe gives.
+SolveGroup = Callable[[Sequence[Tensor], Tensor, Any, Sequence[str]], list[GPTQResult]]
 # (block on the CPU in its stored dtype, its block map, block index) -> record for the metadata, or None
-TransformBlock = Callable[[nn.Module, "BlockMap", int], "dict | None"]
+TransformBlock = Callable[[nn.Module, BlockMap, int], "dict | None"]
 
 
 @dataclass(frozen=True)

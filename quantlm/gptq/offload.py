@@ -39,7 +39,6 @@ from quantlm.gptq.solver import GPTQResult
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_NAME = "state.json"
 STATE_VERSION = 1
 # The files a run state writes in its folder, with atomic_path's temporaries (nothing else there is touched).

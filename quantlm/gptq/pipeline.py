@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantlm.architectures import ARCHITECTURES, BlockMap
+from quantlm.dtypes import TORCH_FLOATS, float_name
 from quantlm.errors import QuantlmError
 from quantlm.gptq.allocator import large_tensors_in_heap
 from quantlm.gptq.block_passes import BlockPasses, StopForward, map_tensors, to_device
@@ -47,11 +49,10 @@ from quantlm.gptq.memory import (
     rss_bytes,
 )
 from quantlm.gptq.methods import get_quantizer, get_transform
-from quantlm.gptq.offload import DTYPES, HiddenStates, RunState, run_fingerprint
+from quantlm.gptq.offload import HiddenStates, RunState, run_fingerprint
 from quantlm.gptq.residency import Placement, Residency
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.gptq.solver import GPTQResult, reconstruction_error
-from quantlm.models.blocks import ARCHITECTURES, BlockMap
 from quantlm.quantized import check_group_size
 from quantlm.recipes import to_dict
 
@@ -281,7 +282,7 @@ class BlockLoop:
         self.layers = model.get_submodule(block_map.layers_path)
         self.quantizer = get_quantizer(recipe.method)
         self.transforms = [get_transform(name) for name in recipe.transforms]
-        self.forward_dtype = DTYPES[residency.placement.forward_dtype]
+        self.forward_dtype = TORCH_FLOATS[residency.placement.forward_dtype]
         # replay records stay where they are computed on a GPU (the plan sizes the cache from its free memory)
         self.replay_on = device if device.type == "cuda" else torch.device("cpu")
         self.ntokens = tokens.numel()
@@ -442,7 +443,7 @@ def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, reci
     unique = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in unique)
     first = model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0]).weight
-    wdtype = {dt: name for name, dt in DTYPES.items()}.get(first.dtype, "float32")
+    wdtype = float_name(first.dtype)
     try:
         return plan_memory(config, tokens.shape[0], tokens.shape[1], settings, recipe.bits, recipe.group_size,
                            str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential,

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from quantlm.dtypes import TORCH_FLOATS
 from quantlm.gptq.allocator import release_free_memory
-from quantlm.gptq.offload import DTYPES, HiddenStates, RunState, batches_of
+from quantlm.gptq.offload import HiddenStates, RunState, batches_of
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class Placement:
 
     where: str  # device | host | disk
     batch_size: int
-    storage_dtype: str  # a key of offload.DTYPES
+    storage_dtype: str  # a key of dtypes.TORCH_FLOATS
     forward_dtype: str
     replay_cache_bytes: int
     trim: bool = False
@@ -65,8 +66,8 @@ class Residency:
     def _store(self, name: str | None, create: bool = True) -> HiddenStates:
         closed = next((h for h in self._opened if h.reusable), None)
         p = self.placement
-        hs = HiddenStates(self.batches, self.seqlen, self.width, DTYPES[p.storage_dtype], where=p.where,
-                          device=self.device, dtype=DTYPES[p.forward_dtype],
+        hs = HiddenStates(self.batches, self.seqlen, self.width, TORCH_FLOATS[p.storage_dtype], where=p.where,
+                          device=self.device, dtype=TORCH_FLOATS[p.forward_dtype],
                           path=self.state.dir / name if self.state is not None and name else None,
                           create=create, reuse=closed)
         self._opened.append(hs)

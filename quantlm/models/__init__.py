@@ -1,1 +1,1 @@
-"""Model structure (the LLaMA block as data) and the TriLM."""
+"""The TriLM: ternary linears with per-shard scales, and the conversion of a FloatLM into one."""

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantlm.architectures import COLUMN, BlockMap, block_map_of
 from quantlm.errors import QuantlmError
-from quantlm.models.blocks import COLUMN, BlockMap, block_map_of
 from quantlm.quantized import TernaryWeight, check_shards
 
 EPS = 1e-5

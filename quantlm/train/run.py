@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from quantlm import locks, recipes
+from quantlm.architectures import block_map_of
 from quantlm.atomic import (
     append_jsonl,
     check_output,
@@ -36,9 +37,9 @@ from quantlm.atomic import (
     terminate_raises,
     write_text,
 )
+from quantlm.dtypes import TORCH_FLOATS
 from quantlm.errors import QuantlmError
 from quantlm.metadata import ModelMeta, read_meta, write_meta
-from quantlm.models.blocks import block_map_of
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
 from quantlm.train.distributed import DistContext, init_distributed, wrap_model
@@ -49,7 +50,6 @@ from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -79,7 +79,7 @@ def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path
     """Write an HF checkpoint from a full state dict; a TriLM is exported unpacked (block weights gamma * W_t)."""
     from quantlm.models.trilm import export_unpacked
 
-    dtype = _DTYPES[recipe.save_dtype]
+    dtype = TORCH_FLOATS[recipe.save_dtype]
     model = build_model(recipe)
     model.load_state_dict(state, strict=True)
     with output_dir(path, overwrite=overwrite) as tmp:

@@ -1,5 +1,6 @@
-"""The one checkpoint writer of every safetensors format: dense tensors, each block linear encoded by its format
-(checked against the format's declaration), config.json, tokenizer files and ``quantlm.json`` (last)."""
+"""The one checkpoint writer of every format: dense tensors, each block linear encoded by its format (checked
+against the format's declaration), config.json, tokenizer files and ``quantlm.json`` (last, with the accounting of
+what was written). It sits above the formats and the accounting: it uses both."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from quantlm.formats.registry import ST_DTYPES, Layout, check_declared, get_format
+from quantlm import accounting as acc
+from quantlm.architectures import BlockMap
+from quantlm.dtypes import ST_DTYPES
+from quantlm.formats.registry import Layout, check_declared, checkpoint_spec, get_format
 from quantlm.metadata import ModelMeta, write_meta
-from quantlm.models.blocks import BlockMap
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -71,7 +74,7 @@ def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], li
     fmt = get_format(layout.format)
     if fmt.container != "safetensors":
         written = fmt.write(out, config, dense, linears, layout, block_map, meta, tokenizer_dir)
-        accounting = container_accounting(out, config, layout, block_map, written["payload_bytes"])
+        accounting = container_accounting(out, config, layout, written["payload_bytes"])
         write_meta(out, dataclasses.replace(meta, format=layout.format, info={**meta.info, **written["info"]},
                                             accounting=accounting))
         return out
@@ -93,8 +96,6 @@ def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], li
 
 def accounting_summary(out: Path, layout: Layout) -> dict:
     """Total bits of the checkpoint as stored, and as deployed (QuantLM: compressed-tensors, TriLM: ternary-1.6)."""
-    from quantlm import accounting as acc
-
     stored = acc.budget(out)
     summary = {"as_stored": {c: stored.total_bits(c) for c in acc.CONVENTIONS}}
     packed = acc.deployed_budget(out / "config.json", layout)
@@ -102,14 +103,11 @@ def accounting_summary(out: Path, layout: Layout) -> dict:
     return summary
 
 
-def container_accounting(out: Path, config: dict, layout: Layout, block_map: BlockMap, payload_bytes: int) -> dict:
+def container_accounting(out: Path, config: dict, layout: Layout, payload_bytes: int) -> dict:
     """Total bits of a file a format wrote itself (gguf), after checking that its payload is the size the
     accounting predicts from the config and layout, and the size the accounting measures in the file."""
-    from quantlm import accounting as acc
-    from quantlm.hf_checkpoint import spec_from_config
-
     stored = acc.budget(out)
-    predicted = acc.budget_from_spec(spec_from_config(config, out.name), layout)
+    predicted = acc.budget_from_spec(checkpoint_spec(config, out.name), layout)
     if not stored.total_bits("exact") == predicted.total_bits("exact") == 8 * payload_bytes:
         raise AssertionError(f"{out}: {payload_bytes} payload bytes, but the {layout.format} format declares "
                              f"{predicted.total_bits('exact') / 8:.0f} for this config and layout")
