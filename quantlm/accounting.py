@@ -27,9 +27,14 @@ from pathlib import Path
 from quantlm.architectures import ARCHITECTURES, BlockMap
 from quantlm.dtypes import DTYPE_BITS
 from quantlm.errors import QuantlmError
+from quantlm.formats import gguf_blocks as gb
+from quantlm.formats.gguf import GGUF_FILE, hf_name, read_gguf_header
 from quantlm.formats.registry import LOG2_3, Layout, checkpoint_spec, get_format, layout_of_config
-from quantlm.hf_checkpoint import HeaderEntry, read_safetensors_header, safetensors_files
+from quantlm.hf_checkpoint import HeaderEntry, read_config, read_safetensors_header, safetensors_files
+from quantlm.metadata import read_meta
+from quantlm.quantized import check_bits, check_group_size
 from quantlm.specs import ModelSpec, get_preset, is_preset
+from quantlm.validate import check_checkpoint
 
 CONVENTIONS = ("paper", "exact", "entropy")
 PAPER_VOCAB = 50304  # the paper counts embedding and head over this vocabulary at every size
@@ -143,7 +148,6 @@ class ModelBudget:
 
 def _linear_records(name: str, out_f: int, in_f: int, layout: Layout, kind: str, count: int) -> list[TensorRecord]:
     """The stored tensors of one block linear, as its format declares them."""
-    from quantlm.quantized import check_group_size
 
     if layout.family == "quantlm":
         check_group_size(layout.group_size, in_f, name.replace(".{i}.", ".N."))
@@ -201,7 +205,6 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, source: s
 
 def checkpoint_layout(model_dir: Path, config: dict) -> Layout:
     """The layout of a checkpoint directory: its config.json, and for a dequantized QuantLM its ``quantlm.json``."""
-    from quantlm.metadata import read_meta
 
     layout = layout_of_config(config)
     if layout.family == "floatlm":
@@ -218,7 +221,6 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     Each block-linear tensor is matched to its format's declaration (what it encodes, its code bits); a tensor the
     format does not declare counts at its stored size as ``meta``.
     """
-    from quantlm.hf_checkpoint import read_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -240,7 +242,6 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
         header_bytes += hb
         by_file[f] = e
         file_bytes += f.stat().st_size
-    from quantlm.validate import check_checkpoint
 
     check_checkpoint(model_dir, config, headers=by_file)  # missing, unexpected or misshapen tensors: one line
     records = []
@@ -283,7 +284,6 @@ _GGUF_FLOATS = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8")
 def gguf_file(path: str | os.PathLike) -> Path | None:
     """The GGUF file a path names: a ``.gguf`` file, or a directory holding ``model.gguf`` (a quantlm gguf
     export) and no safetensors; None otherwise."""
-    from quantlm.formats.gguf import GGUF_FILE
 
     path = Path(path)
     if path.suffix == ".gguf":
@@ -302,8 +302,6 @@ def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None) -> Mod
     they are inferred from the block linears' types (TQ: TriLM, float: FloatLM, else a per-channel QuantLM of
     the type's code width), which only the ``paper`` and ``entropy`` conventions use.
     """
-    from quantlm.formats import gguf_blocks as gb
-    from quantlm.formats.gguf import hf_name, read_gguf_header
 
     path = Path(path)
     if not path.is_file():
@@ -395,7 +393,6 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
     QuantLM of that bitwidth; ``layout`` (or ``quant_format``, ``ternary_format``, ``sym``, ``g_idx``) chooses the
     storage the ``exact`` convention assumes for a preset or config (default: packed, as deployed).
     """
-    from quantlm.quantized import check_bits
 
     if bits is not None:
         check_bits(bits)
@@ -409,7 +406,6 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
     if path.is_dir() and any(path.glob("*.safetensors")) and bits is None and layout is None:
         return budget_from_checkpoint(path)
     if path.is_dir() or path.suffix == ".json":
-        from quantlm.hf_checkpoint import read_config
 
         config = read_config(path)
         spec = checkpoint_spec(config, path.name if path.is_dir() else path.parent.name or text)

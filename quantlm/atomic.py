@@ -28,7 +28,9 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from quantlm import __version__
 from quantlm.errors import QuantlmError
+from quantlm.paths import is_inside_install
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,6 @@ def _chmod_default(path: Path, directory: bool) -> None:
 
 def refuse_install_location(path: str | os.PathLike, flag: str = "output") -> None:
     """Nothing is ever written into quantlm's installed package (its shipped data lives there)."""
-    from quantlm.paths import is_inside_install
 
     if is_inside_install(path):
         raise QuantlmError(f"{flag} {path} is inside quantlm's installed package; write outputs elsewhere, e.g. "
@@ -169,7 +170,6 @@ def is_quantlm_output(path: str | os.PathLike) -> bool:
 
 def write_marker(directory: str | os.PathLike, **info) -> Path:
     """Mark ``directory`` as quantlm's (who wrote it, when); ``--overwrite`` replaces only marked directories."""
-    from quantlm import __version__
 
     body = {"tool": "quantlm", "version": __version__, "pid": os.getpid(), "host": hostname(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}

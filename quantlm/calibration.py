@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from quantlm.errors import QuantlmError
 from quantlm.paths import calibration_dir
 from quantlm.recipes import doc
+from quantlm.textdocs import iter_documents
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +60,6 @@ def default_calibration_path() -> Path:
 
 def load_documents(source: str | os.PathLike | None = None) -> list[str]:
     """The non-empty documents of a calibration source (see the module docstring for the formats)."""
-    from quantlm.textdocs import iter_documents
 
     path = Path(source) if source else default_calibration_path()
     if not path.exists():

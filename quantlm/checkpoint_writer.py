@@ -15,7 +15,7 @@ from quantlm import accounting as acc
 from quantlm.architectures import BlockMap
 from quantlm.dtypes import ST_DTYPES
 from quantlm.formats.registry import Layout, check_declared, checkpoint_spec, get_format
-from quantlm.metadata import ModelMeta, write_meta
+from quantlm.metadata import ModelMeta, read_meta, write_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -117,7 +117,6 @@ def container_accounting(out: Path, config: dict, layout: Layout, payload_bytes:
 def written_changes(out: Path) -> list[dict]:
     """The tensors whose stored weights differ from the values given to the writer (opt-ins such as re-quantized
     K-quant scales, merged shard scales, or round-to-nearest), as the written ``quantlm.json`` records them."""
-    from quantlm.metadata import read_meta
 
     meta = read_meta(out)
     return list(meta.info.get("changes", [])) if meta is not None else []

@@ -25,7 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlm import accounting as acc
+from quantlm.accounting import budget_from_gguf, gguf_file
 from quantlm.errors import QuantlmError
+from quantlm.export import export_model
+from quantlm.formats.registry import Layout
+from quantlm.hf_checkpoint import read_config
 from quantlm.recipes import doc
 
 INSTALL_HINT = ("llama.cpp's Python binding (llama_cpp) is not importable by {python}: run `bash .ci/llamacpp.sh` "
@@ -81,9 +86,6 @@ def gguf_type_for(model_dir: str | os.PathLike, requested: str = "") -> tuple[st
     """(type, note) to export a checkpoint with for llama.cpp: ``requested``, else the export's default; a TriLM
     whose rows no TQ type holds exactly (widths not multiples of 256, or straddling shards) gets the smallest
     type that does (Q4_0, Q8_0), said in the note. Decided from config.json alone."""
-    from quantlm import accounting as acc
-    from quantlm.formats.registry import Layout
-    from quantlm.hf_checkpoint import read_config
 
     if requested:
         return requested, ""
@@ -105,7 +107,6 @@ def gguf_type_for(model_dir: str | os.PathLike, requested: str = "") -> tuple[st
 def resolve(model: str | os.PathLike, workdir: Path, gguf_type: str = "") -> tuple[Path, dict]:
     """The GGUF file to run for ``model`` (a .gguf file, a gguf export directory, or a checkpoint directory that is
     exported into ``workdir`` first) and what was done to get it."""
-    from quantlm.accounting import gguf_file
 
     path = Path(model)
     found = gguf_file(path)
@@ -115,7 +116,6 @@ def resolve(model: str | os.PathLike, workdir: Path, gguf_type: str = "") -> tup
         return found, {"source": str(path), "exported": False}
     if not (path / "config.json").is_file():
         raise QuantlmError(f"{path}: neither a .gguf file nor a checkpoint directory (config.json)")
-    from quantlm.export import export_model
 
     type_name, note = gguf_type_for(path, gguf_type)
     out = workdir / f"{len(list(workdir.iterdir()))}-{path.name}"
@@ -137,7 +137,6 @@ def bench(models: list[str | os.PathLike], settings: BenchSettings = BenchSettin
     the measurement. ``python``: the interpreter that has llama_cpp (default: this one)."""
     from tqdm.auto import tqdm
 
-    from quantlm.accounting import budget_from_gguf
 
     python = python or sys.executable
     version = check_llama_cpp(python)

@@ -13,7 +13,17 @@ import dataclasses
 import os
 from pathlib import Path
 
+from quantlm import validate
+from quantlm.accounting import checkpoint_layout
+from quantlm.atomic import check_output, output_dir
+from quantlm.checkpoint_writer import write_checkpoint, written_changes
 from quantlm.errors import QuantlmError
+from quantlm.formats.loader import read_linears
+from quantlm.formats.registry import Layout, formats_for, get_format
+from quantlm.hf_checkpoint import block_map_for, read_config
+from quantlm.metadata import ModelMeta, read_meta
+from quantlm.quantized import QuantizedLinear, TernaryWeight
+from quantlm.versions import library_versions
 
 
 def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
@@ -23,16 +33,6 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     ``options``: layout fields of the target (``float_dtype``; for gguf ``gguf_type``, ``kquant_grouped``,
     ``merge_shard_scales``). The report's ``changes`` lists what an opt-in changed in the weights (empty when
     the export is lossless)."""
-    from quantlm import validate
-    from quantlm.accounting import checkpoint_layout
-    from quantlm.atomic import check_output, output_dir
-    from quantlm.checkpoint_writer import write_checkpoint, written_changes
-    from quantlm.formats.loader import read_linears
-    from quantlm.formats.registry import Layout, formats_for, get_format
-    from quantlm.hf_checkpoint import block_map_for, read_config
-    from quantlm.metadata import ModelMeta, read_meta
-    from quantlm.quantized import QuantizedLinear, TernaryWeight
-    from quantlm.versions import library_versions
 
     src, out = Path(model_dir), Path(out_dir)
     config = read_config(src)

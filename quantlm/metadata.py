@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantlm.atomic import write_json
 from quantlm.errors import QuantlmError
 
 FILE = "quantlm.json"
@@ -58,7 +59,6 @@ class ModelMeta:
 
 
 def write_meta(out_dir: str | os.PathLike, meta: ModelMeta) -> Path:
-    from quantlm.atomic import write_json
 
     return write_json(Path(out_dir) / FILE, meta.to_dict())
 

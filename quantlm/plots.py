@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from quantlm.atomic import atomic_path
 from quantlm.errors import QuantlmError
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,6 @@ def fit_families(df, metric: str, x: str = "params"):
 
 def _save(fig, path: Path) -> Path:
     """savefig to a temp sibling, then rename: a crash never leaves half an image."""
-    from quantlm.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")

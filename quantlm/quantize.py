@@ -12,11 +12,23 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from quantlm.calibration import CalibrationSettings
+from quantlm import validate
+from quantlm.accounting import budget_from_spec
+from quantlm.atomic import check_output, output_dir, write_json
+from quantlm.calibration import CalibrationSettings, calibration_tokens
+from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, written_changes
 from quantlm.errors import QuantlmError
-from quantlm.gptq.memory import MemorySettings
+from quantlm.formats.registry import Layout, checkpoint_spec, formats_for, get_format
+from quantlm.gptq.memory import MemorySettings, plan_for_checkpoint
+from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
-from quantlm.recipes import doc, to_dict
+from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer, read_config
+from quantlm.metadata import ModelMeta
+from quantlm.progress import quiet_library_bars
+from quantlm.quantized import check_group_size
+from quantlm.recipes import doc, dump, to_dict
+from quantlm.specs import PRESETS, spec_from_config
+from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +46,6 @@ class ExportSettings:
                                "largest changes are reported)", False)
 
     def __post_init__(self):
-        from quantlm.formats.registry import formats_for
 
         known = formats_for("quantlm")
         if not self.formats:
@@ -59,13 +70,11 @@ class QuantRecipe:
                                  MemorySettings())
 
     def __post_init__(self):
-        from quantlm.formats.registry import get_format
 
         for f in self.export.formats:
             get_format(f).check(self.layout(f))
 
     def layout(self, fmt: str):
-        from quantlm.formats.registry import Layout
 
         g, e = self.gptq, self.export
         gguf = {"gguf_type": e.gguf_type, "kquant_grouped": e.kquant_grouped} if fmt == "gguf" else {}
@@ -84,11 +93,6 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     """Every check that needs no compute, so bad input fails in a second with nothing written: the output
     location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
     and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit)."""
-    from quantlm import validate
-    from quantlm.atomic import check_output
-    from quantlm.formats.registry import checkpoint_spec
-    from quantlm.hf_checkpoint import block_map_for, read_config
-    from quantlm.quantized import check_group_size
 
     config = read_config(model_dir)
     block_map_for(config, str(model_dir))
@@ -100,7 +104,6 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(config, recipe))
     validate.check_device(device)
     validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
-    from quantlm.formats.registry import get_format
 
     for fmt in recipe.export.formats:
         get_format(fmt).preflight(model_dir, config, recipe.layout(fmt))
@@ -109,8 +112,6 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
 
 def export_recipes(root: str | os.PathLike) -> list[Path]:
     """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
-    from quantlm.recipes import dump
-    from quantlm.specs import PRESETS
 
     root = Path(root)
     written = [dump(spec, root / "presets" / f"{name}.yaml") for name, spec in PRESETS.items()]
@@ -120,7 +121,6 @@ def export_recipes(root: str | os.PathLike) -> list[Path]:
 
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
     """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
-    from quantlm.gptq.memory import plan_for_checkpoint
 
     g, c = recipe.gptq, recipe.calibration
     return plan_for_checkpoint(model_dir, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, device,
@@ -129,8 +129,6 @@ def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str =
 
 def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
     """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
-    from quantlm.accounting import budget_from_spec
-    from quantlm.specs import spec_from_config
 
     spec = spec_from_config(config, "model").with_family("quantlm", recipe.gptq.bits)
     total = 0
@@ -151,14 +149,6 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     """
     import torch
 
-    from quantlm.atomic import output_dir, write_json
-    from quantlm.calibration import calibration_tokens
-    from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, written_changes
-    from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
-    from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer
-    from quantlm.metadata import ModelMeta
-    from quantlm.progress import quiet_library_bars
-    from quantlm.versions import library_versions
 
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -20,7 +20,9 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
+from quantlm.atomic import write_text
 from quantlm.errors import QuantlmError
+from quantlm.paths import resolve_input
 
 # kind -> "module:Class"; modules are imported only when a recipe of that kind is loaded.
 KINDS: dict[str, str] = {
@@ -156,7 +158,6 @@ def load(path: str | os.PathLike, expect: type | None = None):
     """Load a recipe YAML; ``expect`` checks its kind (e.g. ``QuantRecipe``)."""
     import yaml
 
-    from quantlm.paths import resolve_input
 
     path = resolve_input(path)
     if not path.is_file():
@@ -183,7 +184,6 @@ def dumps(obj) -> str:
 
 
 def dump(obj, path: str | os.PathLike) -> Path:
-    from quantlm.atomic import write_text
 
     return write_text(path, dumps(obj))
 

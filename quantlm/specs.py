@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from quantlm.architectures import ARCHITECTURES, Architecture, BlockMap, architecture_for
 from quantlm.errors import QuantlmError
+from quantlm.quantized import check_bits
 
 FAMILIES = ("floatlm", "quantlm", "trilm")
 QUANT_BITS = (3, 4, 6, 8)
@@ -122,7 +123,6 @@ class ModelSpec:
         if self.family == "quantlm" and self.bits is None:
             raise QuantlmError(f"{self.name}: a QuantLM spec needs bits")
         if self.bits is not None:
-            from quantlm.quantized import check_bits
 
             check_bits(self.bits, f"{self.name}: bits")
 

@@ -27,6 +27,15 @@ from pathlib import Path
 
 from quantlm.dtypes import FLOAT_ST
 from quantlm.errors import QuantlmError
+from quantlm.formats.registry import layout_of_config
+from quantlm.hf_checkpoint import (
+    block_map_for,
+    read_config,
+    read_safetensors_header,
+    read_weight_map,
+    safetensors_files,
+)
+from quantlm.specs import spec_from_config
 from quantlm.textdocs import read_text_file
 
 FLOAT_DTYPES = FLOAT_ST
@@ -52,7 +61,6 @@ def _int(config: dict, key: str, where: str) -> int:
 
 def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a checkpoint with this config stores (HF names, from its ModelSpec)."""
-    from quantlm.specs import spec_from_config
 
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
         _int(config, key, where)
@@ -61,7 +69,6 @@ def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int,
 
 def is_packed(model_dir: Path, config: dict) -> bool:
     """Block linears stored in a packed layout (GPTQ, compressed-tensors, packed ternary), per the registry."""
-    from quantlm.formats.registry import layout_of_config
 
     return layout_of_config(config).format != "unpacked"
 
@@ -100,7 +107,6 @@ def _one_line(where: Path, problems: list[str]) -> str:
 def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files (hf_checkpoint.safetensors_files) and the index's weight map, if the checkpoint is
     sharded; every shard the index names must exist."""
-    from quantlm.hf_checkpoint import read_weight_map, safetensors_files
 
     weight_map = read_weight_map(model_dir)
     if weight_map is not None:
@@ -119,7 +125,6 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
     ``headers``: ``{file: [HeaderEntry, ...]}`` a caller already read with ``hf_checkpoint.read_safetensors_header``
     (so ``quantlm size`` reads every header once); without it the headers are read here.
     """
-    from quantlm.hf_checkpoint import block_map_for, read_config, read_safetensors_header
 
     model_dir = Path(model_dir)
     if not model_dir.exists():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import platform
 
+import quantlm
+
 
 def library_versions() -> dict:
     import tokenizers
     import torch
     import transformers
 
-    import quantlm
 
     return {"quantlm": quantlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "tokenizers": tokenizers.__version__, "python": platform.python_version()}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantlm.errors import QuantlmError
+from quantlm.eval.tasks import expand_tasks
 from quantlm.recipes import doc
 
 
@@ -24,7 +25,6 @@ class EvalRecipe:
     dtype: Literal["float32", "bfloat16", "float16"] = doc("dtype the model is loaded in", "float32")
 
     def __post_init__(self):
-        from quantlm.eval.tasks import expand_tasks
 
         if not self.ppl and not self.tasks:
             raise QuantlmError("the evaluation has neither perplexity corpora nor tasks; pass --ppl or --tasks")

@@ -14,6 +14,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from quantlm import accounting, validate
+from quantlm.accounting import checkpoint_layout
+from quantlm.atomic import check_dir_writable
 from quantlm.errors import QuantlmError
 from quantlm.eval.datasets import load_text_source
 from quantlm.eval.perplexity import perplexity, resolve_window
@@ -21,6 +24,10 @@ from quantlm.eval.recipe import EvalRecipe
 from quantlm.eval.records import SCHEMA, new_record_id, write_record
 from quantlm.eval.tasks import TASKS, expand_tasks, task_files
 from quantlm.eval.zeroshot import commonsense_average, zeroshot
+from quantlm.formats.loader import load_model
+from quantlm.hf_checkpoint import block_map_for, load_tokenizer, read_config
+from quantlm.metadata import model_label, read_meta
+from quantlm.recipes import to_dict
 from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -37,8 +44,6 @@ def device_description(device: str) -> str:
 def identify(model_dir: Path, config: dict) -> dict:
     """What a checkpoint is, from what it records about itself: ``quantlm.json`` when quantlm wrote it, else its
     config.json (one rule for ``size`` and ``eval``: both go through ``accounting.checkpoint_layout``)."""
-    from quantlm.accounting import checkpoint_layout
-    from quantlm.metadata import model_label, read_meta
 
     layout = checkpoint_layout(model_dir, config)
     meta = read_meta(model_dir)
@@ -54,7 +59,6 @@ def identify(model_dir: Path, config: dict) -> dict:
 def deployed_sizes(model_dir: Path, config: dict) -> dict:
     """``sizes`` (total bits per convention) and ``size_layout``: the model as deployed (QuantLM packed in the
     compressed-tensors layout, TriLM at 1.6 bits per weight, FloatLM in fp16), whatever its files store."""
-    from quantlm import accounting
 
     b = accounting.deployed_budget(model_dir, accounting.checkpoint_layout(model_dir, config))
     return {"sizes": {c: float(b.total_bits(c)) for c in accounting.CONVENTIONS}, "size_layout": b.layout}
@@ -62,7 +66,6 @@ def deployed_sizes(model_dir: Path, config: dict) -> dict:
 
 def _preflight(model_dir: Path, recipe: EvalRecipe) -> tuple[dict, list, list[str]]:
     """Check the model directory, window and data before any model weights are loaded."""
-    from quantlm.hf_checkpoint import block_map_for, read_config
 
     if not model_dir.is_dir():
         raise QuantlmError(f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory")
@@ -100,7 +103,6 @@ def evaluate_loaded(model, tokenizer, recipe: EvalRecipe, *, model_name: str, so
         metrics.update(zeroshot(model, tokenizer, tasks, limit=recipe.limit, batch_size=recipe.batch_size,
                                 progress=progress))
         metrics["commonsense_avg"] = commonsense_average(metrics)
-    from quantlm.recipes import to_dict
 
     record = {
         "schema": SCHEMA, "id": new_record_id(), "created": datetime.now(timezone.utc).isoformat(),
@@ -124,10 +126,6 @@ def evaluate(model_dir: str | os.PathLike, recipe: EvalRecipe, *, results_dir: s
     loader, so no optional library is needed."""
     import torch
 
-    from quantlm import validate
-    from quantlm.atomic import check_dir_writable
-    from quantlm.formats.loader import load_model
-    from quantlm.hf_checkpoint import load_tokenizer
 
     model_dir = Path(model_dir)
     validate.check_device(device)

@@ -34,7 +34,10 @@ from quantlm.atomic import atomic_path
 from quantlm.errors import QuantlmError
 from quantlm.formats import gguf_blocks as gb
 from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, register
+from quantlm.hf_checkpoint import block_map_for
+from quantlm.metadata import model_label
 from quantlm.quantized import QuantizedLinear, TernaryWeight
+from quantlm.specs import spec_from_config
 
 ARCH = "llama"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -621,8 +624,6 @@ class GGUFFormat(Format):
 
     def preflight(self, model_dir, config, layout):
         """Before any compute: a LLaMA config llama.cpp runs, a type for every linear, a tokenizer it reproduces."""
-        from quantlm.hf_checkpoint import block_map_for
-        from quantlm.specs import spec_from_config
 
         _hparams(config)
         block_map = block_map_for(config, str(model_dir))
@@ -645,7 +646,6 @@ class GGUFFormat(Format):
             tensors[name + ".weight"] = value
         label = meta.model
         if meta.producer == "quantize":
-            from quantlm.metadata import model_label
 
             label = model_label(out, meta)
         report = write_gguf(out / GGUF_FILE, config, tensors, tokenizer_dir, float_type=layout.float_dtype,

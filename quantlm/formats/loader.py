@@ -18,7 +18,15 @@ from torch import nn
 from quantlm.errors import QuantlmError
 from quantlm.formats.packing import pack_bits, packed_length, unpack_bits
 from quantlm.formats.registry import Layout, get_format, layout_of_config
+from quantlm.hf_checkpoint import (
+    block_map_for,
+    load_causal_lm,
+    read_config,
+    read_safetensors_header,
+    safetensors_files,
+)
 from quantlm.quantized import QuantizedLinear, TernaryWeight, num_groups
+from quantlm.specs import spec_from_config
 
 
 class QuantLinear(nn.Module):
@@ -78,7 +86,6 @@ def read_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory's safetensors files (shards included)."""
     from safetensors.torch import load_file
 
-    from quantlm.hf_checkpoint import read_safetensors_header, safetensors_files
 
     tensors: dict[str, torch.Tensor] = {}
     for f in safetensors_files(Path(model_dir)):
@@ -93,7 +100,6 @@ def read_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_linears(model_dir: str | os.PathLike, config: dict, layout: Layout, block_map
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """(the dense tensors, name -> decoded block linear) of a checkpoint in ``layout``."""
-    from quantlm.specs import spec_from_config
 
     fmt = get_format(layout.format)
     tensors = read_state(model_dir)
@@ -122,7 +128,6 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
     packed block linears kept packed. Needs no optional library (optimum, GPTQModel, compressed-tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantlm.hf_checkpoint import block_map_for, load_causal_lm, read_config
 
     path = Path(model_dir)
     cfg = read_config(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from quantlm.dtypes import ST_DTYPES
 from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, register
+from quantlm.hf_checkpoint import is_trilm
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 
 
@@ -32,7 +33,6 @@ class Unpacked(Format):
         return read(name + ".weight")
 
     def layout_from_config(self, config):
-        from quantlm.hf_checkpoint import is_trilm
 
         dtype = {"float32": "F32", "bfloat16": "BF16"}.get(str(config.get("dtype") or config.get("torch_dtype")), "F16")
         if is_trilm(config):

@@ -18,12 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from quantlm import paths
+from quantlm import accounting as acc
+from quantlm import paths, recipes
 from quantlm.deploy import BenchSettings
 from quantlm.errors import QuantlmError
 from quantlm.eval.recipe import EvalRecipe
+from quantlm.gptq.memory import MemorySettings, plan_memory
 from quantlm.quantize import ExportSettings, QuantRecipe
+from quantlm.quantized import check_bits
 from quantlm.recipes import doc, recipe_hash, to_dict
+from quantlm.specs import get_preset, is_preset
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,6 @@ class SuiteManifest:
             raise QuantlmError(f"suite {self.name}: model names must be unique, got {names}")
         if not self.models:
             raise QuantlmError(f"suite {self.name}: no models listed")
-        from quantlm.quantized import check_bits
 
         for b in self.bits:
             check_bits(b, f"suite {self.name}: bits")
@@ -90,7 +93,6 @@ def quantize_job_hash(recipe: QuantRecipe, source: str) -> str:
     """What determines a quantization's weights: the method and its math, the calibration (seed included), the
     source, and the activation/forward dtypes where they are not the fp32 defaults (where activations live does
     not). GPTQ and RTN without transforms hash as they did before methods were named (finished jobs stay done)."""
-    from quantlm.gptq.memory import MemorySettings
 
     numerics = {k: getattr(recipe.memory, k) for k in ("activation_dtype", "forward_dtype")
                 if getattr(recipe.memory, k) != getattr(MemorySettings(), k)}
@@ -121,7 +123,6 @@ class Job:
 
 def load_manifest(path: str | os.PathLike) -> tuple[SuiteManifest, Path]:
     """The manifest (a path or a shipped name) and the folder its train recipes are looked up in first."""
-    from quantlm import recipes
 
     path = paths.resolve_input(path)
     return recipes.load(path, expect=SuiteManifest), path.resolve().parent
@@ -238,7 +239,6 @@ def describe_plan(manifest: SuiteManifest, base: Path) -> list[dict]:
 
     Sizes come from presets (or config.json files where a checkpoint exists); no weights are read.
     """
-    from quantlm import accounting as acc
 
     rows = []
     for job in plan(manifest, base):
@@ -265,8 +265,6 @@ def describe_plan(manifest: SuiteManifest, base: Path) -> list[dict]:
 def _job_peak_memory(job: Job, manifest: SuiteManifest) -> float | None:
     """The predicted peak host memory of a quantize job (its memory plan), from the checkpoint's config.json or,
     before the model exists, its preset's."""
-    from quantlm.gptq.memory import plan_memory
-    from quantlm.specs import get_preset, is_preset
 
     recipe = job.payload["recipe"]
     cfg_path = job.source / "config.json" if job.source is not None else None

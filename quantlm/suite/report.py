@@ -6,8 +6,12 @@ import json
 import logging
 from pathlib import Path
 
+from quantlm import plots
+from quantlm.atomic import write_text
 from quantlm.errors import QuantlmError
-from quantlm.suite.plan import SuiteManifest, output_root
+from quantlm.eval.records import load_records
+from quantlm.suite.plan import SuiteManifest, output_root, plan
+from quantlm.suite.runner import DEPLOY_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +20,6 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
     """The comparison table (CSV + Markdown) and the plots, from the suite's result records alone."""
     import pandas as pd
 
-    from quantlm.atomic import write_text
-    from quantlm.eval.records import load_records
 
     root = output_root(manifest)
     results = root / "results"
@@ -42,7 +44,6 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
 def current_records(df, manifest: SuiteManifest, base: Path):
     """The records of the manifest's eval jobs as planned now (same id, same hash), newest per job, and the labels
     of the records left out (removed bitwidths or seeds, changed recipes, records not written by a suite)."""
-    from quantlm.suite.plan import plan
 
     if df.empty:
         return df, []
@@ -62,7 +63,6 @@ def load_deploy_records(folder: Path):
     """The deploy jobs' records (llama.cpp speed and memory), one row per model with DEPLOY_COLUMNS; empty if none."""
     import pandas as pd
 
-    from quantlm.suite.runner import DEPLOY_SCHEMA
 
     rows = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
@@ -152,7 +152,6 @@ def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
 
 
 def _plots(df, results: Path, deploy=None) -> list[Path]:
-    from quantlm import plots
 
     speed = deploy is not None and not deploy.empty
     if speed:  # every record of a model gets its llama.cpp figures (measured once per model)

@@ -10,10 +10,25 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from quantlm import locks, validate
-from quantlm.atomic import check_dir_writable
+from quantlm import locks, recipes, validate
+from quantlm.atomic import check_dir_writable, write_json, write_text
+from quantlm.deploy import INSTALL_HINT, bench, llama_cpp_available
 from quantlm.errors import QuantlmError
-from quantlm.suite.plan import JOB_FILE, Job, SuiteManifest, job_done, output_root, plan, select
+from quantlm.eval.run import evaluate
+from quantlm.quantize import quantize_model
+from quantlm.suite.plan import (
+    JOB_FILE,
+    Job,
+    SuiteManifest,
+    describe_plan,
+    job_done,
+    output_root,
+    plan,
+    select,
+)
+from quantlm.train.data import heldout_text
+from quantlm.train.recipe import TrainRecipe
+from quantlm.train.run import train
 
 log = logging.getLogger(__name__)
 DEPLOY_SCHEMA = "quantlm.deploy/1"
@@ -26,27 +41,21 @@ class JobSkipped(QuantlmError):
 def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
     """Run one job; its output appears atomically (temp path, then rename) with the job's hash inside.
     ``progress`` shows the job's own progress bars (training steps, blocks, evaluation batches)."""
-    from quantlm.atomic import write_json
 
     stamp = {"id": job.id, "hash": job.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if job.kind == "train":
-        from quantlm import recipes
-        from quantlm.train.recipe import TrainRecipe
-        from quantlm.train.run import train
 
         recipe = recipes.load(job.source, expect=TrainRecipe)
         work = job.out.parent / f".{job.out.name}.train"  # scratch: removed once the checkpoint is in place
         final = train(recipe, work, resume=work.exists(), progress=progress, final_dir=job.out, keep_scratch=False)
         write_json(Path(final) / JOB_FILE, {"suite_job": stamp})
     elif job.kind == "quantize":
-        from quantlm.quantize import quantize_model
 
         _require_checkpoint(job)
         report = quantize_model(job.source, job.payload["recipe"], job.out, device=manifest.device,
                                 overwrite=True, progress=progress)
         write_json(job.out / JOB_FILE, {"suite_job": stamp, "report_summary": _brief(report)})
     elif job.kind == "deploy":
-        from quantlm.deploy import INSTALL_HINT, bench, llama_cpp_available
 
         if not llama_cpp_available():
             import sys
@@ -58,7 +67,6 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
                        "bits": job.bits, "seed": job.seed, "rtn": job.rtn, "preset": job.preset or None})
         write_json(job.out, record)
     else:
-        from quantlm.eval.run import evaluate
 
         _require_checkpoint(job)
         eval_recipe = manifest.eval
@@ -73,14 +81,10 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
 
 def _materialize_heldout(jobs: list[Job]) -> None:
     """Write the held-out corpus split once, as the text file the eval jobs read."""
-    from quantlm.atomic import write_text
 
     for job in jobs:
         target = job.payload.get("heldout")
         if target and not Path(target).is_file():
-            from quantlm import recipes
-            from quantlm.train.data import heldout_text
-            from quantlm.train.recipe import TrainRecipe
 
             write_text(target, heldout_text(recipes.load(job.payload["heldout_recipe"], expect=TrainRecipe)))
             return
@@ -110,7 +114,6 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
     """Run every unfinished job (or those matching ``only``); failures are recorded, never fatal to the rest."""
     from tqdm.auto import tqdm
 
-    from quantlm.atomic import write_json
 
     jobs = plan(manifest, base)
     chosen = select(jobs, only)
@@ -159,7 +162,6 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
 
 def _bytes_to_write(manifest: SuiteManifest, base: Path, chosen: list[Job]) -> int:
     """The plan's disk estimate for the jobs still to run (what the free-space check needs)."""
-    from quantlm.suite.plan import describe_plan
 
     ids = {j.id for j in chosen}
     return int(sum((r.get("disk_GB") or 0.0) * 1e9 for r in describe_plan(manifest, base)

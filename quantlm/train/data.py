@@ -27,7 +27,9 @@ import torch
 from quantlm import paths, textdocs
 from quantlm.atomic import output_dir, write_json
 from quantlm.errors import QuantlmError
+from quantlm.hf_checkpoint import load_tokenizer
 from quantlm.textdocs import RECORD_SUFFIXES, is_datasets_dir
+from quantlm.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,6 @@ def _tokenizer_hash(tokenizer) -> str:
 
 def load_or_train_tokenizer(recipe, sources: list[Path] | None = None):
     """The recipe's tokenizer: a local HF folder, or a byte-level BPE trained on the corpus and cached."""
-    from quantlm.hf_checkpoint import load_tokenizer
-    from quantlm.tokenizer import train_bpe_tokenizer
 
     if recipe.tokenizer:
         path = resolve_path(recipe.tokenizer)

@@ -40,6 +40,7 @@ from quantlm.atomic import (
 from quantlm.dtypes import TORCH_FLOATS
 from quantlm.errors import QuantlmError
 from quantlm.metadata import ModelMeta, read_meta, write_meta
+from quantlm.models.trilm import convert_to_trilm, export_unpacked
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
 from quantlm.train.distributed import DistContext, init_distributed, wrap_model
@@ -58,7 +59,6 @@ def build_model(recipe: TrainRecipe, vocab_in_use: int | None = None):
     """A freshly initialised fp32 FloatLM or TriLM for the recipe (seeded by ``recipe.seed``)."""
     from transformers import LlamaForCausalLM
 
-    from quantlm.models.trilm import convert_to_trilm
 
     spec = recipe.spec()
     if vocab_in_use is not None and vocab_in_use > spec.padded_vocab_size:
@@ -77,7 +77,6 @@ def build_model(recipe: TrainRecipe, vocab_in_use: int | None = None):
 def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path: Path, tokenizer,
                        info: dict, overwrite: bool = False) -> Path:
     """Write an HF checkpoint from a full state dict; a TriLM is exported unpacked (block weights gamma * W_t)."""
-    from quantlm.models.trilm import export_unpacked
 
     dtype = TORCH_FLOATS[recipe.save_dtype]
     model = build_model(recipe)
