@@ -15,13 +15,13 @@ from pathlib import Path
 
 from quantlm import validate
 from quantlm.accounting import checkpoint_layout
-from quantlm.atomic import check_output, output_dir
 from quantlm.checkpoint_writer import write_checkpoint, written_changes
 from quantlm.errors import QuantlmError
 from quantlm.formats.loader import read_linears
 from quantlm.formats.registry import Layout, formats_for, get_format
 from quantlm.hf_checkpoint import block_map_for, read_config
 from quantlm.metadata import ModelMeta, read_meta
+from quantlm.outputs import check_output, output_dir
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 from quantlm.versions import library_versions
 

@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from quantlm.atomic import hostname, pid_alive
 from quantlm.errors import QuantlmError
+from quantlm.outputs import hostname, pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from quantlm import validate
 from quantlm.accounting import budget_from_spec
-from quantlm.atomic import check_output, output_dir, write_json
+from quantlm.atomic import write_json
 from quantlm.calibration import CalibrationSettings, calibration_tokens
 from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, written_changes
 from quantlm.errors import QuantlmError
@@ -24,6 +24,7 @@ from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer, read_config
 from quantlm.metadata import ModelMeta
+from quantlm.outputs import check_output, output_dir
 from quantlm.progress import quiet_library_bars
 from quantlm.quantized import check_group_size
 from quantlm.recipes import doc, dump, to_dict

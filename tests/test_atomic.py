@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from quantlm import atomic
-from quantlm.atomic import atomic_path, output_dir, write_text
+from quantlm import outputs
+from quantlm.atomic import atomic_path, write_text
 from quantlm.errors import QuantlmError
+from quantlm.outputs import output_dir
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
@@ -51,10 +52,10 @@ def test_output_dir_marks_what_it_writes_and_overwrite_replaces_only_marked_or_e
     out = tmp_path / "out"
     with output_dir(out) as work:
         (work / "a").write_text("1")
-    assert (out / atomic.MARKER).is_file() and atomic.is_quantlm_output(out)
+    assert (out / outputs.MARKER).is_file() and outputs.is_quantlm_output(out)
     with output_dir(out, overwrite=True) as work:  # a previous quantlm output: replaced
         (work / "b").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == [atomic.MARKER, "b"]
+    assert sorted(p.name for p in out.iterdir()) == [outputs.MARKER, "b"]
     empty = tmp_path / "empty"
     empty.mkdir()
     with output_dir(empty, overwrite=True) as work:
@@ -74,42 +75,42 @@ def test_overwrite_refuses_the_input_its_ancestors_the_cwd_and_home(tmp_path, mo
     model = tmp_path / "models" / "floatlm"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
-    write_text(tmp_path / "models" / atomic.MARKER, "{}")  # even a marked ancestor is refused
+    write_text(tmp_path / "models" / outputs.MARKER, "{}")  # even a marked ancestor is refused
     for out, what in ((model, "is the input"), (tmp_path / "models", "contains the input"),
                       (tmp_path, "contains the input")):
         with pytest.raises(QuantlmError, match=what):
-            atomic.check_output(out, overwrite=True, protect=[model])
+            outputs.check_output(out, overwrite=True, protect=[model])
     work = tmp_path / "work" / "sub"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     with pytest.raises(QuantlmError, match="is the working directory"):
-        atomic.check_output(".", overwrite=True)
+        outputs.check_output(".", overwrite=True)
     with pytest.raises(QuantlmError, match="is an ancestor of the working directory"):
-        atomic.check_output("..", overwrite=True)
+        outputs.check_output("..", overwrite=True)
     home = tmp_path / "home" / "alice"
     home.mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     with pytest.raises(QuantlmError, match="is a home directory"):
-        atomic.check_output(home, overwrite=True)
+        outputs.check_output(home, overwrite=True)
     with pytest.raises(QuantlmError, match="is an ancestor of the working directory"):
-        atomic.check_output("/", overwrite=True)
-    assert atomic.check_output(home / "q4") == (home / "q4").resolve()  # a new folder inside home is fine
+        outputs.check_output("/", overwrite=True)
+    assert outputs.check_output(home / "q4") == (home / "q4").resolve()  # a new folder inside home is fine
 
 
 def test_check_output_refuses_files_unwritable_parents_and_full_disks(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(QuantlmError, match="exists and is not a directory"):
-        atomic.check_output(f, overwrite=True)
+        outputs.check_output(f, overwrite=True)
     with pytest.raises(QuantlmError, match="GB free"):
-        atomic.check_output(tmp_path / "big", need_bytes=10**18)
+        outputs.check_output(tmp_path / "big", need_bytes=10**18)
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
         try:
             with pytest.raises(QuantlmError, match="is not writable"):
-                atomic.check_output(ro / "deeper" / "out")
+                outputs.check_output(ro / "deeper" / "out")
         finally:
             ro.chmod(0o755)
 
@@ -121,7 +122,7 @@ def test_outputs_get_the_umask_modes_not_mkdtemp_ones(tmp_path):
             (work / "w.bin").write_bytes(b"1")
         write_text(tmp_path / "out" / "note.txt", "x")
         assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
-        assert (tmp_path / "out" / atomic.MARKER).stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "out" / outputs.MARKER).stat().st_mode & 0o777 == 0o644
         assert (tmp_path / "out" / "note.txt").stat().st_mode & 0o777 == 0o644
         os.umask(0o077)
         with output_dir(tmp_path / "private") as work:
@@ -132,12 +133,12 @@ def test_outputs_get_the_umask_modes_not_mkdtemp_ones(tmp_path):
 
 
 def test_stale_partials_of_dead_processes_are_removed_by_the_next_run(tmp_path, caplog):
-    host = atomic.hostname()
+    host = outputs.hostname()
     dead = _dead_pid()
     stale = [tmp_path / f".out.{dead}@{host}.abcd1234.partial", tmp_path / f".out.old-{dead}@{host}"]
     alive = [tmp_path / f".out.{os.getpid()}@{host}.zzzz9999.partial",  # a live writer
              tmp_path / f".out.{dead}@other-host.abcd1234.partial",  # another node of a shared file system
-             tmp_path / ".out.abcd1234.partial",  # an older quantlm: reported, not removed
+             tmp_path / ".out.abcd1234.partial",  # no pid@host: not one of quantlm's, never touched
              tmp_path / f".outer.{dead}@{host}.abcd1234.partial"]  # another output's
     for p in stale + alive:
         p.mkdir()
@@ -145,13 +146,13 @@ def test_stale_partials_of_dead_processes_are_removed_by_the_next_run(tmp_path, 
     with caplog.at_level("WARNING"), output_dir(tmp_path / "out") as work:
         (work / "x").write_text("1")
     assert not any(p.exists() for p in stale) and all(p.exists() for p in alive)
-    assert "left by a killed quantlm run" in caplog.text and "older quantlm" in caplog.text
+    assert "left by a killed quantlm run" in caplog.text
 
 
 def test_sigterm_during_the_write_phase_leaves_no_partial(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
-        from quantlm.atomic import output_dir
+        from quantlm.outputs import output_dir
         with output_dir({str(tmp_path / 'out')!r}) as work:
             (work / "model.safetensors").write_bytes(b"0" * 1000)
             print("writing", flush=True)
@@ -171,7 +172,7 @@ def test_sigterm_during_the_write_phase_leaves_no_partial(tmp_path):
 def test_sigkill_leaves_a_partial_that_the_next_run_removes(tmp_path):
     script = f"""
 import time
-from quantlm.atomic import output_dir
+from quantlm.outputs import output_dir
 with output_dir({str(tmp_path / 'out')!r}) as work:
     print("writing", flush=True)
     time.sleep(60)
@@ -196,35 +197,13 @@ def test_sigterm_handler_is_restored_and_only_installed_inside(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_remove_output_and_replace_dir_touch_only_quantlm_outputs(tmp_path):
-    with output_dir(tmp_path / "ours"):
-        pass
-    assert atomic.remove_output(tmp_path / "ours") and not (tmp_path / "ours").exists()
-    assert atomic.remove_output(tmp_path / "absent") is False
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    (theirs / "data.csv").write_text("1")
-    with pytest.raises(QuantlmError, match="nothing was deleted"):
-        atomic.remove_output(theirs)
-    with output_dir(tmp_path / "new") as work:
-        (work / "v").write_text("2")
-    with pytest.raises(QuantlmError, match="nothing was replaced"):
-        atomic.replace_dir(tmp_path / "new", theirs)
-    assert (theirs / "data.csv").is_file() and (tmp_path / "new" / "v").is_file()
-    with output_dir(tmp_path / "dst"):
-        pass
-    atomic.replace_dir(tmp_path / "new", tmp_path / "dst")
-    assert (tmp_path / "dst" / "v").read_text() == "2" and not (tmp_path / "new").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "theirs"]
-
-
 def test_nothing_is_written_into_the_installed_package():
     from quantlm.paths import recipes_dir
 
     with pytest.raises(QuantlmError, match="inside quantlm's installed package"):
         write_text(recipes_dir() / "results" / "x.json", "{}")
     with pytest.raises(QuantlmError, match="inside quantlm's installed package"):
-        atomic.check_output(recipes_dir().parent / "suite-tiny")
+        outputs.check_output(recipes_dir().parent / "suite-tiny")
     assert not (recipes_dir() / "results").exists()
 
 
@@ -235,6 +214,6 @@ def test_write_errors_are_one_line(tmp_path):
     with pytest.raises(QuantlmError, match="a part of its folder .* is a file"):
         write_text(tmp_path / "f" / "g.txt", "x")
     with pytest.raises(QuantlmError, match="is a file, not a directory"):
-        atomic.check_dir_writable(tmp_path / "f")
-    assert atomic.check_dir_writable(tmp_path / "new" / "records") == (tmp_path / "new" / "records").resolve()
+        outputs.check_dir_writable(tmp_path / "f")
+    assert outputs.check_dir_writable(tmp_path / "new" / "records") == (tmp_path / "new" / "records").resolve()
     assert not (tmp_path / "new").exists()

@@ -26,8 +26,8 @@ import torch
 from checkpoint_edits import copy_model
 from safetensors.torch import load_file, save_file
 
-from quantlm.atomic import hostname
 from quantlm.cli import main
+from quantlm.outputs import hostname
 from quantlm.paths import recipes_dir
 
 
@@ -218,15 +218,15 @@ def SU(id, *args, match, setup=None, needs="", **kw):  # noqa: N802
 
 
 QUANTIZE_CHECK = "quantize: validate.check_model(model_dir, export_dtype=..., seqlen=recipe.seqlen) before loading"
-OUT_CHECK = "quantize: atomic.check_output(out_dir, overwrite, protect=[model_dir], need_bytes=...) in validate_request"
+OUT_CHECK = "quantize: outputs.check_output(out_dir, overwrite, protect=[model_dir], need_bytes=...) in validate_request"
 DEVICE_CHECK = "validate.check_device(device) before loading"
 TEXT_CHECK = "validate.read_text / iter_lines in the text readers (calibration.load_documents, eval.datasets._read_text)"
 SIZE_CHECK = "size: validate.check_checkpoint(model_dir) in accounting.budget_from_checkpoint"
 EVAL_CHECK = "eval: validate.check_model(model_dir, seqlen=window) in eval.run._preflight"
-RESULTS_CHECK = "atomic.check_dir_writable(results_dir) in eval.run._preflight / plot before computing"
+RESULTS_CHECK = "outputs.check_dir_writable(results_dir) in eval.run._preflight / plot before computing"
 SUITE_LOCK = "suite: `with locks.hold(root, 'suite'):` around suite.run"
 SUITE_PREFLIGHT = "suite: check every given checkpoint (validate.check_checkpoint) and the output root " \
-                  "(atomic.check_dir_writable) before the first job"
+                  "(outputs.check_dir_writable) before the first job"
 RECORDS_CHECK = "eval.records.load_records: a corrupt record is named (warning; an error when no record is left)"
 
 
@@ -257,21 +257,21 @@ def _in_sub(ws, mp):
 
 
 def _readonly(ws, mp):
-    import quantlm.atomic as atomic
+    import quantlm.outputs as outputs
 
     (ws / "ro").mkdir()
     real = os.access
-    mp.setattr(atomic.os, "access", lambda p, mode, **kw: False if Path(p).resolve() == (ws / "ro").resolve()
+    mp.setattr(outputs.os, "access", lambda p, mode, **kw: False if Path(p).resolve() == (ws / "ro").resolve()
                else real(p, mode, **kw))
 
 
 def _full_disk(ws, mp):
     import collections
 
-    import quantlm.atomic as atomic
+    import quantlm.outputs as outputs
 
     usage = collections.namedtuple("usage", "total used free")
-    mp.setattr(atomic.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+    mp.setattr(outputs.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
 
 
 def _lock_held(directory):

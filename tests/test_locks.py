@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from quantlm import locks
-from quantlm.atomic import hostname
 from quantlm.errors import QuantlmError
+from quantlm.outputs import hostname
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -261,7 +261,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_stub(tmp_path, s
 def test_final_dir_takes_the_checkpoint_and_the_scratch_folder_goes(tmp_path, small_corpus, tiny_tokenizer_dir,
                                                                     cache):
     from quantlm import locks
-    from quantlm.atomic import MARKER
+    from quantlm.outputs import MARKER
 
     recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=2, checkpoint_interval=1)
     work, final = tmp_path / ".m.train", tmp_path / "m"
@@ -287,7 +287,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, small_corpus, tiny
     import json as _json
 
     from quantlm import locks
-    from quantlm.atomic import hostname
+    from quantlm.outputs import hostname
 
     recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache, steps=2)
     lock = locks.lock_path(tmp_path / "run")

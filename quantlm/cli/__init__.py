@@ -14,6 +14,7 @@ import sys
 
 from quantlm import __version__
 from quantlm.errors import QuantlmError
+from quantlm.progress import set_library_bars
 
 SUBCOMMANDS = {
     "size": "model sizes in bits (presets, config.json files, checkpoint directories)",
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "progress", True) is False:
-        from quantlm.progress import set_library_bars
 
         set_library_bars(False)  # --no-progress: process-wide, which is why only the command line does it
     try:

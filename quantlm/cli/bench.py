@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sys
 
+from quantlm.atomic import write_text
 from quantlm.cli.fields import add_recipe_flags, apply_recipe_flags
+from quantlm.deploy import BenchSettings, bench
 
 COLUMNS = ["model", "file_type", "gguf_bytes", "bits_per_weight", "prompt_tok_s", "decode_tok_s", "rss_mb",
            "load_s", "threads"]
 
 
 def register(sub) -> None:
-    from quantlm.deploy import BenchSettings
 
     p = sub.add_parser(
         "bench", help="decode speed and memory in llama.cpp (GGUF files or checkpoints, exported on the fly)",
@@ -34,8 +35,6 @@ def _run(args) -> int:
 
     import pandas as pd
 
-    from quantlm.atomic import write_text
-    from quantlm.deploy import BenchSettings, bench
 
     settings = apply_recipe_flags(args, BenchSettings())
     records = bench(args.models, settings, progress=args.progress, python=args.python)

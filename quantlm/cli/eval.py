@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
+from quantlm.cli.fields import add_recipe_flags, apply_recipe_flags
+from quantlm.eval.recipe import EvalRecipe
+from quantlm.eval.run import evaluate
+from quantlm.paths import results_dir
+from quantlm.recipes import load
+
 
 def register(sub) -> None:
-    from quantlm.cli.fields import add_recipe_flags
-    from quantlm.eval.recipe import EvalRecipe
 
     p = sub.add_parser(
         "eval", help="perplexity and zero-shot tasks of a model on local data; appends a result record",
@@ -33,9 +37,6 @@ def register(sub) -> None:
 
 
 def build_recipe(args):
-    from quantlm.cli.fields import apply_recipe_flags
-    from quantlm.eval.recipe import EvalRecipe
-    from quantlm.recipes import load
 
     return apply_recipe_flags(args, load(args.recipe, expect=EvalRecipe) if args.recipe else EvalRecipe())
 
@@ -64,8 +65,6 @@ def format_table(record: dict) -> str:
 
 
 def _run(args) -> int:
-    from quantlm.eval.run import evaluate
-    from quantlm.paths import results_dir
 
     recipe = build_recipe(args)
     extra = {k: getattr(args, k) for k in ("family", "preset", "bits", "seed") if getattr(args, k) is not None}

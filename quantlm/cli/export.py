@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from quantlm.errors import QuantlmError
+from quantlm.export import export_model
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -30,8 +33,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from quantlm.errors import QuantlmError
-    from quantlm.export import export_model
 
     options = {}
     if args.format == "gguf":

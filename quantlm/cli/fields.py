@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from quantlm.recipes import leaf_fields
+from quantlm.recipes import from_dict, leaf_fields, to_dict
 
 PREFIX = "recipe__"
 
@@ -116,7 +116,6 @@ def add_recipe_flags(parser: argparse.ArgumentParser, cls, *, aliases: dict[str,
 
 def apply_recipe_flags(args: argparse.Namespace, recipe):
     """``recipe`` with every flag the user gave applied (the recipe's checks rerun on the result)."""
-    from quantlm.recipes import from_dict, to_dict
 
     data = to_dict(recipe)
     changed = False

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantlm.atomic import write_text
+from quantlm.errors import QuantlmError
+from quantlm.eval.records import load_records
+from quantlm.outputs import check_dir_writable
+from quantlm.paths import results_dir
+from quantlm.plots import fit_families, is_loss_like, plot_quality
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -24,11 +31,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from quantlm.atomic import check_dir_writable, write_text
-    from quantlm.errors import QuantlmError
-    from quantlm.eval.records import load_records
-    from quantlm.paths import results_dir
-    from quantlm.plots import fit_families, is_loss_like, plot_quality
 
     df = load_records(args.results or results_dir() / "records")
     if df.empty:

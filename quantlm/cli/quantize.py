@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from quantlm.cli.export import print_changes
 from quantlm.cli.fields import add_recipe_flags, apply_recipe_flags
+from quantlm.gptq.memory import check_plan
+from quantlm.quantize import QuantRecipe, memory_plan, quantize_model
+from quantlm.recipes import load
 
 ALIASES = {"data": ("--calib",), "formats": ("--format",)}
 
 
 def register(sub) -> None:
-    from quantlm.quantize import QuantRecipe
 
     p = sub.add_parser(
         "quantize", help="quantize a LLaMA-like checkpoint with GPTQ at 2..8 bits",
@@ -34,22 +37,17 @@ def register(sub) -> None:
 
 def recipe_from_args(args):
     """The recipe file (or the defaults) with every flag the user gave applied on top."""
-    from quantlm.quantize import QuantRecipe
-    from quantlm.recipes import load
 
     recipe = load(args.recipe, expect=QuantRecipe) if args.recipe else QuantRecipe()
     return apply_recipe_flags(args, recipe)
 
 
 def _run(args) -> int:
-    from quantlm.quantize import quantize_model
 
     recipe = recipe_from_args(args)
     if args.dry_run:
         import json
 
-        from quantlm.gptq.memory import check_plan
-        from quantlm.quantize import memory_plan
 
         plan = memory_plan(args.model_dir, recipe, args.device)
         print(json.dumps(plan, indent=2, default=str))
@@ -60,7 +58,6 @@ def _run(args) -> int:
     s, g = report["seconds"], recipe.gptq
     print(f"{report['method']} {g.bits}-bit, group {g.group_size}: {len(report['modules'])} modules, "
           f"total error {report['total_error']:.4g}, {s['total']:.1f}s (quantize {s['quantize']:.1f}s)")
-    from quantlm.cli.export import print_changes
 
     for fmt, path in report["paths"].items():
         print(f"  {fmt}: {path}")

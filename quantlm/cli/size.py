@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from quantlm import accounting as acc
+from quantlm.atomic import write_text
+from quantlm.specs import PRESETS, SPECTRA_PRESETS
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -31,8 +35,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from quantlm import accounting as acc
-    from quantlm.specs import PRESETS, SPECTRA_PRESETS
 
     if args.list:
         _emit("\n".join(PRESETS) + "\n", args.out)
@@ -63,7 +65,6 @@ def _run(args) -> int:
 
 
 def _emit(text: str, out: str | None) -> None:
-    from quantlm.atomic import write_text
 
     if out is None:
         sys.stdout.write(text)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from quantlm import suite
+from quantlm.paths import recipes_dir
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -21,8 +24,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from quantlm import suite
-    from quantlm.paths import recipes_dir
 
     path = args.manifest or str(recipes_dir() / "suite-tiny.yaml")
     manifest, base = suite.load_manifest(path)

@@ -6,12 +6,14 @@ Every recipe field is a flag with its YAML spelling (``--steps 20``, ``--lr 0.00
 
 from __future__ import annotations
 
+from quantlm import recipes
+from quantlm.cli.fields import add_recipe_flags, apply_recipe_flags
 from quantlm.errors import QuantlmError
+from quantlm.train.recipe import TrainRecipe
+from quantlm.train.run import train
 
 
 def register(sub) -> None:
-    from quantlm.cli.fields import add_recipe_flags
-    from quantlm.train.recipe import TrainRecipe
 
     p = sub.add_parser(
         "train", help="train a FloatLM or a TriLM from a recipe",
@@ -29,10 +31,6 @@ def register(sub) -> None:
 def _run(args) -> int:
     from pathlib import Path
 
-    from quantlm import recipes
-    from quantlm.cli.fields import apply_recipe_flags
-    from quantlm.train.recipe import TrainRecipe
-    from quantlm.train.run import train
 
     if not args.recipe:
         raise QuantlmError("give a train recipe, e.g. `quantlm train trilm-tiny`")

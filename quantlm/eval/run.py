@@ -16,7 +16,6 @@ from pathlib import Path
 
 from quantlm import accounting, validate
 from quantlm.accounting import checkpoint_layout
-from quantlm.atomic import check_dir_writable
 from quantlm.errors import QuantlmError
 from quantlm.eval.datasets import load_text_source
 from quantlm.eval.perplexity import perplexity, resolve_window
@@ -27,6 +26,7 @@ from quantlm.eval.zeroshot import commonsense_average, zeroshot
 from quantlm.formats.loader import load_model
 from quantlm.hf_checkpoint import block_map_for, load_tokenizer, read_config
 from quantlm.metadata import model_label, read_meta
+from quantlm.outputs import check_dir_writable
 from quantlm.recipes import to_dict
 from quantlm.versions import library_versions
 

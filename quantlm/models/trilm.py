@@ -167,7 +167,7 @@ def export_unpacked(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
                     dtype: torch.dtype = torch.float16) -> Path:
     """Save a TriLM as an ordinary LLaMA checkpoint (block weights gamma * W_t) that plain transformers loads.
 
-    ``out_dir`` is written directly (callers wrap it in ``atomic.output_dir``).
+    ``out_dir`` is written directly (callers wrap it in ``outputs.output_dir``).
     """
     from transformers import LlamaForCausalLM
 

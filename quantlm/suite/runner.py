@@ -11,10 +11,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from quantlm import locks, recipes, validate
-from quantlm.atomic import check_dir_writable, write_json, write_text
+from quantlm.atomic import write_json, write_text
 from quantlm.deploy import INSTALL_HINT, bench, llama_cpp_available
 from quantlm.errors import QuantlmError
 from quantlm.eval.run import evaluate
+from quantlm.outputs import check_dir_writable
 from quantlm.quantize import quantize_model
 from quantlm.suite.plan import (
     JOB_FILE,

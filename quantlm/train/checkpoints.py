@@ -15,20 +15,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-from quantlm.atomic import output_dir, write_json, write_text
+from quantlm.atomic import write_json, write_text
 from quantlm.errors import QuantlmError
+from quantlm.outputs import output_dir
 
 log = logging.getLogger(__name__)
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _dcp():
+    """torch's distributed state-dict helpers and the full-state options: imported when a checkpoint is saved or
+    loaded (they take 0.7 s to import, which every `quantlm` command would otherwise pay)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict, state_dict.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def rng_state() -> dict:
@@ -47,14 +48,16 @@ def set_rng_state(state: dict) -> None:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded model state dict on CPU (a collective under FSDP: every rank calls it)."""
-    return get_model_state_dict(model, options=_FULL)
+    dcp, full = _dcp()
+    return dcp.get_model_state_dict(model, options=full)
 
 
 def save_training_state(run_dir: Path, step: int, model: nn.Module, optimizer, extra: dict, is_main: bool,
                         keep: int) -> Path | None:
     """Write checkpoint ``step`` (collective under FSDP; only the main process writes)."""
     model_sd = full_model_state(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    dcp, full = _dcp()
+    optim_sd = dcp.get_optimizer_state_dict(model, optimizer, options=full)
     if not is_main:
         return None
     root = run_dir / "checkpoints"
@@ -89,8 +92,9 @@ def load_training_state(path: Path, model: nn.Module, optimizer) -> dict:
     """Restore model, optimizer and RNG from checkpoint ``path``; returns the saved dict (step, extras)."""
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        set_model_state_dict(model, state["model"], options=_FULL)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_FULL)
+        dcp, full = _dcp()
+        dcp.set_model_state_dict(model, state["model"], options=full)
+        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
     except QuantlmError:
         raise
     except Exception as e:  # a truncated or foreign file: name it and the fix

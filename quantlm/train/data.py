@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from quantlm import paths, textdocs
-from quantlm.atomic import output_dir, write_json
+from quantlm.atomic import write_json
 from quantlm.errors import QuantlmError
 from quantlm.hf_checkpoint import load_tokenizer
+from quantlm.outputs import output_dir
 from quantlm.textdocs import RECORD_SUFFIXES, is_datasets_dir
 from quantlm.tokenizer import train_bpe_tokenizer
 

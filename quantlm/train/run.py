@@ -29,18 +29,12 @@ from torch.nn import functional as F
 
 from quantlm import locks, recipes
 from quantlm.architectures import block_map_of
-from quantlm.atomic import (
-    append_jsonl,
-    check_output,
-    output_dir,
-    refuse_install_location,
-    terminate_raises,
-    write_text,
-)
+from quantlm.atomic import append_jsonl, refuse_install_location, write_text
 from quantlm.dtypes import TORCH_FLOATS
 from quantlm.errors import QuantlmError
 from quantlm.metadata import ModelMeta, read_meta, write_meta
 from quantlm.models.trilm import convert_to_trilm, export_unpacked
+from quantlm.outputs import check_output, output_dir, terminate_raises
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
 from quantlm.train.distributed import DistContext, init_distributed, wrap_model
