@@ -27,8 +27,8 @@ from quantlm.metadata import ModelMeta
 from quantlm.outputs import check_output, output_dir
 from quantlm.progress import quiet_library_bars
 from quantlm.quantized import check_group_size
-from quantlm.recipes import doc, dump, to_dict
-from quantlm.specs import PRESETS, spec_from_config
+from quantlm.recipes import doc, to_dict
+from quantlm.specs import spec_from_config, spectra_group_size
 from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class QuantRecipe:
         return replace(self, gptq=replace(self.gptq, bits=bits, group_size=group_size))
 
 
-SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(GPTQSettings(bits=b, group_size=128 if b <= 4 else -1))
+SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(GPTQSettings(bits=b, group_size=spectra_group_size(b)))
                          for b in (3, 4, 6, 8)}
 
 
@@ -109,15 +109,6 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     for fmt in recipe.export.formats:
         get_format(fmt).preflight(model_dir, config, recipe.layout(fmt))
     return config
-
-
-def export_recipes(root: str | os.PathLike) -> list[Path]:
-    """Write the YAML twin of every model preset (``root/presets``) and Spectra quant recipe (``root``)."""
-
-    root = Path(root)
-    written = [dump(spec, root / "presets" / f"{name}.yaml") for name, spec in PRESETS.items()]
-    written += [dump(r, root / f"{name}.yaml") for name, r in SPECTRA_QUANT_RECIPES.items()]
-    return written
 
 
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:

@@ -60,6 +60,12 @@ CPU_SIZES: tuple[SizeRow, ...] = (
 SPECTRA_BATCH_TOKENS = {"floatlm": 2 * 1024 * 1024, "trilm": 1024 * 1024}
 
 
+def spectra_group_size(bits: int) -> int:
+    """The Spectra QuantLMs' group size: 128 input columns per scale at <= 4 bits, one scale per output channel
+    (-1) above."""
+    return 128 if bits <= 4 else -1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A model of the suite: its architecture, family and (for QuantLMs) bitwidth.
@@ -265,7 +271,7 @@ def _row_for(size: str) -> SizeRow | None:
 def _make(row: SizeRow, family: str, bits: int | None = None) -> ModelSpec:
     if family == "quantlm":
         name = f"quantlm-{row.size}-{bits}bit"
-        group = 128 if bits is not None and bits <= 4 else None
+        group = None if bits is None or spectra_group_size(bits) == -1 else spectra_group_size(bits)
     else:
         name = f"{family}-{row.size}"
         group = None

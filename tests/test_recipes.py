@@ -38,6 +38,7 @@ def test_spectra_quant_recipes():
         assert (g.bits, g.group_size, g.sym, c.nsamples, c.seqlen, r.export.formats) == (
             b, group, True, 512, 2048, ("unpacked",))
         assert (g.act_order, g.damp, g.true_sequential, g.static_groups) == (True, 0.01, True, True)
+        assert (g.method, g.transforms, g.mse) == ("gptq", (), False)  # the paper's GPTQ, nothing added
 
 
 def _write(tmp_path, text):

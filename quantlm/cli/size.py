@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     p.add_argument("--per-tensor", action="store_true", help="one row per stored tensor instead of per model")
     p.add_argument("--bits", type=int, help="account a FloatLM preset/config as the QuantLM of this bitwidth")
-    p.add_argument("--group-size", type=int, help="QuantLM group size (-1: per-channel); default 128 at <=4 bits")
+    p.add_argument("--group-size", type=int, help="QuantLM group size (-1: per-channel); default: the Spectra rule (128 at <= 4 bits, else -1)")
     p.add_argument("--layout", choices=["compressed-tensors", "gptq", "unpacked", "gguf"], default="compressed-tensors",
                    help="QuantLM storage assumed by the exact convention (gguf: the smallest exact block type)")
     p.add_argument("--asym", action="store_true", help="QuantLM with asymmetric grids (zero points stored)")

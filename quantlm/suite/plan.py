@@ -27,13 +27,12 @@ from quantlm.gptq.memory import MemorySettings, plan_memory
 from quantlm.quantize import ExportSettings, QuantRecipe
 from quantlm.quantized import check_bits
 from quantlm.recipes import doc, recipe_hash, to_dict
-from quantlm.specs import get_preset, is_preset
+from quantlm.specs import get_preset, is_preset, spectra_group_size
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "quantlm-job.json"
 DEPLOY_SOURCE = "compressed-tensors"  # the packed QuantLM export a deploy job converts to GGUF (exact codes)
-DEFAULT_GROUPS = {2: 128, 3: 128, 4: 128, 5: -1, 6: -1, 7: -1, 8: -1}
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class SuiteManifest:
     output: str = doc("output root, relative to the working directory", "runs/suite")
     bits: tuple[int, ...] = doc("QuantLM bitwidths", (3, 4, 6, 8))
     group_size: dict[int, int] = doc("group size per bitwidth (-1: per-channel)", default_factory=lambda: {
-        3: 128, 4: 128, 6: -1, 8: -1})
+        b: spectra_group_size(b) for b in (3, 4, 6, 8)})
     quant: QuantRecipe = doc("GPTQ recipe shared by every QuantLM (bits, group size and seed set per job; the "
                              "suite writes the unpacked format, and compressed-tensors for deploy jobs)", QuantRecipe())
     seeds: tuple[int, ...] = doc("calibration seeds of every QuantLM (Spectra averages over 3)", (0, 1, 2))
@@ -84,7 +83,7 @@ class SuiteManifest:
 
     def quant_recipe(self, bits: int, seed: int) -> QuantRecipe:
         """The recipe of one quantize job: the shared one at this bitwidth and seed, written unpacked."""
-        recipe = self.quant.with_bits(bits, self.group_size.get(bits, DEFAULT_GROUPS[bits]))
+        recipe = self.quant.with_bits(bits, self.group_size.get(bits, spectra_group_size(bits)))
         formats = ("unpacked", DEPLOY_SOURCE) if self.deploy else ("unpacked",)
         return replace(recipe, calibration=replace(recipe.calibration, seed=seed), export=ExportSettings(formats))
 
