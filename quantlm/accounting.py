@@ -27,8 +27,8 @@ from pathlib import Path
 from quantlm.architectures import ARCHITECTURES, BlockMap
 from quantlm.dtypes import DTYPE_BITS
 from quantlm.errors import QuantlmError
-from quantlm.formats import gguf_blocks as gb
 from quantlm.formats.gguf import GGUF_FILE, hf_name, read_gguf_header
+from quantlm.formats.gguf import blocks as gb
 from quantlm.formats.registry import LOG2_3, Layout, checkpoint_spec, get_format, layout_of_config
 from quantlm.hf_checkpoint import HeaderEntry, read_config, read_safetensors_header, safetensors_files
 from quantlm.metadata import read_meta

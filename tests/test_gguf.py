@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quantlm.errors import QuantlmError
-from quantlm.formats import gguf_blocks as gb
+from quantlm.formats.gguf import blocks as gb
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 
 gguf = pytest.importorskip("gguf")

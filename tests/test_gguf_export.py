@@ -233,7 +233,7 @@ def test_size_of_a_gguf_file_from_its_header(quantized, capsys):
 def test_predicted_type_per_recipe(tiny256, bits, group, want):
     """`quantlm size CONFIG --layout gguf` predicts the smallest exact type and its bytes."""
     b = acc.budget(tiny256 / "config.json", layout=Layout("quantlm", "gguf", bits=bits, group_size=group))
-    from quantlm.formats import gguf_blocks as gb
+    from quantlm.formats.gguf import blocks as gb
 
     linear = [r for r in b.records if r.role == "block_linear"]
     assert all(r.dtype == "U8" for r in linear)
