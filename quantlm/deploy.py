@@ -96,7 +96,7 @@ def gguf_type_for(model_dir: str | os.PathLike, requested: str = "") -> tuple[st
     why = ""
     for t in TERNARY_FALLBACK:
         try:
-            acc.budget(Path(model_dir) / "config.json", layout=Layout("trilm", "gguf", mp=layout.mp, gguf_type=t))
+            acc.budget(Path(model_dir) / "config.json", layout=Layout("trilm", "gguf", mp=layout.mp, options={"gguf_type": t}))
         except QuantlmError as e:
             why = why or str(e)
             continue

@@ -25,13 +25,16 @@ from quantlm.outputs import check_output, output_dir
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 from quantlm.versions import library_versions
 
+# the Layout fields an export may set on its target (the rest are its format's options)
+LAYOUT_FIELDS = {f.name for f in dataclasses.fields(Layout)} - {"options", "family", "format"}
+
 
 def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike, *,
                  overwrite: bool = False, options: dict | None = None) -> dict:
     """Write the checkpoint in ``model_dir`` to ``out_dir`` in format ``fmt``; returns a short report.
 
-    ``options``: layout fields of the target (``float_dtype``; for gguf ``gguf_type``, ``kquant_grouped``,
-    ``merge_shard_scales``). The report's ``changes`` lists what an opt-in changed in the weights (empty when
+    ``options``: layout fields of the target (``float_dtype``) and its format's options (for gguf ``gguf_type``,
+    ``kquant_grouped``, ``merge_shard_scales``). The report's ``changes`` lists what an opt-in changed in the weights (empty when
     the export is lossless)."""
 
     src, out = Path(model_dir), Path(out_dir)
@@ -44,11 +47,10 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
                            f"not {fmt}")
     check_output(out, overwrite, protect=[src])
     validate.check_checkpoint(src, config)
-    try:
-        target = dataclasses.replace(source, format=fmt, **(options or {}))
-    except TypeError as e:
-        raise QuantlmError(f"export options {sorted(options or {})}: {e}") from None
-    Layout(**dataclasses.asdict(target))  # the target format's own checks
+    # layout fields (float_dtype) apart from the target format's own options (gguf: gguf_type, ...)
+    opts = dict(options or {})
+    fields = {k: opts.pop(k) for k in list(opts) if k in LAYOUT_FIELDS}
+    target = dataclasses.replace(source, format=fmt, options=opts, **fields)  # the target format's own checks
     if source.family == "quantlm" and source.format == "unpacked" and fmt != "unpacked":
         raise QuantlmError(f"{src} is a dequantized (unpacked) QuantLM: its integer codes are gone; export from its "
                            "gptq or compressed-tensors sibling, or quantize again with --formats " + fmt)

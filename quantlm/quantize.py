@@ -78,8 +78,9 @@ class QuantRecipe:
     def layout(self, fmt: str):
 
         g, e = self.gptq, self.export
-        gguf = {"gguf_type": e.gguf_type, "kquant_grouped": e.kquant_grouped} if fmt == "gguf" else {}
-        return Layout("quantlm", fmt, bits=g.bits, group_size=g.group_size, sym=g.sym, **gguf)
+        # the export settings a format takes as its own options (gguf: gguf_type, kquant_grouped)
+        options = {k: getattr(e, k) for k in get_format(fmt).options if hasattr(e, k)}
+        return Layout("quantlm", fmt, bits=g.bits, group_size=g.group_size, sym=g.sym, options=options)
 
     def with_bits(self, bits: int, group_size: int) -> QuantRecipe:
         return replace(self, gptq=replace(self.gptq, bits=bits, group_size=group_size))

@@ -140,7 +140,7 @@ def test_floatlm_exports_f16_and_round_to_nearest_on_request(tiny256, tmp_path, 
     assert main(["export", str(tiny256), "--format", "gguf", "--type", "Q4_0", "--out", str(tmp_path / "rtn")]) == 0
     assert "changed 14 tensor(s) written as Q4_0" in capsys.readouterr().out  # reported: not exact
     assert_size_is_predicted(tmp_path / "rtn", tiny256 / "config.json",
-                             Layout("floatlm", "gguf", gguf_type="Q4_0"))
+                             Layout("floatlm", "gguf", options={"gguf_type": "Q4_0"}))
 
 
 @pytest.mark.parametrize("type_name", ["TQ1_0", "TQ2_0"])
@@ -153,7 +153,7 @@ def test_trilm_exports_losslessly_as_tq(trilm_dir, tmp_path, capsys, type_name):
     argv = ["export", str(trilm_dir), "--format", "gguf", "--out", str(out)]
     assert main(argv + ([] if type_name == "TQ1_0" else ["--type", type_name])) == 0
     assert "changed" not in capsys.readouterr().out
-    measured = assert_size_is_predicted(out, trilm_dir / "config.json", Layout("trilm", "gguf", gguf_type=type_name))
+    measured = assert_size_is_predicted(out, trilm_dir / "config.json", Layout("trilm", "gguf", options={"gguf_type": type_name}))
     assert measured.family == "trilm" and {r.storage for r in measured.records if r.role == "block_linear"} == {
         type_name}
     cfg = json.loads((trilm_dir / "config.json").read_text())
@@ -201,7 +201,7 @@ def test_kquant_opt_in_is_reported_and_accounted(quantized, tmp_path, capsys):
     assert main(argv + ["--kquant-grouped"]) == 0
     assert "changed 14 tensor(s) written as Q6_K: largest scale change" in capsys.readouterr().out
     assert_size_is_predicted(out, quantized / "gptq" / "config.json",
-                             Layout("quantlm", "gguf", bits=4, group_size=128, gguf_type="Q6_K", kquant_grouped=True))
+                             Layout("quantlm", "gguf", bits=4, group_size=128, options={"gguf_type": "Q6_K", "kquant_grouped": True}))
 
 
 def test_dequantized_quantlm_cannot_be_exported_exactly(tiny256, tmp_path, capsys):
@@ -251,4 +251,15 @@ def test_quantize_reports_the_kquant_changes(tiny256, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert len(report["changes"]["gguf"]) == 14 and all(c["weight_error"] > 0 for c in report["changes"]["gguf"])
     assert_size_is_predicted(out / "gguf", tiny256 / "config.json",
-                             Layout("quantlm", "gguf", bits=3, group_size=32, gguf_type="Q3_K", kquant_grouped=True))
+                             Layout("quantlm", "gguf", bits=3, group_size=32, options={"gguf_type": "Q3_K", "kquant_grouped": True}))
+
+
+def test_gguf_options_belong_to_the_gguf_format():
+    from quantlm.errors import QuantlmError
+
+    with pytest.raises(QuantlmError, match="option gguf_type applies to the gguf format, not gptq"):
+        Layout("quantlm", "gptq", bits=4, group_size=128, options={"gguf_type": "Q4_0"})
+    plain = Layout("quantlm", "gguf", bits=4, group_size=128)
+    spelled = Layout("quantlm", "gguf", bits=4, group_size=128, options={"gguf_type": "", "kquant_grouped": False})
+    assert plain == spelled and plain.option("gguf_type") == "" and plain.option("merge_shard_scales") is False
+    assert Layout("quantlm", "gguf", bits=4, group_size=128, options={"gguf_type": "Q8_0"}).option("gguf_type") == "Q8_0"

@@ -42,9 +42,9 @@ class Layout:
     mp: int = 1  # TriLM: model-parallel scale shards
     float_dtype: str = "F16"  # dense tensors (embedding, norms, head, unpacked linears)
     scale_dtype: str = "F16"
-    gguf_type: str = ""  # gguf: ggml type of the block linears ("": the smallest exact one per linear)
-    kquant_grouped: bool = False  # gguf: allow K types for grouped codes (sub-block scales re-quantized)
-    merge_shard_scales: bool = False  # gguf: one merged scale for TriLM blocks straddling two scale shards
+    # options of this format alone, as (name, value) pairs (a mapping is accepted): the format declares which it
+    # takes and their defaults (``Format.options``), e.g. gguf's gguf_type, kquant_grouped, merge_shard_scales
+    options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -57,9 +57,15 @@ class Layout:
             check_bits(self.bits)
             check_group_size(self.group_size)
         fmt = FORMATS[self.format]
-        if self.format != "gguf" and (self.gguf_type or self.kquant_grouped or self.merge_shard_scales):
-            raise QuantlmError(f"GGUF options (type, kquant_grouped, merge_shard_scales) apply to the gguf format, "
-                               f"not {self.format}")
+        given = dict(self.options)
+        for name in given:
+            if name not in fmt.options:
+                takes = [f.name for f in FORMATS.values() if name in f.options]
+                raise QuantlmError(f"option {name} applies to the {' and '.join(takes) or 'no'} format, not "
+                                   f"{self.format}; drop it or write {'/'.join(takes) or 'another format'}")
+        # the defaults left out, so equal layouts compare equal however they were spelled
+        options = tuple(sorted((k, v) for k, v in given.items() if v != fmt.options[k]))
+        object.__setattr__(self, "options", options)
         if self.family not in fmt.families:
             raise QuantlmError(f"the {self.format} format does not hold a {self.family}; formats for a "
                                f"{self.family}: {', '.join(formats_for(self.family))}")
@@ -67,6 +73,10 @@ class Layout:
 
     def describe(self) -> str:
         return FORMATS[self.format].describe(self)
+
+    def option(self, name: str):
+        """This layout's value of one of its format's options (the format's default when not given)."""
+        return dict(self.options).get(name, FORMATS[self.format].options[name])
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ class Format:
     name: str = ""
     families: tuple[str, ...] = ()
     container: str = "safetensors"  # the file a model in this format is: safetensors checkpoint or gguf
+    options: dict = {}  # the layout options this format takes, with their defaults (Layout.option)
 
     def check(self, layout: Layout) -> None:
         """Refuse a layout this format cannot hold (before any compute)."""

@@ -39,26 +39,31 @@ class GGUFFormat(Format):
     name = "gguf"
     families = ("floatlm", "quantlm", "trilm")
     container = "gguf"
+    options = {
+        "gguf_type": "",  # ggml type of the block linears ("": the smallest exact one per linear)
+        "kquant_grouped": False,  # allow K types for grouped codes (sub-block scales re-quantized)
+        "merge_shard_scales": False,  # one merged scale for TriLM blocks straddling two scale shards
+    }
 
     def check(self, layout):
         if layout.float_dtype not in gb.FLOAT_TYPES:
             raise QuantlmError(f"GGUF float type {layout.float_dtype!r}: use one of {', '.join(gb.FLOAT_TYPES)}")
-        t = layout.gguf_type
+        t = layout.option("gguf_type")
         if t:
             gb.ggml_type(t)
             if t not in _ALLOWED[layout.family]:
                 raise QuantlmError(f"a {layout.family}'s block linears cannot be written as {t}; GGUF types for a "
                                    f"{layout.family}: {', '.join(_ALLOWED[layout.family])}")
-        if layout.kquant_grouped and layout.family != "quantlm":
+        if layout.option("kquant_grouped") and layout.family != "quantlm":
             raise QuantlmError("kquant_grouped re-quantizes the group scales of GPTQ codes; it applies to a QuantLM")
-        if layout.merge_shard_scales and layout.family != "trilm":
+        if layout.option("merge_shard_scales") and layout.family != "trilm":
             raise QuantlmError("merge_shard_scales merges TriLM scale shards; it applies to a TriLM")
 
     def describe(self, layout):
         default = {"floatlm": layout.float_dtype, "quantlm": "the smallest exact type", "trilm": "TQ1_0"}
-        opts = [o for o, on in (("K-quant scales re-quantized", layout.kquant_grouped),
-                                ("straddling shard scales merged", layout.merge_shard_scales)) if on]
-        return (f"GGUF: block linears {layout.gguf_type or default[layout.family]}, embedding and head "
+        opts = [o for o, on in (("K-quant scales re-quantized", layout.option("kquant_grouped")),
+                                ("straddling shard scales merged", layout.option("merge_shard_scales"))) if on]
+        return (f"GGUF: block linears {layout.option('gguf_type') or default[layout.family]}, embedding and head "
                 f"{layout.float_dtype}, norms F32" + "".join(f", {o}" for o in opts))
 
     def linear_type(self, out: int, in_features: int, layout: Layout, kind: str, name: str = "") -> str:
@@ -66,7 +71,7 @@ class GGUFFormat(Format):
         or with the layout's opt-ins), else the float type for a FloatLM and the smallest exact type otherwise
         (``gguf_blocks.choose_type``: Q4_0 for <= 4-bit codes, ..., TQ1_0 for a TriLM). From shapes alone."""
         name = name or f"a [{out}, {in_features}] block linear"
-        t = layout.gguf_type
+        t = layout.option("gguf_type")
         if layout.family == "floatlm":
             t = t or layout.float_dtype
             if t not in gb.FLOAT_TYPES:
@@ -76,7 +81,7 @@ class GGUFFormat(Format):
             return t
         w = gb.shaped((out, in_features), bits=layout.bits if layout.family == "quantlm" else None, sym=layout.sym,
                       group_size=layout.group_size, mp=layout.mp, kind=kind)
-        opts = {"kquant_grouped": layout.kquant_grouped, "merge_shard_scales": layout.merge_shard_scales}
+        opts = {"kquant_grouped": layout.option("kquant_grouped"), "merge_shard_scales": layout.option("merge_shard_scales")}
         if not t:
             return gb.choose_type(w, name=name, **opts)
         gb.check_fits(w, t, name=name, **opts)
@@ -122,8 +127,8 @@ class GGUFFormat(Format):
 
             label = model_label(out, meta)
         report = write_gguf(out / GGUF_FILE, config, tensors, tokenizer_dir, float_type=layout.float_dtype,
-                            linear_type=types, kquant_grouped=layout.kquant_grouped,
-                            merge_shard_scales=layout.merge_shard_scales, metadata=quantlm_keys(layout),
+                            linear_type=types, kquant_grouped=layout.option("kquant_grouped"),
+                            merge_shard_scales=layout.option("merge_shard_scales"), metadata=quantlm_keys(layout),
                             model_name=label or None)
         counts: dict[str, int] = {}
         for t in types.values():
