@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from quantlm import validate
 from quantlm.accounting import budget_from_spec
 from quantlm.atomic import write_json
@@ -20,15 +22,15 @@ from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, writte
 from quantlm.errors import QuantlmError
 from quantlm.formats.registry import Layout, checkpoint_spec, formats_for, get_format
 from quantlm.gptq.memory import MemorySettings, plan_for_checkpoint
-from quantlm.gptq.pipeline import check_quantizable, quantize_blocks
+from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
-from quantlm.hf_checkpoint import block_map_for, load_causal_lm, load_tokenizer, read_config
+from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer, read_config
 from quantlm.metadata import ModelMeta
 from quantlm.outputs import check_output, output_dir
 from quantlm.progress import quiet_library_bars
 from quantlm.quantized import check_group_size
 from quantlm.recipes import doc, to_dict
-from quantlm.specs import spec_from_config, spectra_group_size
+from quantlm.specs import ModelSpec, spectra_group_size
 from quantlm.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -91,25 +93,24 @@ SPECTRA_QUANT_RECIPES = {f"quantlm-{b}bit": QuantRecipe(GPTQSettings(bits=b, gro
 
 
 def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwrite: bool,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu") -> tuple[dict, ModelSpec]:
     """Every check that needs no compute, so bad input fails in a second with nothing written: the output
     location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
-    and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit)."""
-
+    and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit). This is
+    the run's one NaN/Inf gate. Returns the config and its spec (architecture, block map, shapes), read once."""
     config = read_config(model_dir)
-    block_map_for(config, str(model_dir))
     spec = checkpoint_spec(config, str(model_dir))
     if spec.family != "floatlm":
         raise QuantlmError(f"{model_dir} holds a {spec.family}, not a FloatLM; quantize the FloatLM it came from")
     for rel, (_, in_f) in spec.linear_shapes().items():
         check_group_size(recipe.gptq.group_size, in_f, rel)
-    check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(config, recipe))
+    check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(spec, recipe))
     validate.check_device(device)
     validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
 
     for fmt in recipe.export.formats:
         get_format(fmt).preflight(model_dir, config, recipe.layout(fmt))
-    return config
+    return config, spec
 
 
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
@@ -120,10 +121,9 @@ def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str =
                                true_sequential=g.true_sequential)
 
 
-def predicted_output_bytes(config: dict, recipe: QuantRecipe) -> int:
-    """Bytes the export formats will take on disk, predicted from config + recipe through the registry."""
-
-    spec = spec_from_config(config, "model").with_family("quantlm", recipe.gptq.bits)
+def predicted_output_bytes(spec: ModelSpec, recipe: QuantRecipe) -> int:
+    """Bytes the export formats will take on disk, predicted from the model's spec + recipe through the registry."""
+    spec = spec.with_family("quantlm", recipe.gptq.bits)
     total = 0
     for fmt in recipe.export.formats:
         total += int(budget_from_spec(spec, recipe.layout(fmt), with_reference=False).total_bits("exact") // 8)
@@ -140,23 +140,19 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     through the same export path) and ``gptq.transforms`` the per-block transforms run before it. The whole
     ``out_dir`` appears atomically, or not at all.
     """
-    import torch
-
-
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = validate_request(model_dir, recipe, out_dir, overwrite, device)
-    block_map = block_map_for(config, str(model_dir))
+    _, spec = validate_request(model_dir, recipe, out_dir, overwrite, device)
+    block_map = spec.block_map
     cal = recipe.calibration
     with quiet_library_bars():
         tokenizer = load_tokenizer(model_dir)
         tokens = calibration_tokens(tokenizer, cal.data or None, cal.nsamples, cal.seqlen, cal.seed)
         model = load_causal_lm(model_dir, dtype=torch.float32)
-    check_quantizable(model, block_map, recipe.gptq)
     t_load = time.perf_counter() - t0
 
     run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, progress=progress,
-                          memory=recipe.memory)
+                          memory=recipe.memory, weights_checked=True)
     linears = {name: res.stored(name) for name, res in run.results.items()}
     dense = dense_state_dict(model, skip=set(linears))
     g = recipe.gptq

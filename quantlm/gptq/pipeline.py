@@ -94,8 +94,9 @@ class PipelineResult:
         return {"plan": self.plan, **self.measured}
 
 
-def check_quantizable(model: nn.Module, block_map: BlockMap, recipe: GPTQSettings) -> None:
-    """Fail fast, before any compute, on settings the model cannot take (group size, NaN/Inf weights)."""
+def check_quantizable(model: nn.Module, block_map: BlockMap, recipe: GPTQSettings, finite: bool = True) -> None:
+    """Fail fast, before any compute, on settings the model cannot take (group size; NaN/Inf weights unless the
+    caller already checked them, ``finite`` False)."""
     layers = model.get_submodule(block_map.layers_path)
     for i, block in enumerate(layers):
         for name in block_map.linears:
@@ -103,7 +104,7 @@ def check_quantizable(model: nn.Module, block_map: BlockMap, recipe: GPTQSetting
             full = f"{block_map.layers_path}.{i}.{name}"
             in_features = lin.weight.shape[1]
             check_group_size(recipe.group_size, in_features, full)
-            if not torch.isfinite(lin.weight).all():
+            if finite and not torch.isfinite(lin.weight).all():
                 raise QuantlmError(f"{full}.weight contains NaN or Inf values; quantize a finite checkpoint")
 
 
@@ -458,20 +459,21 @@ def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, reci
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings, *,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    memory: MemorySettings | None = None) -> PipelineResult:
+                    memory: MemorySettings | None = None, weights_checked: bool = False) -> PipelineResult:
     """Quantize every block linear of ``model`` in place with the recipe's method (weights replaced by their
     dequantized values, or released with ``memory.keep_weights`` off).
 
     ``tokens``: ``[nsamples, seqlen]`` calibration windows. ``memory``: where the hidden states live, their
     dtype, the forward dtype, batch size, replay cache (``MemorySettings``; default: planned automatically). A
-    plan that does not fit raises ``QuantlmError`` before any compute. Returns the per-module results and
+    plan that does not fit raises ``QuantlmError`` before any compute. ``weights_checked``: the caller has already
+    refused NaN/Inf weights (``quantize_model`` checks the files before loading them). Returns the per-module results and
     reports, the transforms' records, the plan and the measured peak memory; ``model`` ends on the CPU.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise QuantlmError("--device cuda requested but no CUDA GPU is visible; use --device cpu")
     settings = memory or MemorySettings()
-    check_quantizable(model, block_map, recipe)
+    check_quantizable(model, block_map, recipe, finite=not weights_checked)
     model.eval()
     t_start = time.perf_counter()
     plan = _make_plan(model, block_map, tokens, recipe, settings, device)
