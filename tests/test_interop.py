@@ -108,3 +108,47 @@ def test_compressed_tensors_loads_in_transformers(interop_model_dir, tmp_path, b
     torch.testing.assert_close(_logits(ours, IDS), ref, rtol=0, atol=1e-3)
     # and transformers saw the quantized weights, not a random init: its dense weight equals ours
     torch.testing.assert_close(ext.model.layers[1].mlp.down_proj.weight.float(), ql.dequantize(), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def biased_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """The interop LLaMA with biases on every block linear (attention_bias, mlp_bias), random and non-zero."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                         architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    out = tmp_path_factory.mktemp("interop-biased")
+    model.save_pretrained(out)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_biases_load_in_the_real_libraries(biased_model_dir, tmp_path, fmt):
+    """A LLaMA with attention_bias and mlp_bias: each packed export loads in transformers (GPTQModel's torch kernel
+    for gptq, compressed-tensors) with its biases and the dequantized model's logits."""
+    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
+    if fmt == "gptq":
+        pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    paths = _export(biased_model_dir, tmp_path, fmt, 4)
+    unpacked = load_quantized(paths["unpacked"])
+    ref = _logits(unpacked, IDS)
+    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
+    ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
+                                               local_files_only=True, **kwargs)
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        theirs = ext.model.layers[1].get_submodule(name).bias
+        mine = unpacked.model.layers[1].get_submodule(name).bias
+        assert theirs is not None and torch.equal(theirs.float(), mine.float()), name
+    torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)
