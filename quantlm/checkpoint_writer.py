@@ -13,7 +13,7 @@ import torch
 
 from quantlm import accounting as acc
 from quantlm.architectures import BlockMap
-from quantlm.dtypes import ST_DTYPES
+from quantlm.dtypes import ST_DTYPES, ST_TO_FLOAT
 from quantlm.formats.registry import Layout, check_declared, checkpoint_spec, get_format
 from quantlm.metadata import ModelMeta, read_meta, write_meta
 
@@ -50,7 +50,7 @@ def write_config(config: dict, out: Path, layout: Layout, recipe: dict) -> Path:
     cfg = dict(config)
     for key in ("quantization_config", "torch_dtype", "quantlm_quantization"):
         cfg.pop(key, None)
-    cfg["dtype"] = {"F32": "float32", "BF16": "bfloat16"}.get(layout.float_dtype, "float16")
+    cfg["dtype"] = ST_TO_FLOAT.get(layout.float_dtype, "float16")
     qc = get_format(layout.format).quantization_config(layout, recipe)
     if qc is not None:
         cfg["quantization_config"] = qc

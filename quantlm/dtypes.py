@@ -26,6 +26,9 @@ def st_dtype(t: torch.Tensor) -> str:
     return TORCH_TO_ST[t.dtype]
 
 
+ST_TO_FLOAT = {st: name for name, st in FLOAT_DTYPES.items()}
+
+
 def float_name(dtype: torch.dtype, default: str = "float32") -> str:
     """The recipe name of a torch float dtype (``default`` for any other)."""
     return next((name for name, dt in TORCH_FLOATS.items() if dt == dtype), default)

@@ -3,7 +3,7 @@ whose block weights are gamma * W_t), loadable by transformers anywhere."""
 
 from __future__ import annotations
 
-from quantlm.dtypes import ST_DTYPES
+from quantlm.dtypes import FLOAT_DTYPES, ST_DTYPES
 from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, register
 from quantlm.hf_checkpoint import is_trilm
 from quantlm.quantized import QuantizedLinear, TernaryWeight
@@ -34,7 +34,7 @@ class Unpacked(Format):
 
     def layout_from_config(self, config):
 
-        dtype = {"float32": "F32", "bfloat16": "BF16"}.get(str(config.get("dtype") or config.get("torch_dtype")), "F16")
+        dtype = FLOAT_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "F16")
         if is_trilm(config):
             return Layout("trilm", "unpacked", mp=int(config.get("pretraining_model_parallel") or 1), float_dtype=dtype)
         meta = config.get("quantlm_quantization") or {}

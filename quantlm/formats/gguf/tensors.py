@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from quantlm.atomic import atomic_path
+from quantlm.dtypes import ST_DTYPES
 from quantlm.errors import QuantlmError
 from quantlm.formats.gguf import blocks as gb
 from quantlm.formats.gguf.header import read_gguf_header
@@ -114,7 +115,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
             if type_name in gb.FLOAT_TYPES:
                 ref = w.stored(hf_name).dequantize() if isinstance(w, QuantizedLinear) else w.dequantize()
                 arr, raw = _float_array(ref, type_name)
-                rounded = ref.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[type_name])
+                rounded = ref.to(ST_DTYPES[type_name])
                 err = float((rounded.to(torch.float32) - ref).abs().max()) if ref.numel() else 0.0
                 row.update(exact=err == 0.0, weight_error=err, note=f"dequantized to {type_name}")
             else:
