@@ -144,11 +144,13 @@ class Architecture:
     hf_architectures: tuple[str, ...]
     block_map: BlockMap
     bias_flags: tuple[tuple[str, bool], ...] = ()
+    gguf_arch: str = ""  # llama.cpp's architecture name ("": no GGUF export)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a for a in (
-        Architecture("llama", ("LlamaForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False))),
+        Architecture("llama", ("LlamaForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False)),
+                     gguf_arch="llama"),
     )
 }
 

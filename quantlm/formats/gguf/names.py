@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from quantlm.architectures import ARCHITECTURES, architecture_for
 from quantlm.errors import QuantlmError
 
 ARCH = "llama"
@@ -75,9 +76,10 @@ def hparams(config: Mapping) -> dict:
             raise QuantlmError(f"config has no {key!r}; write_gguf needs a LLaMA config.json")
         return int(config[key])
 
-    model_type = config.get("model_type", ARCH)
-    if model_type != ARCH:
-        raise QuantlmError(f"model_type {model_type!r}: GGUF export writes LLaMA models only")
+    arch = architecture_for({"model_type": ARCH, **config}, "config.json")
+    if arch.gguf_arch != ARCH:
+        raise QuantlmError(f"model_type {arch.model_type!r}: the GGUF export writes "
+                           f"{', '.join(a.model_type for a in ARCHITECTURES.values() if a.gguf_arch == ARCH)} models")
     if config.get("hidden_act", "silu") != "silu":
         raise QuantlmError(f"hidden_act {config['hidden_act']!r}: llama.cpp's LLaMA uses silu")
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -86,7 +88,7 @@ def hparams(config: Mapping) -> dict:
         raise QuantlmError(f"rope type {rope_type!r} is not supported by the GGUF export; only plain RoPE")
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)  # the one default, as specs.ModelSpec.head_dim
     return {
         "n_layer": need("num_hidden_layers"), "hidden": hidden, "ffn": need("intermediate_size"),
         "n_head": heads, "n_head_kv": int(config.get("num_key_value_heads") or heads), "head_dim": head_dim,
