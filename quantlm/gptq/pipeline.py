@@ -2,10 +2,10 @@
 
 1. Run the calibration windows through the model up to the first block and keep its inputs (hidden
    states plus the keyword arguments the block is called with: rotary position embeddings, mask, ...).
-2. Per block, on the compute device: for each sequential group (LLaMA: [q,k,v] -> [o] -> [gate,up] ->
-   [down]) run the block forward just far enough to see the group's input (the forward stops there), with
-   the earlier groups already quantized in place (true-sequential), accumulate one Hessian for the group,
-   then quantize each of its linears. Finally recompute the block's outputs with all its weights quantized:
+2. Per block (``BlockLoop``), on the compute device: first the recipe's block transforms (``methods``), then for
+   each sequential group (LLaMA: [q,k,v] -> [o] -> [gate,up] -> [down]) run the block forward just far enough
+   to see the group's input (the forward stops there), with the earlier groups already quantized in place
+   (true-sequential), accumulate one Hessian for the group, then call the recipe's quantizer on its linears. Finally recompute the block's outputs with all its weights quantized:
    they are the next block's inputs. Each pass replays the outputs of the submodules an earlier pass
    already finished (``block_passes``), so a block costs about one forward, not ~2.7 (the first block
    about one forward plus one attention, while the passes learn where submodules end in a linear).
@@ -14,10 +14,10 @@ block linears and Hessian products run through oneDNN (``cpu_linear``) and the s
 
 Memory (``memory.MemorySettings``): a plan is made and checked before any compute (``memory.plan_memory``:
 it fails with the numbers and the fixes when the run would not fit); the hidden states between blocks
-live on the device, in (pinned) host memory or on disk, in fp32, bf16 or fp16 (``offload.HiddenStates``);
+live on the device, in (pinned) host memory or on disk, in fp32, bf16 or fp16, kept by one ``Residency``;
 the block forwards may run in bf16 while the Hessians and solves stay fp32 (an fp32 master copy of each
-block linear gives the solver its weights). A disk-offloaded run is resumable at block granularity
-(``offload.RunState``). The result carries the plan and the measured peak memory.
+block linear gives the solver its weights). A disk-offloaded run is resumable at block granularity (the
+residency's ``offload.RunState``). The result carries the plan, the transforms' records and the measured peak.
 """
 
 from __future__ import annotations
