@@ -333,3 +333,39 @@ def test_plain_float_linears_take_gguf_py_round_to_nearest_on_request(tiny_dir, 
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["token_embd.weight"] == "F16"
     with pytest.raises(QuantlmError, match="cannot be written as Q6_K.*quantize it with quantlm"):
         write_gguf(tmp_path / "k.gguf", cfg, state, tiny_dir, linear_type="Q6_K")
+
+
+def test_truncated_or_lying_gguf_headers_are_one_error(tmp_path):
+    """A GGUF file cut short, or a header claiming more tensors than the file can hold, is refused in one line
+    naming the file (the header is read through gguf-py's reader, checked against the file)."""
+    import struct
+
+    import numpy as np
+
+    from quantlm.errors import QuantlmError
+    from quantlm.formats.gguf import read_gguf_header
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((64, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    whole = path.read_bytes()
+    header = read_gguf_header(path)
+    assert header["consistent"] and header["payload_bytes"] == 64 * 64 * 4
+    for cut in (len(whole) - 100, header["header_bytes"] + 10, 30):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(QuantlmError, match=r"t\.gguf: corrupt or truncated GGUF file") as e:
+            read_gguf_header(path)
+        assert "\n" not in str(e.value)
+    lying = bytearray(whole)
+    lying[8:16] = struct.pack("<Q", 10**12)  # tensor count
+    path.write_bytes(bytes(lying))
+    with pytest.raises(QuantlmError, match="corrupt or truncated GGUF file"):
+        read_gguf_header(path)
+    path.write_bytes(b"GGML" + whole[4:])
+    with pytest.raises(QuantlmError, match="not a GGUF file"):
+        read_gguf_header(path)
