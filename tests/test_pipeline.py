@@ -148,3 +148,42 @@ def test_cuda_matches_cpu(fresh, tokens):
     cpu = sum(m.error for m in runs["cpu"].modules)
     gpu = sum(m.error for m in runs["cuda"].modules)
     assert gpu == pytest.approx(cpu, rel=0.05)
+
+
+def test_solves_and_hessians_run_in_full_fp32_whatever_the_caller_set(fresh, tokens, monkeypatch):
+    """A caller's global TF32 (CUDA) or bf16 (oneDNN) setting for fp32 matmuls does not reach the Hessians or the
+    solves, and comes back unchanged afterwards; the codes are those of a run without it."""
+    from quantlm.gptq import hessian
+    from quantlm.gptq.methods import Quantizer, get_quantizer, register_quantizer
+
+    cuda, mkl = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    seen = []
+
+    def flags():
+        return cuda.fp32_precision, mkl.fp32_precision
+
+    gptq = get_quantizer("gptq")
+
+    def spying(Ws, H, s, names):
+        seen.append(("solve", flags()))
+        return gptq.solve(Ws, H, s, names)
+
+    panels = hessian.gram_panels
+
+    def spying_panels(*a, **kw):
+        seen.append(("hessian", flags()))
+        yield from panels(*a, **kw)
+
+    register_quantizer(Quantizer("test-spy-gptq", spying), replace=True)
+    monkeypatch.setattr(hessian, "gram_panels", spying_panels)
+    plain = quantize_blocks(fresh(), LLAMA, tokens, _recipe(bits=3), progress=False)
+    cuda.fp32_precision, mkl.fp32_precision = "tf32", "bf16"
+    try:
+        run = quantize_blocks(fresh(), LLAMA, tokens, _recipe(bits=3, method="test-spy-gptq"), progress=False)
+        assert flags() == ("tf32", "bf16")  # the caller's settings are back
+    finally:
+        cuda.fp32_precision, mkl.fp32_precision = "none", "none"
+    assert {k for k, _ in seen} == {"solve", "hessian"}
+    assert all(f == ("ieee", "ieee") for _, f in seen), seen
+    for name, res in plain.results.items():
+        assert torch.equal(res.q, run.results[name].q), name

@@ -17,26 +17,30 @@ from quantlm.gptq.cpu_linear import gram_panels
 
 @contextlib.contextmanager
 def tf32_matmul(enabled: bool):
-    """Allow TF32 for CUDA fp32 matmuls inside the block only, restoring the caller's setting afterwards
-    (``fp32_precision`` where torch has it, else the older ``allow_tf32`` flag)."""
-    if not enabled:
-        yield
-        return
-    mm = torch.backends.cuda.matmul
-    if hasattr(mm, "fp32_precision"):
-        previous = mm.fp32_precision
-        mm.fp32_precision = "tf32"
+    """fp32 matmuls inside the block in full fp32, or in TF32 on CUDA when ``enabled``, whatever the caller set
+    globally (``torch.set_float32_matmul_precision("high")`` is common, and oneDNN may be told to use bf16 for fp32
+    matmuls on the CPU); the caller's settings come back afterwards (``fp32_precision`` where torch has it, else
+    the older ``allow_tf32`` flag)."""
+    cuda, mkldnn = torch.backends.cuda.matmul, getattr(torch.backends, "mkldnn", None)
+    if not hasattr(cuda, "fp32_precision"):
+        previous = cuda.allow_tf32
+        cuda.allow_tf32 = enabled
         try:
             yield
         finally:
-            mm.fp32_precision = previous
+            cuda.allow_tf32 = previous
         return
-    previous = mm.allow_tf32
-    mm.allow_tf32 = True
+    saved = [(cuda, cuda.fp32_precision)]
+    mkl = getattr(mkldnn, "matmul", None)
+    if mkl is not None and hasattr(mkl, "fp32_precision"):
+        saved.append((mkl, mkl.fp32_precision))
+        mkl.fp32_precision = "ieee"
+    cuda.fp32_precision = "tf32" if enabled else "ieee"
     try:
         yield
     finally:
-        mm.allow_tf32 = previous
+        for backend, value in saved:
+            backend.fp32_precision = value
 
 
 def _panel_starts(width: int) -> list[int]:
@@ -82,8 +86,9 @@ class HessianAccumulator:
             xt = torch.empty((self.in_features, m), dtype=torch.float32)
             xt.copy_(x.t())  # one copy: transpose for the panels and upcast (bf16 forwards) together
             del x
-            for a, b, panel in gram_panels(xt, self._panels, transposed=True):  # rows a..b of the upper triangle
-                self._upper[a:b, a:].mul_(beta).add_(panel, alpha=alpha)
+            with tf32_matmul(False):
+                for a, b, panel in gram_panels(xt, self._panels, transposed=True):  # rows a..b of the upper triangle
+                    self._upper[a:b, a:].mul_(beta).add_(panel, alpha=alpha)
         else:
             x = x.to(device=self.device, dtype=torch.float32)
             ends = self._panels[1:] + [self.in_features]

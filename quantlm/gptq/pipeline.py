@@ -38,7 +38,7 @@ from quantlm.errors import QuantlmError
 from quantlm.gptq.allocator import large_tensors_in_heap
 from quantlm.gptq.block_passes import BlockPasses, StopForward, map_tensors, to_device
 from quantlm.gptq.cpu_linear import onednn_linears
-from quantlm.gptq.hessian import HessianAccumulator
+from quantlm.gptq.hessian import HessianAccumulator, tf32_matmul
 from quantlm.gptq.memory import (
     MemorySettings,
     PeakSampler,
@@ -198,19 +198,21 @@ def _block_kwargs(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, b
 
 
 @contextlib.contextmanager
-def _solver_threads(device: torch.device):
-    """One CPU thread for the solves: their per-column steps are tiny ops that a second thread only slows
-    down (10x on a busy 2-core machine, bench/solver.md), and one thread makes the codes independent of
-    the thread count. Restores the caller's setting."""
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _solver_context(device: torch.device):
+    """The solves in full fp32 (never TF32 or bf16 matmuls, whatever the caller set globally: the error updates
+    and the inverse Hessian need it), on one CPU thread: their per-column steps are tiny ops that a second thread
+    only slows down (10x on a busy 2-core machine, bench/solver.md), and one thread makes the codes independent of
+    the thread count. Restores the caller's settings."""
+    with tf32_matmul(False):
+        if device.type != "cpu":
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -412,7 +414,7 @@ class BlockLoop:
         """The quantizer on one group's fp32 master weights ``Ws`` (sharing ``H``); the dequantized weights are
         written back to the masters and to the linears (forward copies)."""
         t0 = time.perf_counter()
-        with _solver_threads(self.device):
+        with _solver_context(self.device):
             group_results = self.quantizer.solve(Ws, H, self.recipe, names)
         if len(group_results) != len(Ws):
             raise QuantlmError(f"quantizer {self.quantizer.name!r} returned {len(group_results)} results for "
