@@ -9,7 +9,8 @@
 #   bash bench/gpu_check.sh --dry-run    # the same code on the CPU with tiny shapes (tests run it)
 #
 # Extra arguments go to bench/bench_gpu.py (e.g. --blocks-39b 3, --skip train). Output lands in $OUT when set
-# (the device tool's folder), else in bench/results/.
+# (the device tool's folder), else in bench/results/. The interpreter is $PYTHON, else python3 (the device image
+# documents python3); the environment probe never stops the check (a missing tool is written as such).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${OUT:-bench/results}"
@@ -21,7 +22,8 @@ for a in "$@"; do [[ "$a" == "--dry-run" ]] && tag="gpu_check_dry"; done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   lscpu | grep -E 'Model name|^CPU\(s\)' || true
   free -g | head -2 || true
-  uptime
+  uptime || echo "no uptime"
+  "${PYTHON:-python3}" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__)" || true
 } > "$dest/$tag.env.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python bench/bench_gpu.py --json "$dest/$tag.json" "$@" | tee "$dest/$tag.md"
+"${PYTHON:-python3}" bench/bench_gpu.py --json "$dest/$tag.json" "$@" | tee "$dest/$tag.md"

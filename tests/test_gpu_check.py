@@ -12,12 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_dry_run(tmp_path):
-    out = tmp_path / "gpu.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "bench" / "bench_gpu.py"), "--dry-run", "--skip", "train", "--json", str(out)]
+    """The shell script itself, as the device runs it (its environment probe included), in its CPU dry mode."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "--skip", "train"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    probe = (tmp_path / "gpu_check_dry.env.txt").read_text()
+    assert "torch" in probe and (tmp_path / "gpu_check_dry.md").read_text() == proc.stdout
+    rows = json.loads((tmp_path / "gpu_check_dry.json").read_text())["rows"]
     jobs = [(r["shape"], r["job"]) for r in rows]
     assert len(jobs) == 7 and sum("reference" in j for _, j in jobs) == 2
     exact, fast, ref = rows[0], rows[1], rows[2]
