@@ -295,3 +295,21 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, small_corpus, tiny
     with pytest.raises(QuantlmError, match="in use by another quantlm train run .* delete "):
         train(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_rng_state_resumes_on_fewer_gpus_than_saved(monkeypatch, caplog):
+    """One CUDA RNG state per GPU of the saving run; resuming where fewer GPUs are visible restores those it has
+    (torch's set_rng_state_all would index past the visible devices)."""
+    import torch
+
+    from quantlm.train import checkpoints
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append((device, int(s[0]))))
+    state = {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+             "cuda": [torch.tensor([7], dtype=torch.uint8), torch.tensor([9], dtype=torch.uint8)]}
+    with caplog.at_level("WARNING"):
+        checkpoints.set_rng_state(state)
+    assert restored == [(0, 7)] and "CUDA RNG states of 2 GPUs, this run sees 1" in caplog.text

@@ -40,10 +40,17 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the RNGs. A checkpoint saved with one CUDA state per visible GPU restores the GPUs both runs have,
+    so a run resumes on fewer (or more) GPUs than it was saved with; the others keep their fresh state."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, visible = list(state["cuda"]), torch.cuda.device_count()
+        for i in range(min(len(saved), visible)):
+            torch.cuda.set_rng_state(saved[i], device=i)
+        if len(saved) != visible:
+            log.warning("the checkpoint holds CUDA RNG states of %d GPUs, this run sees %d: restored the first %d",
+                        len(saved), visible, min(len(saved), visible))
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
