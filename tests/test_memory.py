@@ -437,3 +437,17 @@ def test_large_batches_run_from_the_heap_with_trims_same_results(base, tokens, m
     _, heap = _run(base, tokens)
     assert heap.plan["large_tensors_in_heap"] and heap.plan["trim_allocator"]
     _same(plain, heap)  # the allocator moves pages, never numbers
+
+
+def test_plan_counts_pinned_host_buffers_at_the_allocators_power_of_two():
+    """On a GPU run with hidden states in host memory the buffers are pinned, and PyTorch's pinned allocator rounds
+    each up to a power of two: the 3.9B shape's two 12.9 GB fp32 buffers pin 2 x 16 GiB, not 25.8 GB."""
+    from quantlm.gptq.memory import pinned_bytes
+
+    assert pinned_bytes(1) == 1 and pinned_bytes(4096) == 4096 and pinned_bytes(4097) == 8192 and pinned_bytes(0) == 0
+    one = 512 * 2048 * 3072 * 4
+    kw = dict(available_bytes=10**12, disk_available_bytes=10**12, device_available_bytes=24 * 10**9)
+    gpu = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host"), 4, 128, "cuda", **kw)
+    cpu = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host"), 4, 128, "cpu", **kw)
+    assert gpu["bytes"]["hidden_buffers"] == 2 * 2**34 > 2 * one
+    assert cpu["bytes"]["hidden_buffers"] == 2 * one  # not pinned on a CPU run

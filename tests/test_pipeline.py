@@ -187,3 +187,16 @@ def test_solves_and_hessians_run_in_full_fp32_whatever_the_caller_set(fresh, tok
     assert all(f == ("ieee", "ieee") for _, f in seen), seen
     for name, res in plain.results.items():
         assert torch.equal(res.q, run.results[name].q), name
+
+
+def test_solve_times_wait_for_the_device(monkeypatch):
+    """On CUDA the solve timer starts and stops only after the queued kernels finish (the forwards and Hessian
+    products before it would otherwise count as solve time); on the CPU nothing is synchronized."""
+    from quantlm.gptq import pipeline
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    pipeline._clock(torch.device("cpu"))
+    assert synced == []
+    pipeline._clock(torch.device("cuda:1"))
+    assert synced == [torch.device("cuda:1")]

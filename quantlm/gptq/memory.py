@@ -285,6 +285,12 @@ def default_offload_dir(fingerprint: str) -> Path:
 
 # --------------------------------------------------------------------------------------------- plan
 
+def pinned_bytes(nbytes: int) -> int:
+    """Host memory a pinned buffer of ``nbytes`` takes: PyTorch's pinned (CUDA host) allocator rounds every request
+    up to the next power of two (the 3.9B shape's two 12.9 GB fp32 hidden-state buffers pin 17.2 GB each)."""
+    return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
+
+
 def _device_type(device) -> str:
     return str(device).split(":")[0]
 
@@ -434,7 +440,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if on_gpu and baseline_bytes is None:
         base += BASELINE_CUDA_EXTRA
     host = {"baseline": base, "weights": weights, "results": results, "allocator_slack": slack, "tokens": tokens * 8,
-            "hidden_buffers": buffers if place == "host" else 0,
+            "hidden_buffers": (pinned_bytes(buffers // 2) * 2 if on_gpu else buffers) if place == "host" else 0,
             "replay_cache": 0 if on_gpu else replay,
             "working_set": 0 if on_gpu else max(forward, solve) + block_copy}
     if on_gpu:
