@@ -148,7 +148,6 @@ class ModelBudget:
 
 def _linear_records(name: str, out_f: int, in_f: int, layout: Layout, kind: str, count: int) -> list[TensorRecord]:
     """The stored tensors of one block linear, as its format declares them."""
-
     if layout.family == "quantlm":
         check_group_size(layout.group_size, in_f, name.replace(".{i}.", ".N."))
     paper = paper_bits_per_weight(layout.family, layout.bits, None if layout.group_size == -1 else layout.group_size)
@@ -205,7 +204,6 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, source: s
 
 def checkpoint_layout(model_dir: Path, config: dict) -> Layout:
     """The layout of a checkpoint directory: its config.json, and for a dequantized QuantLM its ``quantlm.json``."""
-
     layout = layout_of_config(config)
     if layout.family == "floatlm":
         meta = read_meta(model_dir)
@@ -221,7 +219,6 @@ def budget_from_checkpoint(model_dir: str | os.PathLike, *, name: str | None = N
     Each block-linear tensor is matched to its format's declaration (what it encodes, its code bits); a tensor the
     format does not declare counts at its stored size as ``meta``.
     """
-
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     label = name or model_dir.name
@@ -284,7 +281,6 @@ _GGUF_FLOATS = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8")
 def gguf_file(path: str | os.PathLike) -> Path | None:
     """The GGUF file a path names: a ``.gguf`` file, or a directory holding ``model.gguf`` (a quantlm gguf
     export) and no safetensors; None otherwise."""
-
     path = Path(path)
     if path.suffix == ".gguf":
         return path
@@ -302,7 +298,6 @@ def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None) -> Mod
     they are inferred from the block linears' types (TQ: TriLM, float: FloatLM, else a per-channel QuantLM of
     the type's code width), which only the ``paper`` and ``entropy`` conventions use.
     """
-
     path = Path(path)
     if not path.is_file():
         raise QuantlmError(f"{path}: no such GGUF file; check the path")
@@ -393,7 +388,6 @@ def budget(model: str | os.PathLike, *, layout: Layout | None = None, bits: int 
     QuantLM of that bitwidth; ``layout`` (or ``quant_format``, ``ternary_format``, ``sym``, ``g_idx``) chooses the
     storage the ``exact`` convention assumes for a preset or config (default: packed, as deployed).
     """
-
     if bits is not None:
         check_bits(bits)
     text = str(model)

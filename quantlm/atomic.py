@@ -37,7 +37,6 @@ def _chmod_default(path: Path, directory: bool) -> None:
 
 def refuse_install_location(path: str | os.PathLike, flag: str = "output") -> None:
     """Nothing is ever written into quantlm's installed package (its shipped data lives there)."""
-
     if is_inside_install(path):
         raise QuantlmError(f"{flag} {path} is inside quantlm's installed package; write outputs elsewhere, e.g. "
                            "relative to the working directory")

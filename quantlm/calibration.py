@@ -60,7 +60,6 @@ def default_calibration_path() -> Path:
 
 def load_documents(source: str | os.PathLike | None = None) -> list[str]:
     """The non-empty documents of a calibration source (see the module docstring for the formats)."""
-
     path = Path(source) if source else default_calibration_path()
     if not path.exists():
         raise QuantlmError(f"calibration source {path} does not exist; pass a .txt, .jsonl, .parquet file "

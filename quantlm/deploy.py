@@ -86,7 +86,6 @@ def gguf_type_for(model_dir: str | os.PathLike, requested: str = "") -> tuple[st
     """(type, note) to export a checkpoint with for llama.cpp: ``requested``, else the export's default; a TriLM
     whose rows no TQ type holds exactly (widths not multiples of 256, or straddling shards) gets the smallest
     type that does (Q4_0, Q8_0), said in the note. Decided from config.json alone."""
-
     if requested:
         return requested, ""
     config = read_config(model_dir)
@@ -107,7 +106,6 @@ def gguf_type_for(model_dir: str | os.PathLike, requested: str = "") -> tuple[st
 def resolve(model: str | os.PathLike, workdir: Path, gguf_type: str = "") -> tuple[Path, dict]:
     """The GGUF file to run for ``model`` (a .gguf file, a gguf export directory, or a checkpoint directory that is
     exported into ``workdir`` first) and what was done to get it."""
-
     path = Path(model)
     found = gguf_file(path)
     if found is not None:

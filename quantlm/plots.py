@@ -170,7 +170,6 @@ def fit_families(df, metric: str, x: str = "params"):
 
 def _save(fig, path: Path) -> Path:
     """savefig to a temp sibling, then rename: a crash never leaves half an image."""
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
     return path

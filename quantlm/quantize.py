@@ -49,7 +49,6 @@ class ExportSettings:
                                "largest changes are reported)", False)
 
     def __post_init__(self):
-
         known = formats_for("quantlm")
         if not self.formats:
             raise QuantlmError(f"no export format given; use --formats with some of {', '.join(known)}")
@@ -73,12 +72,10 @@ class QuantRecipe:
                                  MemorySettings())
 
     def __post_init__(self):
-
         for f in self.export.formats:
             get_format(f).check(self.layout(f))
 
     def layout(self, fmt: str):
-
         g, e = self.gptq, self.export
         # the export settings a format takes as its own options (gguf: gguf_type, kquant_grouped)
         options = {k: getattr(e, k) for k in get_format(fmt).options if hasattr(e, k)}
@@ -115,7 +112,6 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
 
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
     """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
-
     g, c = recipe.gptq, recipe.calibration
     return plan_for_checkpoint(model_dir, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, device,
                                true_sequential=g.true_sequential)

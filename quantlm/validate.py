@@ -69,7 +69,6 @@ def expected_tensors(config: dict, where: str = "model") -> dict[str, tuple[int,
 
 def is_packed(model_dir: Path, config: dict) -> bool:
     """Block linears stored in a packed layout (GPTQ, compressed-tensors, packed ternary), per the registry."""
-
     return layout_of_config(config).format != "unpacked"
 
 
@@ -107,7 +106,6 @@ def _one_line(where: Path, problems: list[str]) -> str:
 def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files (hf_checkpoint.safetensors_files) and the index's weight map, if the checkpoint is
     sharded; every shard the index names must exist."""
-
     weight_map = read_weight_map(model_dir)
     if weight_map is not None:
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
@@ -125,7 +123,6 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
     ``headers``: ``{file: [HeaderEntry, ...]}`` a caller already read with ``hf_checkpoint.read_safetensors_header``
     (so ``quantlm size`` reads every header once); without it the headers are read here.
     """
-
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise QuantlmError(f"{model_dir}: no such directory; pass a Hugging Face checkpoint directory")

@@ -116,7 +116,6 @@ def add_recipe_flags(parser: argparse.ArgumentParser, cls, *, aliases: dict[str,
 
 def apply_recipe_flags(args: argparse.Namespace, recipe):
     """``recipe`` with every flag the user gave applied (the recipe's checks rerun on the result)."""
-
     data = to_dict(recipe)
     changed = False
     for path, _, _ in leaf_fields(type(recipe)):

@@ -37,7 +37,6 @@ def register(sub) -> None:
 
 def recipe_from_args(args):
     """The recipe file (or the defaults) with every flag the user gave applied on top."""
-
     recipe = load(args.recipe, expect=QuantRecipe) if args.recipe else QuantRecipe()
     return apply_recipe_flags(args, recipe)
 

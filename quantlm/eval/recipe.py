@@ -25,7 +25,6 @@ class EvalRecipe:
     dtype: Literal["float32", "bfloat16", "float16"] = doc("dtype the model is loaded in", "float32")
 
     def __post_init__(self):
-
         if not self.ppl and not self.tasks:
             raise QuantlmError("the evaluation has neither perplexity corpora nor tasks; pass --ppl or --tasks")
         expand_tasks(self.tasks)

@@ -44,7 +44,6 @@ def device_description(device: str) -> str:
 def identify(model_dir: Path, config: dict) -> dict:
     """What a checkpoint is, from what it records about itself: ``quantlm.json`` when quantlm wrote it, else its
     config.json (one rule for ``size`` and ``eval``: both go through ``accounting.checkpoint_layout``)."""
-
     layout = checkpoint_layout(model_dir, config)
     meta = read_meta(model_dir)
     info = {"family": layout.family, "format": layout.format,
@@ -59,14 +58,12 @@ def identify(model_dir: Path, config: dict) -> dict:
 def deployed_sizes(model_dir: Path, config: dict) -> dict:
     """``sizes`` (total bits per convention) and ``size_layout``: the model as deployed (QuantLM packed in the
     compressed-tensors layout, TriLM at 1.6 bits per weight, FloatLM in fp16), whatever its files store."""
-
     b = accounting.deployed_budget(model_dir, accounting.checkpoint_layout(model_dir, config))
     return {"sizes": {c: float(b.total_bits(c)) for c in accounting.CONVENTIONS}, "size_layout": b.layout}
 
 
 def _preflight(model_dir: Path, recipe: EvalRecipe) -> tuple[dict, list, list[str]]:
     """Check the model directory, window and data before any model weights are loaded."""
-
     if not model_dir.is_dir():
         raise QuantlmError(f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory")
     config = read_config(model_dir)

@@ -100,7 +100,6 @@ def read_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_linears(model_dir: str | os.PathLike, config: dict, layout: Layout, block_map
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """(the dense tensors, name -> decoded block linear) of a checkpoint in ``layout``."""
-
     fmt = get_format(layout.format)
     tensors = read_state(model_dir)
     shapes = spec_from_config(config, str(model_dir)).linear_shapes()

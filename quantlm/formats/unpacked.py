@@ -33,7 +33,6 @@ class Unpacked(Format):
         return read(name + ".weight")
 
     def layout_from_config(self, config):
-
         dtype = FLOAT_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), "F16")
         if is_trilm(config):
             return Layout("trilm", "unpacked", mp=int(config.get("pretraining_model_parallel") or 1), float_dtype=dtype)

@@ -122,7 +122,6 @@ class Job:
 
 def load_manifest(path: str | os.PathLike) -> tuple[SuiteManifest, Path]:
     """The manifest (a path or a shipped name) and the folder its train recipes are looked up in first."""
-
     path = paths.resolve_input(path)
     return recipes.load(path, expect=SuiteManifest), path.resolve().parent
 
@@ -238,7 +237,6 @@ def describe_plan(manifest: SuiteManifest, base: Path) -> list[dict]:
 
     Sizes come from presets (or config.json files where a checkpoint exists); no weights are read.
     """
-
     rows = []
     for job in plan(manifest, base):
         size = _job_budget(job, acc)
@@ -264,7 +262,6 @@ def describe_plan(manifest: SuiteManifest, base: Path) -> list[dict]:
 def _job_peak_memory(job: Job, manifest: SuiteManifest) -> float | None:
     """The predicted peak host memory of a quantize job (its memory plan), from the checkpoint's config.json or,
     before the model exists, its preset's."""
-
     recipe = job.payload["recipe"]
     cfg_path = job.source / "config.json" if job.source is not None else None
     if cfg_path is not None and cfg_path.is_file():

@@ -44,7 +44,6 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
 def current_records(df, manifest: SuiteManifest, base: Path):
     """The records of the manifest's eval jobs as planned now (same id, same hash), newest per job, and the labels
     of the records left out (removed bitwidths or seeds, changed recipes, records not written by a suite)."""
-
     if df.empty:
         return df, []
     wanted = {j.id: j.hash for j in plan(manifest, base) if j.kind == "eval"}

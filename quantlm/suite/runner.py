@@ -42,7 +42,6 @@ class JobSkipped(QuantlmError):
 def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
     """Run one job; its output appears atomically (temp path, then rename) with the job's hash inside.
     ``progress`` shows the job's own progress bars (training steps, blocks, evaluation batches)."""
-
     stamp = {"id": job.id, "hash": job.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if job.kind == "train":
 
@@ -82,7 +81,6 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
 
 def _materialize_heldout(jobs: list[Job]) -> None:
     """Write the held-out corpus split once, as the text file the eval jobs read."""
-
     for job in jobs:
         target = job.payload.get("heldout")
         if target and not Path(target).is_file():
@@ -163,7 +161,6 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
 
 def _bytes_to_write(manifest: SuiteManifest, base: Path, chosen: list[Job]) -> int:
     """The plan's disk estimate for the jobs still to run (what the free-space check needs)."""
-
     ids = {j.id for j in chosen}
     return int(sum((r.get("disk_GB") or 0.0) * 1e9 for r in describe_plan(manifest, base)
                    if r["job"] in ids and not r["done"]))

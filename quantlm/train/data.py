@@ -100,7 +100,6 @@ def _tokenizer_hash(tokenizer) -> str:
 
 def load_or_train_tokenizer(recipe, sources: list[Path] | None = None):
     """The recipe's tokenizer: a local HF folder, or a byte-level BPE trained on the corpus and cached."""
-
     if recipe.tokenizer:
         path = resolve_path(recipe.tokenizer)
         if not path.is_dir():

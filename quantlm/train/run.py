@@ -71,7 +71,6 @@ def build_model(recipe: TrainRecipe, vocab_in_use: int | None = None):
 def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path: Path, tokenizer,
                        info: dict, overwrite: bool = False) -> Path:
     """Write an HF checkpoint from a full state dict; a TriLM is exported unpacked (block weights gamma * W_t)."""
-
     dtype = TORCH_FLOATS[recipe.save_dtype]
     model = build_model(recipe)
     model.load_state_dict(state, strict=True)
