@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from quantlm.errors import QuantlmError
 
-__all__ = ["ARCHITECTURES", "COLUMN", "ROW", "Architecture", "BlockLinear", "BlockMap", "LLAMA", "architecture_for"]
+__all__ = ["ALWAYS", "ARCHITECTURES", "COLUMN", "ROW", "Architecture", "BlockLinear", "BlockMap", "LLAMA", "QWEN2",
+           "architecture_for"]
 
 COLUMN = "column"  # output dimension split across model-parallel ranks (q, k, v, gate, up)
 ROW = "row"  # input dimension split across model-parallel ranks (o, down)
@@ -23,6 +24,7 @@ ROW = "row"  # input dimension split across model-parallel ranks (o, down)
 # the widths a shape rule names: hidden size, query width (heads x head_dim), key/value width (kv heads x
 # head_dim), MLP width
 DIMS = ("hidden", "q", "kv", "intermediate")
+ALWAYS = "always"  # a BlockLinear.bias_flag: the linear has a bias in every checkpoint of the family
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class BlockLinear:
     shard: str  # COLUMN | ROW
     out_dim: str  # one of DIMS
     in_dim: str
-    bias_flag: str = ""
+    bias_flag: str = ""  # ALWAYS: the family always has one
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class BlockMap:
 
     def biased(self, flags: Mapping[str, bool]) -> tuple[str, ...]:
         """The block linears that carry a bias under the config's bias ``flags`` (e.g. ``attention_bias``)."""
-        return tuple(r.path for r in self.linear_rows if r.bias_flag and flags.get(r.bias_flag))
+        return tuple(r.path for r in self.linear_rows if r.bias_flag == ALWAYS or (r.bias_flag and flags.get(r.bias_flag)))
 
     def block_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}."
@@ -134,6 +136,24 @@ LLAMA = BlockMap(
     final_norm_path="model.norm",
 )
 
+# Qwen2 / Qwen2.5: the LLaMA block with biases on q, k and v, always (transformers' Qwen2Attention)
+QWEN2 = BlockMap(
+    layers_path="model.layers",
+    linear_rows=(
+        BlockLinear("self_attn.q_proj", 0, COLUMN, "q", "hidden", ALWAYS),
+        BlockLinear("self_attn.k_proj", 0, COLUMN, "kv", "hidden", ALWAYS),
+        BlockLinear("self_attn.v_proj", 0, COLUMN, "kv", "hidden", ALWAYS),
+        BlockLinear("self_attn.o_proj", 1, ROW, "hidden", "q"),
+        BlockLinear("mlp.gate_proj", 2, COLUMN, "intermediate", "hidden"),
+        BlockLinear("mlp.up_proj", 2, COLUMN, "intermediate", "hidden"),
+        BlockLinear("mlp.down_proj", 3, ROW, "hidden", "intermediate"),
+    ),
+    norms=("input_layernorm", "post_attention_layernorm"),
+    embed_path="model.embed_tokens",
+    head_path="lm_head",
+    final_norm_path="model.norm",
+)
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -151,6 +171,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a for a in (
         Architecture("llama", ("LlamaForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False)),
                      gguf_arch="llama"),
+        Architecture("qwen2", ("Qwen2ForCausalLM",), QWEN2),  # GGUF: not yet (llama.cpp's qwen2 names and keys)
     )
 }
 

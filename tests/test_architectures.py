@@ -144,3 +144,61 @@ def test_a_model_type_outside_the_table_gets_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "'mixtral' is not supported; quantlm handles llama" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random Qwen2 (biases on q, k and v, always; none on o or the MLP)."""
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp("arch") / "qwen2"
+    model.save_pretrained(out)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def test_qwen2_is_one_table_entry(qwen2, tmp_path):
+    """A second family through every safetensors job with no code of its own: quantize (its q/k/v biases kept),
+    reload with the dequantized model's logits, sizes exact; its GGUF export is refused in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlm.formats.loader import QuantLinear, load_model
+
+    config = json.loads((qwen2 / "config.json").read_text())
+    spec = spec_from_config(config, "qwen2")
+    assert spec.model_type == "qwen2" and set(spec.biased_linears) == {f"self_attn.{x}_proj" for x in "qkv"}
+    fmts = ("unpacked", "gptq", "compressed-tensors")
+    recipe = replace_fields(QuantRecipe(), bits=4, group_size=64, nsamples=4, seqlen=32, formats=fmts)
+    rep = quantize_model(qwen2, recipe, tmp_path / "q", progress=False)
+    unpacked = AutoModelForCausalLM.from_pretrained(rep["paths"]["unpacked"], dtype=torch.float32)
+    assert type(unpacked).__name__ == "Qwen2ForCausalLM"
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref = _logits(unpacked, ids)
+    for fmt in ("gptq", "compressed-tensors"):
+        packed = load_model(rep["paths"][fmt])
+        q = packed.model.layers[1].self_attn.q_proj
+        assert isinstance(q, QuantLinear) and torch.equal(q.bias, unpacked.model.layers[1].self_attn.q_proj.bias)
+        assert packed.model.layers[1].self_attn.o_proj.bias is None
+        torch.testing.assert_close(_logits(packed, ids), ref, rtol=0, atol=1e-2)
+    for fmt in fmts:
+        measured = acc.budget(rep["paths"][fmt])
+        assert measured.total_bits("exact") == acc.budget(qwen2 / "config.json", layout=recipe.layout(fmt)).total_bits(
+            "exact"), fmt
+    assert acc.budget(rep["paths"]["gptq"]).role_params("bias") == 2 * (128 + 2 * 64)
+    with pytest.raises(QuantlmError, match="GGUF export writes llama models") as e:
+        quantize_model(qwen2, replace_fields(recipe, formats=("gguf",)), tmp_path / "g", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "g").exists()
