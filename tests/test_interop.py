@@ -152,3 +152,41 @@ def test_biases_load_in_the_real_libraries(biased_model_dir, tmp_path, fmt):
         mine = unpacked.model.layers[1].get_submodule(name).bias
         assert theirs is not None and torch.equal(theirs.float(), mine.float()), name
     torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def qwen2_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    out = tmp_path_factory.mktemp("interop-qwen2")
+    model.save_pretrained(out)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_qwen2_exports_load_in_the_real_libraries(qwen2_model_dir, tmp_path, fmt):
+    """The second architecture of the table: a Qwen2's packed exports load in transformers (GPTQModel's torch kernel,
+    compressed-tensors) with the dequantized model's logits."""
+    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
+    if fmt == "gptq":
+        pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    paths = _export(qwen2_model_dir, tmp_path, fmt, 4)
+    ref = _logits(load_quantized(paths["unpacked"]), IDS)
+    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
+    ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
+                                               local_files_only=True, **kwargs)
+    assert type(ext).__name__ == "Qwen2ForCausalLM"
+    torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)
