@@ -11,7 +11,7 @@ Only the standard library is imported here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantlm.errors import QuantlmError
 
@@ -91,7 +91,8 @@ class BlockMap:
 
     def biased(self, flags: Mapping[str, bool]) -> tuple[str, ...]:
         """The block linears that carry a bias under the config's bias ``flags`` (e.g. ``attention_bias``)."""
-        return tuple(r.path for r in self.linear_rows if r.bias_flag == ALWAYS or (r.bias_flag and flags.get(r.bias_flag)))
+        return tuple(r.path for r in self.linear_rows
+                     if r.bias_flag == ALWAYS or (r.bias_flag and flags.get(r.bias_flag)))
 
     def block_prefix(self, i: int) -> str:
         return f"{self.layers_path}.{i}."
@@ -136,23 +137,11 @@ LLAMA = BlockMap(
     final_norm_path="model.norm",
 )
 
-# Qwen2 / Qwen2.5: the LLaMA block with biases on q, k and v, always (transformers' Qwen2Attention)
-QWEN2 = BlockMap(
-    layers_path="model.layers",
-    linear_rows=(
-        BlockLinear("self_attn.q_proj", 0, COLUMN, "q", "hidden", ALWAYS),
-        BlockLinear("self_attn.k_proj", 0, COLUMN, "kv", "hidden", ALWAYS),
-        BlockLinear("self_attn.v_proj", 0, COLUMN, "kv", "hidden", ALWAYS),
-        BlockLinear("self_attn.o_proj", 1, ROW, "hidden", "q"),
-        BlockLinear("mlp.gate_proj", 2, COLUMN, "intermediate", "hidden"),
-        BlockLinear("mlp.up_proj", 2, COLUMN, "intermediate", "hidden"),
-        BlockLinear("mlp.down_proj", 3, ROW, "hidden", "intermediate"),
-    ),
-    norms=("input_layernorm", "post_attention_layernorm"),
-    embed_path="model.embed_tokens",
-    head_path="lm_head",
-    final_norm_path="model.norm",
-)
+# Qwen2 / Qwen2.5: the LLaMA block with biases on q, k and v, always, and none elsewhere (transformers'
+# Qwen2Attention)
+QWEN2 = replace(LLAMA, linear_rows=tuple(
+    replace(r, bias_flag=ALWAYS if r.path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") else "")
+    for r in LLAMA.linear_rows))
 
 
 @dataclass(frozen=True)

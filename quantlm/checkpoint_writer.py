@@ -117,6 +117,5 @@ def container_accounting(out: Path, config: dict, layout: Layout, payload_bytes:
 def written_changes(out: Path) -> list[dict]:
     """The tensors whose stored weights differ from the values given to the writer (opt-ins such as re-quantized
     K-quant scales, merged shard scales, or round-to-nearest), as the written ``quantlm.json`` records them."""
-
     meta = read_meta(out)
     return list(meta.info.get("changes", [])) if meta is not None else []

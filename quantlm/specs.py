@@ -4,8 +4,8 @@ Names: ``floatlm-<size>``, ``trilm-<size>`` and ``quantlm-<size>-<b>bit`` for th
 (99m ... 3.9b) and b in 3, 4, 6, 8: 54 presets. A small CPU ladder (``micro``, ``tiny``) with a 4096-token
 BPE vocabulary follows the same shape rules; it is what the tests and the default demo train.
 
-This module imports only the standard library and the architecture table; ``to_hf_config`` imports transformers
-when called.
+This module imports the architecture table and ``quantized``'s bit check (so torch); ``to_hf_config`` imports
+transformers when called.
 """
 
 from __future__ import annotations

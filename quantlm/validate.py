@@ -38,7 +38,6 @@ from quantlm.hf_checkpoint import (
 from quantlm.specs import spec_from_config
 from quantlm.textdocs import read_text_file
 
-FLOAT_DTYPES = FLOAT_ST
 FP16_MAX = 65504.0
 # Tensors transformers ignores when loading a LLaMA (old checkpoints saved the rotary buffers).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -172,7 +171,7 @@ def check_checkpoint(model_dir: str | os.PathLike, config: dict | None = None,
         if tuple(e.shape) != shape:
             problems.append(f"tensor {n} has shape {list(e.shape)}, the config implies {list(shape)}; the weights "
                             "and config.json do not match")
-        elif e.dtype not in FLOAT_DTYPES:
+        elif e.dtype not in FLOAT_ST:
             problems.append(f"tensor {n} is stored as {e.dtype}; a LLaMA weight is a float tensor (F32, F16, BF16)")
     if (config.get("tie_word_embeddings") and "lm_head.weight" in tensors
             and tuple(tensors["lm_head.weight"].shape) != expected["model.embed_tokens.weight"]):
@@ -204,7 +203,7 @@ def check_data(model: str | os.PathLike | CheckpointInfo, export_dtype: str | No
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in names:
-                    if info.tensors[name].dtype not in FLOAT_DTYPES:
+                    if info.tensors[name].dtype not in FLOAT_ST:
                         continue
                     t = st.get_tensor(name)
                     nbytes += t.numel() * t.element_size()

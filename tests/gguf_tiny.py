@@ -23,17 +23,25 @@ ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 def save_tiny_llama(out: Path, tokenizer_dir: Path, *, tied: bool = False, seed: int = 0, layers: int = 2,
                     vocab_size: int = 512, **config_overrides) -> Path:
     """``config_overrides``: other LlamaConfig fields (``attention_bias``, ``head_dim``, ``hidden_size``, ...)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
     fields = dict(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, tie_word_embeddings=tied, initializer_range=0.08,
                   architectures=["LlamaForCausalLM"])
-    model = LlamaForCausalLM(LlamaConfig(**{**fields, **config_overrides}))
-    with torch.no_grad():  # non-trivial norms and biases, so a wrong or dropped tensor shows
+    return save_random_model(out, tokenizer_dir, LlamaConfig(**{**fields, **config_overrides}), seed=seed)
+
+
+def save_random_model(out: Path, tokenizer_dir: Path, config, *, seed: int = 0, norms: bool = True) -> Path:
+    """A random causal LM of any transformers ``config`` (seeded) saved with the tokenizer, with non-zero biases
+    and, with ``norms``, norm weights in [0.5, 1.5], so a wrong or dropped tensor shows."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if norms and name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)

@@ -149,26 +149,13 @@ def test_a_model_type_outside_the_table_gets_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny random Qwen2 (biases on q, k and v, always; none on o or the MLP)."""
-    import shutil
+    from gguf_tiny import save_random_model
+    from transformers import Qwen2Config
 
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(3)
     config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256,
                          tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            elif name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    out = tmp_path_factory.mktemp("arch") / "qwen2"
-    model.save_pretrained(out)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return save_random_model(tmp_path_factory.mktemp("arch") / "qwen2", tiny_tokenizer_dir, config, seed=3)
 
 
 def test_qwen2_is_one_table_entry(qwen2, tmp_path):

@@ -113,23 +113,15 @@ def test_compressed_tensors_loads_in_transformers(interop_model_dir, tmp_path, b
 @pytest.fixture(scope="module")
 def biased_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     """The interop LLaMA with biases on every block linear (attention_bias, mlp_bias), random and non-zero."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from gguf_tiny import save_random_model
+    from transformers import LlamaConfig
 
-    torch.manual_seed(2)
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                          architectures=["LlamaForCausalLM"])
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    out = tmp_path_factory.mktemp("interop-biased")
-    model.save_pretrained(out)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return save_random_model(tmp_path_factory.mktemp("interop-biased"), tiny_tokenizer_dir, config, seed=2,
+                             norms=False)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
@@ -156,22 +148,14 @@ def test_biases_load_in_the_real_libraries(biased_model_dir, tmp_path, fmt):
 
 @pytest.fixture(scope="module")
 def qwen2_model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from gguf_tiny import save_random_model
+    from transformers import Qwen2Config
 
-    torch.manual_seed(3)
     config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256,
                          tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    out = tmp_path_factory.mktemp("interop-qwen2")
-    model.save_pretrained(out)
-    for f in tiny_tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
+    return save_random_model(tmp_path_factory.mktemp("interop-qwen2"), tiny_tokenizer_dir, config, seed=3,
+                             norms=False)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])

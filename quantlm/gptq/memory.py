@@ -539,11 +539,9 @@ def _fixes(settings: MemorySettings, fixed: dict) -> list[dict]:
         if "weights_dtype" in change:
             fx["weights_dtype"] = change["weights_dtype"]
         s = dataclasses.replace(settings, **{k: v for k, v in change.items() if k != "weights_dtype"})
-        for cand in _candidates(s, fx["dev"], fx["nsamples"]):
-            p = _plan_one(s, *cand, **fx)
-            if p["fits"]:
-                out.append({"change": change, "predicted_peak_bytes": p["predicted_peak_bytes"]})
-                break
+        p = _first_fit(s, fx)
+        if p["fits"]:
+            out.append({"change": change, "predicted_peak_bytes": p["predicted_peak_bytes"]})
         if len(out) >= 3:
             break
     return out

@@ -84,14 +84,6 @@ def register_transform(transform: BlockTransform, *, replace: bool = False) -> B
     return transform
 
 
-def quantizers() -> tuple[str, ...]:
-    return tuple(_QUANTIZERS)
-
-
-def transforms() -> tuple[str, ...]:
-    return tuple(_TRANSFORMS)
-
-
 def get_quantizer(name: str) -> Quantizer:
     try:
         return _QUANTIZERS[name]

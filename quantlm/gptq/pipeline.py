@@ -5,8 +5,8 @@
 2. Per block (``BlockLoop``), on the compute device: first the recipe's block transforms (``methods``), then for
    each sequential group (LLaMA: [q,k,v] -> [o] -> [gate,up] -> [down]) run the block forward just far enough
    to see the group's input (the forward stops there), with the earlier groups already quantized in place
-   (true-sequential), accumulate one Hessian for the group, then call the recipe's quantizer on its linears. Finally recompute the block's outputs with all its weights quantized:
-   they are the next block's inputs. Each pass replays the outputs of the submodules an earlier pass
+   (true-sequential), accumulate one Hessian for the group, then call the recipe's quantizer on its linears.
+   Finally recompute the block's outputs with all its weights quantized: they are the next block's inputs. Each pass replays the outputs of the submodules an earlier pass
    already finished (``block_passes``), so a block costs about one forward, not ~2.7 (the first block
    about one forward plus one attention, while the passes learn where submodules end in a linear).
 Only one block is on the compute device at a time; the rest of the model stays on the CPU. On the CPU the
@@ -285,10 +285,10 @@ class BlockLoop:
     quantized weights) are the next block's inputs, kept by a :class:`Residency`."""
 
     def __init__(self, model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings,
-                 residency: Residency, device: torch.device, *, keep_weights: bool = True, progress: bool = True):
+                 residency: Residency, device: torch.device, *, progress: bool = True):
         self.model, self.block_map, self.tokens, self.recipe = model, block_map, tokens, recipe
-        self.residency, self.device = residency, device
-        self.keep_weights, self.progress = keep_weights, progress
+        self.residency, self.device, self.progress = residency, device, progress
+        self.keep_weights = residency.placement.keep_weights
         self.layers = model.get_submodule(block_map.layers_path)
         self.quantizer = get_quantizer(recipe.method)
         self.transforms = [get_transform(name) for name in recipe.transforms]
@@ -443,6 +443,10 @@ class BlockLoop:
         return out
 
 
+def _first_linear(model: nn.Module, block_map: BlockMap) -> nn.Module:
+    return model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0])
+
+
 def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings,
                settings: MemorySettings, device: torch.device) -> dict | None:
     """The memory plan of this run from the model's config, with the process's measured baseline."""
@@ -452,8 +456,7 @@ def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, reci
         return None
     unique = {id(p): p for p in model.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in unique)
-    first = model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0]).weight
-    wdtype = float_name(first.dtype)
+    wdtype = float_name(_first_linear(model, block_map).weight.dtype)
     try:
         return plan_memory(config, tokens.shape[0], tokens.shape[1], settings, recipe.bits, recipe.group_size,
                            str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential,
@@ -499,10 +502,9 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
         fingerprint = run_fingerprint(model, tokens, _fingerprint_extra(recipe, block_map, placement, device))
         folder = Path(settings.offload_dir) if settings.offload_dir else default_offload_dir(fingerprint)
         state = RunState.open(folder, fingerprint, settings.resume)
-    width = model.get_submodule(block_map.layers_path)[0].get_submodule(block_map.linears[0]).weight.shape[1]
+    width = _first_linear(model, block_map).weight.shape[1]  # the hidden states' width
     residency = Residency(placement, tokens.shape[0], tokens.shape[1], width, device, state=state)
-    loop = BlockLoop(model, block_map, tokens, recipe, residency, device, keep_weights=placement.keep_weights,
-                     progress=progress)
+    loop = BlockLoop(model, block_map, tokens, recipe, residency, device, progress=progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     heap = large_tensors_in_heap() if placement.large_tensors_in_heap else contextlib.nullcontext()
