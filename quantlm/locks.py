@@ -25,6 +25,10 @@ from quantlm.outputs import hostname, pid_alive
 
 log = logging.getLogger(__name__)
 
+class LockBusy(QuantlmError):
+    """The lock is held by another live process (its message names the holder)."""
+
+
 _held: dict[Path, int] = {}  # lock path -> nesting depth, in this process
 _guard = threading.Lock()
 
@@ -64,8 +68,20 @@ def _is_stale(holder: dict, path: Path) -> bool:
         return True
 
 
-def acquire(directory: str | os.PathLike, what: str = "run") -> Path:
-    """Take the lock of ``directory``; returns the lock file. See the module docstring."""
+def acquire(directory: str | os.PathLike, what: str = "run", wait: float = 0.0) -> Path:
+    """Take the lock of ``directory``; returns the lock file. See the module docstring. ``wait``: seconds to keep
+    trying while another live process holds it (for short critical sections shared by concurrent runs)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _acquire(directory, what)
+        except LockBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _acquire(directory: str | os.PathLike, what: str) -> Path:
     path = lock_path(directory)
     with _guard:
         if path in _held:
@@ -89,7 +105,7 @@ def acquire(directory: str | os.PathLike, what: str = "run") -> Path:
                 if holder.get("pid") == os.getpid() and holder.get("host") == hostname():
                     break  # ours, from an earlier call in this process whose release was skipped
                 if not _is_stale(holder, path):
-                    raise QuantlmError(
+                    raise LockBusy(
                         f"{directory} is in use by another quantlm {what} ({_describe(holder)}); wait for it to "
                         f"finish, or if that process is gone, delete {path}") from None
                 log.warning("taking over the stale lock %s (%s, no longer running)", path, _describe(holder))
@@ -124,9 +140,9 @@ def release(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def hold(directory: str | os.PathLike, what: str = "run") -> Iterator[Path]:
+def hold(directory: str | os.PathLike, what: str = "run", wait: float = 0.0) -> Iterator[Path]:
     """``with hold(out, "suite"):`` - the lock of ``out`` for the block (see the module docstring)."""
-    path = acquire(directory, what)
+    path = acquire(directory, what, wait)
     try:
         yield path
     finally:

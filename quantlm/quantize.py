@@ -95,16 +95,22 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
     and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit). This is
     the run's one NaN/Inf gate. Returns the config and its spec (architecture, block map, shapes), read once."""
+    config, spec = check_recipe(model_dir, recipe)
+    check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(spec, recipe))
+    validate.check_device(device)
+    validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
+    return config, spec
+
+
+def check_recipe(model_dir: Path, recipe: QuantRecipe) -> tuple[dict, ModelSpec]:
+    """The refusals config.json alone decides (a suite makes them for every quantize job before its first job):
+    the model is a FloatLM, the group size divides every block linear, every export format can write it."""
     config = read_config(model_dir)
     spec = checkpoint_spec(config, str(model_dir))
     if spec.family != "floatlm":
         raise QuantlmError(f"{model_dir} holds a {spec.family}, not a FloatLM; quantize the FloatLM it came from")
     for rel, (_, in_f) in spec.linear_shapes().items():
         check_group_size(recipe.gptq.group_size, in_f, rel)
-    check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(spec, recipe))
-    validate.check_device(device)
-    validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
-
     for fmt in recipe.export.formats:
         get_format(fmt).preflight(model_dir, config, recipe.layout(fmt))
     return config, spec
@@ -148,7 +154,7 @@ def quantize_model(model_dir: str | os.PathLike, recipe: QuantRecipe, out_dir: s
     t_load = time.perf_counter() - t0
 
     run = quantize_blocks(model, block_map, tokens, recipe.gptq, device=device, progress=progress,
-                          memory=recipe.memory, weights_checked=True)
+                          memory=recipe.memory, weights_checked=True, owner=out_dir)
     linears = {name: res.stored(name) for name, res in run.results.items()}
     dense = dense_state_dict(model, skip=set(linears))
     g = recipe.gptq

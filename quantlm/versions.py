@@ -6,6 +6,10 @@ import platform
 
 import quantlm
 
+# Bump when a change alters the numbers quantlm computes (quantized weights, metrics): a suite's finished jobs
+# then run again (it is part of every job's identity).
+NUMERICS_VERSION = 1
+
 
 def library_versions() -> dict:
     import tokenizers

@@ -224,7 +224,6 @@ TEXT_CHECK = "validate.read_text / iter_lines in the text readers (calibration.l
 SIZE_CHECK = "size: validate.check_checkpoint(model_dir) in accounting.budget_from_checkpoint"
 EVAL_CHECK = "eval: validate.check_model(model_dir, seqlen=window) in eval.run._preflight"
 RESULTS_CHECK = "outputs.check_dir_writable(results_dir) in eval.run._preflight / plot before computing"
-SUITE_LOCK = "suite: `with locks.hold(root, 'suite'):` around suite.run"
 SUITE_PREFLIGHT = "suite: check every given checkpoint (validate.check_checkpoint) and the output root " \
                   "(outputs.check_dir_writable) before the first job"
 RECORDS_CHECK = "eval.records.load_records: a corrupt record is named (warning; an error when no record is left)"
@@ -575,8 +574,6 @@ CASES = [
     SU("eval-task-unknown", "s.yaml", "--dry-run", match="arc_medium",
        setup=_manifest(eval={"tasks": ["arc_medium"]})),
     SU("report-without-records", "s.yaml", "--report", match="no result records", setup=_manifest()),
-    SU("second-suite-on-one-output", "s.yaml", match="in use by another quantlm suite",
-       setup=_both(_manifest(), _lock_held("out")), needs=SUITE_LOCK),
     SU("checkpoint-missing", "s.yaml", match="nope",
        setup=_manifest(models=[{"name": "floatlm-a", "family": "floatlm", "path": "nope"}]), needs=SUITE_PREFLIGHT),
     SU("checkpoint-truncated", "s.yaml", match="truncated",

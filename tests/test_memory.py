@@ -29,6 +29,7 @@ from quantlm.gptq.memory import (
 from quantlm.gptq.offload import HiddenStates, RunState, batches_of
 from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.hf_checkpoint import load_causal_lm
+from quantlm.locks import lock_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -278,6 +279,7 @@ def test_disk_offload_matches_memory_and_cleans_up(base, tokens, tmp_path, stora
 _CHILD = r"""
 import os, signal, sys, torch
 from quantlm.hf_checkpoint import load_causal_lm
+from quantlm.locks import lock_path
 from quantlm.gptq import pipeline
 from quantlm.gptq.memory import MemorySettings
 from quantlm.architectures import LLAMA
@@ -333,24 +335,70 @@ def test_released_weights_same_results_less_memory(base, tokens, tmp_path):
 
 def test_run_state_removes_its_own_files_only(tmp_path):
     folder = tmp_path / "off"
-    folder.mkdir()
+    state = RunState.open(folder, "f" * 64)  # a fresh state: folder, marker and lock
     own = ["state.json", ".state.json.k2j.json", "block-0003.pt", ".block-0004.pt.x9.pt", "hidden-0.bin"]
     foreign = ["block-diagram.png", "state.json.bak", "notes.txt"]
     for name in own + foreign:
         (folder / name).write_text("x")
-    RunState(folder, "f" * 64).remove()
+    state.remove()
     assert sorted(p.name for p in folder.iterdir()) == sorted(foreign)
+    assert not lock_path(folder).exists()
+
+
+def test_a_folder_quantlm_did_not_mark_is_refused_never_emptied(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("state.json", "hidden-0.bin", "block-0001.pt"):  # the user's files, with quantlm's names
+        (folder / name).write_text("the user's")
+    with pytest.raises(QuantlmError, match=r"mine holds block-0001.pt, hidden-0.bin, state.json that quantlm did "
+                                           r"not write .*choose an empty folder"):
+        RunState.open(folder, "f" * 64)
+    assert all((folder / n).read_text() == "the user's" for n in ("state.json", "hidden-0.bin", "block-0001.pt"))
+    assert not lock_path(folder).exists()  # released on the refusal
+    RunState(folder, "f" * 64).remove()  # no marker: removes nothing
+    assert len(list(folder.iterdir())) == 3
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QuantlmError, match="is a file; name a folder"):
+        RunState.open(tmp_path / "file", "f" * 64)
 
 
 def test_stale_state_of_another_run_is_not_resumed(tmp_path):
-    state = RunState(tmp_path / "s", "aaaa")
+    state = RunState.open(tmp_path / "s", "aaaa")
     state.mark_started()
+    state.release()
     fresh = RunState.open(tmp_path / "s", "bbbb")
     assert not fresh.started and fresh.next_block == 0 and not (tmp_path / "s" / "state.json").exists()
-    again = RunState(tmp_path / "t", "cccc")
+    fresh.release()
+    again = RunState.open(tmp_path / "t", "cccc")
     again.mark_started()
-    assert RunState.open(tmp_path / "t", "cccc").started
+    again.release()
+    resumed = RunState.open(tmp_path / "t", "cccc")
+    assert resumed.started
+    resumed.release()
     assert not RunState.open(tmp_path / "t", "cccc", resume=False).started
+
+
+_HOLD_STATE = """
+import sys, time
+from quantlm.gptq.offload import RunState
+RunState.open(sys.argv[1], "a" * 64)
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_live_run_s_offload_folder_is_refused_to_a_second_run(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_STATE, str(tmp_path / "off")], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(QuantlmError, match=rf"off is in use by another quantlm quantize \(offload state\) "
+                                               rf"\(pid {holder.pid} on"):
+            RunState.open(tmp_path / "off", "a" * 64)  # the same run, even: never two writers on one state
+    finally:
+        holder.kill()
+        holder.wait()
+    RunState.open(tmp_path / "off", "a" * 64).remove()  # the holder is dead: its lock is stale
 
 
 # ----------------------------------------------------------------------------------- forward dtypes

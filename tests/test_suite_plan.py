@@ -40,7 +40,7 @@ def _manifest(tmp_path: Path, **extra) -> Path:
         "kind": "suite", "name": "t", "output": str(tmp_path / "out"),  # outputs and paths are cwd-relative
         "models": [{"name": "floatlm-a", "family": "floatlm", "path": str(tmp_path / "fl")},
                    {"name": "trilm-a", "family": "trilm", "path": str(tmp_path / "tri")}],
-        "bits": [3, 8], "seeds": [0, 1], "quant": {"calibration": {"nsamples": 4, "seqlen": 16}},
+        "bits": [3, 8], "seeds": [0, 1], "group_size": {3: 4, 8: 4}, "quant": {"calibration": {"nsamples": 4, "seqlen": 16}},
         "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1}, **extra,
     }
     p = tmp_path / "m.yaml"
@@ -104,7 +104,7 @@ def test_quantize_job_hash_is_pinned_across_processes():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": "", "PYTHONPATH": str(Path(__file__).parent.parent)})
     mine = suite.quantize_job_hash(QuantRecipe(), "src")
-    assert other.stdout.strip() == mine == "b309739c9193f3fd"
+    assert other.stdout.strip() == mine == "bcf815b6a5adac3e"
 
 
 def test_failed_job_does_not_stop_the_others(tmp_path, monkeypatch, tiny_model_dir):
@@ -178,6 +178,8 @@ def test_models_trained_by_the_suite_are_not_preflighted_as_checkpoints(tmp_path
         out = job.out if job.kind == "eval" else job.out / suite.JOB_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"suite_job": {"hash": job.hash}}))
+        for fmt in job.payload["recipe"].export.formats if job.kind == "quantize" else ():
+            (job.out / fmt).mkdir()
 
     monkeypatch.setattr("quantlm.suite.runner.run_job", fake)
     s = suite.run(manifest, base, progress=False)

@@ -37,12 +37,17 @@ def _run(args) -> int:
     failed = False
     if not args.report:
         summary = suite.run(manifest, base, only=args.only, progress=args.progress)
-        failed = bool(summary.failed)
+        failed = bool(summary.failed or summary.blocked)
         print(f"suite {manifest.name}: {len(summary.done)} jobs done, {len(summary.skipped)} already done, "
               f"{len(summary.failed)} failed, {len(summary.blocked)} blocked"
+              + (f", {len(summary.elsewhere)} running in another process" if summary.elsewhere else "")
               + (f", {len(summary.not_run)} not run here" if summary.not_run else ""))
+        for job_id, why in summary.rerun.items():
+            print(f"  {job_id}: ran again, {why}", file=sys.stderr)
         for job_id, err in {**summary.failed, **summary.blocked}.items():
             print(f"  {job_id}: {err}", file=sys.stderr)
+        for job_id, holder in summary.elsewhere.items():
+            print(f"  {job_id}: left to another process ({holder})", file=sys.stderr)
         for reason in dict.fromkeys(summary.not_run.values()):  # one line per reason (deploy: no llama_cpp)
             ids = [j for j, r in summary.not_run.items() if r == reason]
             print(f"  not run ({len(ids)} jobs, e.g. {ids[0]}): {reason}", file=sys.stderr)

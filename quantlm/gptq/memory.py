@@ -279,8 +279,9 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_offload_dir(fingerprint: str) -> Path:
-    return Path(tempfile.gettempdir()) / "quantlm-offload" / fingerprint[:16]
+def default_offload_dir(key: str) -> Path:
+    """``<tmp>/quantlm-offload/<key>``: one folder per run (the key covers the output, the recipe and the tokens)."""
+    return Path(tempfile.gettempdir()) / "quantlm-offload" / key[:16]
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -492,7 +493,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
         disk = buffers + results
         where = Path(offload_dir or settings.offload_dir or tempfile.gettempdir())
         if disk_available is None:
-            disk_available = _disk_free(where)
+            disk_available = disk_free_bytes(where)
         plan["disk_bytes"] = int(disk)
         plan["disk_available_bytes"] = disk_available
         plan["offload_dir"] = str(where)
@@ -505,7 +506,8 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     return plan
 
 
-def _disk_free(path: Path) -> int | None:
+def disk_free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system ``path`` is (or would be created) on; None where it cannot be asked."""
     p = path
     while not p.exists() and p != p.parent:
         p = p.parent

@@ -15,8 +15,8 @@ Batches are read in the compute dtype on the compute device and written from any
 results go to ``block-<i>.pt`` and ``state.json`` names the file holding block i+1's inputs (the two
 hidden-state files alternate, so the inputs of the block being computed are never overwritten). A run
 killed inside block i restarts at block i with the same inputs, so it ends byte-identical to an
-uninterrupted run. The state is tied to a fingerprint of the model, tokens and settings; all of it is
-deleted when the run succeeds.
+uninterrupted run. The state is tied to a fingerprint of every weight, the tokens, the settings and the output;
+the folder is locked while in use and marked as quantlm's; all of it is deleted when the run succeeds.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from quantlm import locks
 from quantlm.atomic import atomic_path, write_json
+from quantlm.errors import QuantlmError
 from quantlm.gptq.solver import GPTQResult
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 STATE_NAME = "state.json"
 STATE_VERSION = 1
 # The files a run state writes in its folder, with atomic_path's temporaries (nothing else there is touched).
-_OWN_FILE = re.compile(r"hidden-[01]\.bin|(state\.json|block-\d{4,}\.pt)(\.tmp)?|\.(state\.json|block-\d{4,}\.pt)\..+")
+_OWN_FILE = re.compile(
+    r"hidden-[01]\.bin|(state\.json|block-\d{4,}\.pt)(\.tmp)?|\.(state\.json|block-\d{4,}\.pt|quantlm-offload\.json)\..+")
 
 
 def batches_of(nsamples: int, batch_size: int) -> list[tuple[int, int]]:
@@ -221,23 +224,16 @@ class HiddenStates:
 
 # ----------------------------------------------------------------------------------------- resume
 
-def _hash_tensor(h, t: Tensor, samples: int = 1 << 16) -> None:
-    """Feed ``t``'s dtype, shape and a strided sample of its values (at most ``samples``) to ``h``."""
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // samples)
-    part = flat[::step].to("cpu").contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(bytes(_as_bytes(part)))
-
-
 def run_fingerprint(model: torch.nn.Module, tokens: Tensor, extra: dict) -> str:
-    """A hash of what decides a run's results: every parameter (name, shape, dtype and a strided sample
-    of its values), the calibration tokens (all of them) and ``extra`` (recipe, settings, versions)."""
+    """A hash of what decides a run's results: every parameter (name, dtype, shape and every value), the
+    calibration tokens and ``extra`` (recipe, settings, the output, versions). All values, not a sample: a
+    checkpoint edited between a kill and the rerun must not resume into a mix of old and new blocks."""
     h = hashlib.sha256()
     for name, p in model.named_parameters():
-        h.update(name.encode())
-        _hash_tensor(h, p)
-    h.update(bytes(_as_bytes(tokens.detach().to("cpu", torch.int64).contiguous())))
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(_as_bytes(t.reshape(-1)))
+    h.update(_as_bytes(tokens.detach().to("cpu", torch.int64).contiguous().reshape(-1)))
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -260,36 +256,80 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-class RunState:
-    """The resume state of a disk-offloaded run in ``directory`` (see the module notes)."""
+MARKER = ".quantlm-offload.json"  # written first in a folder quantlm keeps run state in; checked before any removal
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+
+def own_files(directory: Path) -> list[Path]:
+    """The files a quantlm run state wrote in ``directory`` (none unless its marker is there)."""
+    if not (directory / MARKER).is_file():
+        return []
+    return [p for p in directory.iterdir() if _OWN_FILE.fullmatch(p.name)]
+
+
+def reusable_bytes(directory: Path) -> int:
+    """Disk bytes an earlier run's state holds in ``directory``: reused on resume, or removed before a fresh run,
+    so a free-space check counts them as available."""
+    return sum(p.stat().st_size for p in own_files(directory) if p.is_file())
+
+
+class RunState:
+    """The resume state of a disk-offloaded run in ``directory`` (see the module notes).
+
+    The folder is locked while the run uses it (``locks.hold``: a second live run is refused, naming the holder)
+    and holds a marker naming its run; files are removed only where that marker is, so a folder of the user's that
+    happens to hold a ``state.json`` or ``hidden-0.bin`` is refused, never emptied."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str, owner: str = ""):
         self.dir = Path(directory)
         self.fingerprint = fingerprint
+        self.owner = owner
         self.next_block = 0
         self.inputs = "hidden-0.bin"
         self.tails: dict[str, str] = {}
         self.started = False  # the first block's inputs are complete on disk
+        self.locked = False
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, fingerprint: str, resume: bool = True) -> RunState:
+    def open(cls, directory: str | os.PathLike, fingerprint: str, resume: bool = True, owner: str = "") -> RunState:
         """The saved state in ``directory`` if it belongs to this run (same fingerprint) and ``resume``;
-        else a fresh state (a stale one is removed)."""
-        state = cls(directory, fingerprint)
-        path = state.dir / STATE_NAME
+        else a fresh state (a stale one of quantlm's is removed). Locks the folder until :meth:`release`."""
+        state = cls(directory, fingerprint, owner)
+        if state.dir.exists() and not state.dir.is_dir():
+            raise QuantlmError(f"--offload-dir {state.dir} is a file; name a folder (it is created if missing)")
+        locks.acquire(state.dir, "quantize (offload state)")
+        state.locked = True
+        try:
+            state._claim(resume)
+        except BaseException:
+            state.release()
+            raise
+        return state
+
+    def _claim(self, resume: bool) -> None:
+        path = self.dir / STATE_NAME
+        theirs = [p.name for p in self.dir.iterdir() if _OWN_FILE.fullmatch(p.name)] if self.dir.is_dir() else []
+        if theirs and not (self.dir / MARKER).is_file():
+            raise QuantlmError(f"--offload-dir {self.dir} holds {', '.join(sorted(theirs)[:3])} that quantlm did not "
+                               f"write (no {MARKER}); quantlm will not delete them: choose an empty folder")
         if path.is_file():
             try:
                 saved = json.loads(path.read_text())
             except (OSError, ValueError):
                 saved = {}
-            if resume and saved.get("version") == STATE_VERSION and saved.get("fingerprint") == fingerprint:
-                state.next_block, state.inputs = int(saved["next_block"]), saved["inputs"]
-                state.tails, state.started = dict(saved.get("tails", {})), True
-                return state
-            log.warning("%s: removing the saved state of %s", state.dir,
-                        "another run" if saved.get("fingerprint") != fingerprint else "this run (resume off)")
-            state.remove()
-        return state
+            if resume and saved.get("version") == STATE_VERSION and saved.get("fingerprint") == self.fingerprint:
+                self.next_block, self.inputs = int(saved["next_block"]), saved["inputs"]
+                self.tails, self.started = dict(saved.get("tails", {})), True
+                return
+            log.warning("%s: removing the saved state of %s", self.dir,
+                        "another run" if saved.get("fingerprint") != self.fingerprint else "this run (resume off)")
+            self._remove_files()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.dir / MARKER, {"quantlm": "offload state", "owner": self.owner,
+                                           "fingerprint": self.fingerprint})
+        except OSError as e:
+            raise QuantlmError(f"--offload-dir {self.dir} is not writable ({e.strerror}); choose another "
+                               "--offload-dir") from None
 
     @property
     def other(self) -> str:
@@ -320,13 +360,23 @@ class RunState:
         body = torch.load(self.dir / f"block-{i:04d}.pt", weights_only=True)
         return {k: _result_from_dict(v) for k, v in body["results"].items()}, body["reports"]
 
+    def _remove_files(self) -> None:
+        for p in own_files(self.dir):  # and the temporaries of atomic_path (".NAME.*") that a kill left
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
     def remove(self) -> None:
-        """Delete every file this state wrote (and the folder when it is left empty)."""
-        if not self.dir.is_dir():
-            return
-        for p in self.dir.iterdir():  # and the temporaries of atomic_path (".NAME.*") that a kill left
-            if _OWN_FILE.fullmatch(p.name):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        """Delete every file this state wrote, its marker, its lock, and the folder when it is left empty."""
+        if self.dir.is_dir():
+            self._remove_files()
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / MARKER).unlink()
+        self.release()
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+
+    def release(self) -> None:
+        """Unlock the folder (the state stays, to resume from)."""
+        if self.locked:
+            locks.release(self.dir)
+            self.locked = False

@@ -23,7 +23,10 @@ residency's ``offload.RunState``). The result carries the plan, the transforms' 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,12 +47,13 @@ from quantlm.gptq.memory import (
     PeakSampler,
     check_plan,
     default_offload_dir,
+    disk_free_bytes,
     peak_rss_bytes,
     plan_memory,
     rss_bytes,
 )
 from quantlm.gptq.methods import get_quantizer, get_transform
-from quantlm.gptq.offload import HiddenStates, RunState, run_fingerprint
+from quantlm.gptq.offload import HiddenStates, RunState, reusable_bytes, run_fingerprint
 from quantlm.gptq.residency import Placement, Residency
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.gptq.solver import GPTQResult, reconstruction_error
@@ -448,8 +452,9 @@ def _first_linear(model: nn.Module, block_map: BlockMap) -> nn.Module:
 
 
 def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings,
-               settings: MemorySettings, device: torch.device) -> dict | None:
-    """The memory plan of this run from the model's config, with the process's measured baseline."""
+               settings: MemorySettings, device: torch.device, folder: Path) -> dict | None:
+    """The memory plan of this run from the model's config, with the process's measured baseline. A state an
+    earlier run left in the offload ``folder`` counts as free disk (it is resumed or replaced)."""
     config = getattr(model, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else None
     if not config:
@@ -461,24 +466,45 @@ def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, reci
         return plan_memory(config, tokens.shape[0], tokens.shape[1], settings, recipe.bits, recipe.group_size,
                            str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential,
                            rtn=not get_quantizer(recipe.method).uses_hessian,
-                           baseline_bytes=max(0, rss_bytes() - weights))
+                           baseline_bytes=max(0, rss_bytes() - weights), offload_dir=str(folder),
+                           disk_available_bytes=_disk_available(folder))
     except QuantlmError:
         if config.get("model_type") in ARCHITECTURES:  # an architecture of the table is expected to plan
             raise
         return None  # a model the caller describes with its own block map: the settings as given
 
 
+def _disk_available(folder: Path) -> int | None:
+    free = disk_free_bytes(folder)
+    if free is None or (folder.exists() and not os.access(folder, os.W_OK | os.X_OK)):
+        return 0 if free is not None else None  # a folder that cannot be written has no room
+    return free + reusable_bytes(folder)
+
+
+def offload_folder(settings: MemorySettings, recipe: GPTQSettings, tokens: torch.Tensor, owner: str) -> Path:
+    """Where a disk-offloaded run keeps its hidden states and resume state: ``--offload-dir``, else a folder per
+    run keyed by the output it writes, the recipe and the calibration tokens (so two runs that differ only in their
+    output never share a state)."""
+    if settings.offload_dir:
+        return Path(settings.offload_dir)
+    h = hashlib.sha256(json.dumps([owner, to_dict(recipe)], sort_keys=True, default=str).encode())
+    h.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return default_offload_dir(h.hexdigest())
+
+
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, recipe: GPTQSettings, *,
                     device: str | torch.device = "cpu", progress: bool = True,
-                    memory: MemorySettings | None = None, weights_checked: bool = False) -> PipelineResult:
+                    memory: MemorySettings | None = None, weights_checked: bool = False,
+                    owner: str | os.PathLike = "") -> PipelineResult:
     """Quantize every block linear of ``model`` in place with the recipe's method (weights replaced by their
     dequantized values, or released with ``memory.keep_weights`` off).
 
     ``tokens``: ``[nsamples, seqlen]`` calibration windows. ``memory``: where the hidden states live, their
     dtype, the forward dtype, batch size, replay cache (``MemorySettings``; default: planned automatically). A
     plan that does not fit raises ``QuantlmError`` before any compute. ``weights_checked``: the caller has already
-    refused NaN/Inf weights (``quantize_model`` checks the files before loading them). Returns the per-module results and
+    refused NaN/Inf weights (``quantize_model`` checks the files before loading them). ``owner``: the output this
+    run writes (``quantize_model`` passes its ``out_dir``); a disk-offloaded run's state belongs to it. Returns the per-module results and
     reports, the transforms' records, the plan and the measured peak memory; ``model`` ends on the CPU.
     """
     device = torch.device(device)
@@ -488,7 +514,9 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
     check_quantizable(model, block_map, recipe, finite=not weights_checked)
     model.eval()
     t_start = time.perf_counter()
-    plan = _make_plan(model, block_map, tokens, recipe, settings, device)
+    owner = str(Path(owner).resolve()) if owner else ""
+    folder = offload_folder(settings, recipe, tokens, owner)
+    plan = _make_plan(model, block_map, tokens, recipe, settings, device, folder)
     if plan is not None:
         check_plan(plan)
         if plan.get("warning"):
@@ -499,9 +527,8 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
     placement = _placement(plan, settings, device)
     state = None
     if placement.where == "disk":
-        fingerprint = run_fingerprint(model, tokens, _fingerprint_extra(recipe, block_map, placement, device))
-        folder = Path(settings.offload_dir) if settings.offload_dir else default_offload_dir(fingerprint)
-        state = RunState.open(folder, fingerprint, settings.resume)
+        extra = {**_fingerprint_extra(recipe, block_map, placement, device), "owner": owner}
+        state = RunState.open(folder, run_fingerprint(model, tokens, extra), settings.resume, owner)
     width = _first_linear(model, block_map).weight.shape[1]  # the hidden states' width
     residency = Residency(placement, tokens.shape[0], tokens.shape[1], width, device, state=state)
     loop = BlockLoop(model, block_map, tokens, recipe, residency, device, progress=progress)

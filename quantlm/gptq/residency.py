@@ -106,6 +106,7 @@ class Residency:
         if succeeded:
             self.state.remove()
         else:
+            self.state.release()
             log.warning("the disk-offloaded run stopped; its state is kept in %s: run again to resume", self.state.dir)
 
     @property

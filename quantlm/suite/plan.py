@@ -1,9 +1,12 @@
 """The suite manifest and its plan: every job (train, quantize, eval, deploy) with its output and the hash of its
 inputs.
 
-A job's hash covers only what changes its output (for a quantization: the GPTQ math, its calibration windows
-including the one seed, round-to-nearest or not, and the source checkpoint), so adding a seed or a bitwidth
-to a manifest adds jobs without invalidating finished ones. With ``deploy``, every model (one seed per QuantLM)
+A job's hash covers only what changes its output, by content (``Job.inputs``): for a quantization, the method and
+its math, the calibration settings with the one seed and the calibration text's sha256, the source checkpoint's
+tensors, config and tokenizer (or, for a trained one, its train recipe and corpus), and quantlm's numerics version;
+for an evaluation, the eval recipe and the sha256 of every corpus and task file it reads. Editing an input in place
+makes the jobs that read it run again, and the run says which input changed; adding a seed or a bitwidth to a
+manifest adds jobs without invalidating finished ones. With ``deploy``, every model (one seed per QuantLM)
 also gets a deploy job that runs it in llama.cpp (``quantlm.deploy``); the QuantLMs are then also written packed
 (compressed-tensors), which the deploy job exports to GGUF with their exact codes.
 """
@@ -19,15 +22,21 @@ from pathlib import Path
 from typing import Literal
 
 from quantlm import accounting as acc
-from quantlm import paths, recipes
+from quantlm import digests, paths, recipes
+from quantlm.calibration import default_calibration_path
 from quantlm.deploy import BenchSettings
 from quantlm.errors import QuantlmError
+from quantlm.eval.datasets import PPL_DATASETS, find_eval_file
 from quantlm.eval.recipe import EvalRecipe
+from quantlm.eval.tasks import TASKS, expand_tasks, task_files
 from quantlm.gptq.memory import MemorySettings, plan_memory
 from quantlm.quantize import ExportSettings, QuantRecipe
 from quantlm.quantized import check_bits
 from quantlm.recipes import doc, recipe_hash, to_dict
 from quantlm.specs import get_preset, is_preset, spectra_group_size
+from quantlm.train.data import corpus_sources
+from quantlm.train.recipe import TrainRecipe
+from quantlm.versions import NUMERICS_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +97,51 @@ class SuiteManifest:
         return replace(recipe, calibration=replace(recipe.calibration, seed=seed), export=ExportSettings(formats))
 
 
-def quantize_job_hash(recipe: QuantRecipe, source: str) -> str:
-    """What determines a quantization's weights: the method and its math, the calibration (seed included), the
-    source, and the activation/forward dtypes where they are not the fp32 defaults (where activations live does
-    not). GPTQ and RTN without transforms hash as they did before methods were named (finished jobs stay done)."""
-
+def quantize_inputs(recipe: QuantRecipe, source: str) -> dict:
+    """What determines a quantization's weights, by content: the method and its math, the calibration settings (seed
+    included) and the calibration text's sha256, the source's identity, the activation/forward dtypes where they are
+    not the fp32 defaults (where activations live does not), and quantlm's numerics version."""
     numerics = {k: getattr(recipe.memory, k) for k in ("activation_dtype", "forward_dtype")
                 if getattr(recipe.memory, k) != getattr(MemorySettings(), k)}
-    gptq = to_dict(recipe.gptq)
-    method, transforms = gptq.pop("method"), gptq.pop("transforms")
-    if method not in ("gptq", "rtn") or transforms:
-        numerics = {**numerics, "method": method, "transforms": list(transforms)}
-    parts = ("quantize", gptq, to_dict(recipe.calibration), method == "rtn", source)
-    return _hash(*parts, numerics) if numerics else _hash(*parts)
+    calibration = to_dict(recipe.calibration)
+    data = Path(calibration.pop("data") or default_calibration_path())
+    return {"recipe": _hash("quantize", to_dict(recipe.gptq), calibration, numerics),
+            "calibration": _content(data), "source": source, "numerics": NUMERICS_VERSION}
+
+
+def quantize_job_hash(recipe: QuantRecipe, source: str) -> str:
+    """The hash of :func:`quantize_inputs`: a finished quantize job with this hash is still valid."""
+    return _hash("quantize", quantize_inputs(recipe, source))
+
+
+def _content(path: Path) -> str:
+    """An input file or folder by content; one that does not exist (yet) by its path."""
+    return f"sha256:{digests.tree_sha256(path)}" if path.exists() else f"missing:{path}"
+
+
+def source_identity(ckpt: Path) -> str:
+    """A given checkpoint by content (config, tokenizer, tensors); one that does not exist yet by its path."""
+    return f"sha256:{digests.checkpoint_sha256(ckpt)}" if (ckpt / "config.json").is_file() else f"missing:{ckpt}"
+
+
+def eval_data_identity(recipe: EvalRecipe) -> dict[str, str]:
+    """The evaluation data an eval recipe reads, by content: each perplexity corpus and each task's files."""
+    out = {}
+    for name in recipe.ppl:
+        try:
+            path = find_eval_file(PPL_DATASETS[name][0], name) if name in PPL_DATASETS else Path(name)
+        except QuantlmError:
+            out[f"ppl:{name}"] = "missing"
+            continue
+        out[f"ppl:{name}"] = _content(path)
+    for name in expand_tasks(recipe.tasks):
+        try:
+            files = task_files(TASKS[name]) if name in TASKS else []
+        except QuantlmError:
+            files = []
+        out[f"task:{name}"] = (f"sha256:{digests.files_sha256((f.name, f) for f in files)}" if files
+                               else "missing")
+    return out
 
 
 @dataclass(frozen=True)
@@ -118,6 +159,7 @@ class Job:
     preset: str = ""
     rtn: bool = False
     payload: dict = field(default_factory=dict, compare=False, hash=False)
+    inputs: dict = field(default_factory=dict, compare=False, hash=False)  # what ``hash`` covers, by name
 
 
 def load_manifest(path: str | os.PathLike) -> tuple[SuiteManifest, Path]:
@@ -143,30 +185,34 @@ def output_root(manifest: SuiteManifest) -> Path:
 
 
 def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
-    """Every job of the suite, in an order that satisfies dependencies."""
+    """Every job of the suite, in an order that satisfies dependencies, each identified by the content of its
+    inputs (``Job.inputs``; ``Job.hash`` is their hash)."""
     root = output_root(manifest)
     jobs: list[Job] = []
-    eval_hash = recipe_hash(manifest.eval)
+    eval_inputs = {"recipe": recipe_hash(manifest.eval), "data": eval_data_identity(manifest.eval),
+                   "numerics": NUMERICS_VERSION}
     heldout = {}
     if manifest.heldout_ppl:
         recipe_path = paths.resolve_input(manifest.heldout_ppl, base).resolve()
         heldout = {"heldout": str(root / "data" / "corpus-heldout.txt"), "heldout_recipe": str(recipe_path)}
-        eval_hash = _hash(eval_hash, _file_digest(recipe_path))
+        eval_inputs["heldout"] = _train_identity(recipe_path)
     for m in manifest.models:
         ckpt = paths.resolve_output(m.path).resolve() if m.path else root / "models" / m.name
         producer: tuple[str, ...] = ()
         if m.train:
             train_path = paths.resolve_input(m.train, base).resolve()
             tid = f"train/{m.name}"
-            jobs.append(Job(tid, "train", m.name, m.family, ckpt, _hash("train", _file_digest(train_path)),
-                            source=train_path, preset=m.preset))
+            jobs.append(_job(tid, "train", m.name, m.family, ckpt, {"recipe": _train_identity(train_path),
+                             "numerics": NUMERICS_VERSION}, source=train_path, preset=m.preset))
             producer = (tid,)
-        # a trained checkpoint's hash follows its recipe; a given one is identified by its path
-        src_hash = jobs[-1].hash if producer else str(ckpt)
-        jobs.append(Job(f"eval/{m.name}", "eval", m.name, m.family, root / "results" / f"{m.name}.json",
-                        _hash("eval", eval_hash, src_hash), producer, ckpt, preset=m.preset, payload=heldout))
+        else:
+            _refuse_output_in_input(root, ckpt, m.name)
+        # a trained checkpoint is identified by what trains it; a given one by its content
+        src = jobs[-1].hash if producer else source_identity(ckpt)
+        jobs.append(_job(f"eval/{m.name}", "eval", m.name, m.family, root / "results" / f"{m.name}.json",
+                         {**eval_inputs, "source": src}, producer, ckpt, preset=m.preset, payload=heldout))
         if manifest.deploy:
-            jobs.append(_deploy_job(manifest, root, m.name, m.family, src_hash, producer, ckpt, preset=m.preset))
+            jobs.append(_deploy_job(manifest, root, m.name, m.family, src, producer, ckpt, preset=m.preset))
         if m.family != "floatlm":
             continue
         for bits in manifest.bits:
@@ -177,48 +223,84 @@ def plan(manifest: SuiteManifest, base: Path) -> list[Job]:
                         recipe = replace(recipe, gptq=replace(recipe.gptq, method="rtn"))
                     qname = _quant_name(m, bits, rtn)
                     label = f"{qname}-s{seed}"
-                    qhash = quantize_job_hash(recipe, src_hash)
                     qid = f"quantize/{label}"
                     qdir = root / "quantlm" / label
                     qpreset = f"quantlm-{m.preset.split('-', 1)[1]}-{bits}bit" if m.preset.startswith("floatlm-") else ""
-                    jobs.append(Job(qid, "quantize", qname, "quantlm", qdir, qhash, producer, ckpt, bits, seed,
-                                    qpreset, rtn, {"recipe": recipe}))
-                    jobs.append(Job(f"eval/{label}", "eval", qname, "quantlm", root / "results" / f"{label}.json",
-                                    _hash("eval", eval_hash, qhash), (qid,), qdir / "unpacked", bits, seed,
-                                    qpreset, rtn, heldout))
+                    quantize = _job(qid, "quantize", qname, "quantlm", qdir, quantize_inputs(recipe, src), producer,
+                                    ckpt, bits, seed, qpreset, rtn, {"recipe": recipe})
+                    jobs.append(quantize)
+                    jobs.append(_job(f"eval/{label}", "eval", qname, "quantlm", root / "results" / f"{label}.json",
+                                     {**eval_inputs, "source": quantize.hash}, (qid,), qdir / "unpacked", bits, seed,
+                                     qpreset, rtn, heldout))
                     if manifest.deploy and seed == manifest.seeds[0]:  # speed and memory do not depend on the seed
-                        jobs.append(_deploy_job(manifest, root, qname, "quantlm", qhash, (qid,), qdir / DEPLOY_SOURCE,
-                                                bits=bits, seed=seed, preset=qpreset, rtn=rtn))
+                        jobs.append(_deploy_job(manifest, root, qname, "quantlm", quantize.hash, (qid,),
+                                                qdir / DEPLOY_SOURCE, bits=bits, seed=seed, preset=qpreset, rtn=rtn))
     return jobs
 
 
-def _deploy_job(manifest: SuiteManifest, root: Path, model: str, family: str, src_hash: str,
+def _job(id: str, kind: str, model: str, family: str, out: Path, inputs: dict, *args, **kw) -> Job:
+    return Job(id, kind, model, family, out, _hash(kind, inputs), *args, inputs=inputs, **kw)
+
+
+def _refuse_output_in_input(root: Path, ckpt: Path, model: str) -> None:
+    """A suite never writes into a checkpoint it reads (nor reads one from where its jobs write)."""
+    if root == ckpt or ckpt in root.parents:
+        raise QuantlmError(f"suite output {root} is inside the checkpoint of model {model} ({ckpt}); set the "
+                           "manifest's output: to a folder of its own")
+    for sub in ("quantlm", "results"):
+        if root / sub == ckpt or root / sub in ckpt.parents:
+            raise QuantlmError(f"model {model}'s checkpoint {ckpt} lies where the suite writes its {sub}/; move it "
+                               "or set the manifest's output: elsewhere")
+
+
+def _deploy_job(manifest: SuiteManifest, root: Path, model: str, family: str, src: str,
                 needs: tuple[str, ...], source: Path, **kw) -> Job:
     """Run ``model`` (a checkpoint, exported to GGUF on the fly) in llama.cpp; one record under results/deploy/."""
-    return Job(f"deploy/{model}", "deploy", model, family, root / "results" / "deploy" / f"{model}.json",
-               _hash("deploy", recipe_hash(manifest.bench), src_hash), needs, source, **kw)
+    return _job(f"deploy/{model}", "deploy", model, family, root / "results" / "deploy" / f"{model}.json",
+                {"recipe": recipe_hash(manifest.bench), "source": src}, needs, source, **kw)
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
+def _train_identity(path: Path) -> str:
+    """A train recipe by content, with the corpus it reads (a corpus edited in place retrains)."""
     if not path.is_file():
         raise QuantlmError(f"train recipe {path} does not exist; fix the model's `train:` path in the manifest")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    try:
+        corpus = corpus_sources(recipes.load(path, expect=TrainRecipe).corpus)
+    except QuantlmError:
+        corpus = []  # the train job itself reports a bad corpus, with its own message
+    return _hash(digests.file_sha256(path), [digests.tree_sha256(c) for c in corpus])
+
+
+_WHY = {"recipe": "its recipe changed", "calibration": "the calibration text changed",
+        "source": "the checkpoint it reads changed", "data": "the evaluation data changed",
+        "heldout": "the held-out corpus changed", "numerics": "quantlm's numerics changed (NUMERICS_VERSION)"}
+
+
+def job_status(job: Job) -> tuple[bool, str]:
+    """Whether a job is done (its output exists, made from the same inputs: same hash; a quantization, with every
+    format its recipe writes, so a format added later, e.g. for deploy, is then written) and, if not, why."""
+    marker = job.out if job.kind in ("eval", "deploy") else job.out / JOB_FILE
+    if not marker.is_file():
+        return False, "not run yet"
+    try:
+        stamp = json.loads(marker.read_text(encoding="utf-8")).get("suite_job", {})
+    except (OSError, ValueError, AttributeError):
+        return False, f"its record {marker} is unreadable"
+    if stamp.get("hash") != job.hash:
+        old = stamp.get("inputs")
+        if not isinstance(old, dict):
+            return False, "it was made by an older quantlm that did not record its inputs by content"
+        changed = [_WHY.get(k, f"its {k} changed") for k in job.inputs if old.get(k) != job.inputs[k]]
+        return False, "; ".join(changed) or "its inputs changed"
+    if job.kind == "quantize":
+        missing = [f for f in job.payload["recipe"].export.formats if not (job.out / f).is_dir()]
+        if missing:
+            return False, f"its {', '.join(missing)} export is missing"
+    return True, ""
 
 
 def job_done(job: Job) -> bool:
-    """A job is done when its output exists and was produced by the same inputs (same hash); a quantization, when
-    every format its recipe writes is there too (a format added later, e.g. for deploy, is then written)."""
-    marker = job.out if job.kind in ("eval", "deploy") else job.out / JOB_FILE
-    if not marker.is_file():
-        return False
-    if job.kind == "quantize" and not all((job.out / f).is_dir() for f in job.payload["recipe"].export.formats):
-        return False
-    try:
-        return json.loads(marker.read_text()).get("suite_job", {}).get("hash") == job.hash
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    return job_status(job)[0]
 
 
 def select(jobs: list[Job], only: list[str] | None) -> list[Job]:

@@ -1,9 +1,15 @@
 """Running a suite's plan: each job's output appears atomically with its hash inside; a failure is recorded and
 does not stop the others; killed and restarted, only unfinished jobs run again. A job that cannot run here (a
-deploy job without llama_cpp) is reported as not run, with the reason, and fails nothing."""
+deploy job without llama_cpp) is reported as not run, with the reason, and fails nothing.
+
+Locks are per job (``locks.hold(job.out)``), not per suite, so the processes of a scheduler (``--only`` tasks of a
+Slurm array, one process per GPU) run side by side on one output. A job another live process holds is left to it
+(``RunSummary.elsewhere``); a job whose input job has not finished is blocked with the job to run first. Shared
+files (the held-out corpus, ``suite-status.json``) are written under their own short locks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -16,13 +22,14 @@ from quantlm.deploy import INSTALL_HINT, bench, llama_cpp_available
 from quantlm.errors import QuantlmError
 from quantlm.eval.run import evaluate
 from quantlm.outputs import check_dir_writable
-from quantlm.quantize import quantize_model
+from quantlm.quantize import check_recipe, quantize_model
 from quantlm.suite.plan import (
     JOB_FILE,
     Job,
     SuiteManifest,
     describe_plan,
     job_done,
+    job_status,
     output_root,
     plan,
     select,
@@ -42,7 +49,7 @@ class JobSkipped(QuantlmError):
 def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
     """Run one job; its output appears atomically (temp path, then rename) with the job's hash inside.
     ``progress`` shows the job's own progress bars (training steps, blocks, evaluation batches)."""
-    stamp = {"id": job.id, "hash": job.hash, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    stamp = {"id": job.id, "hash": job.hash, "inputs": job.inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if job.kind == "train":
 
         recipe = recipes.load(job.source, expect=TrainRecipe)
@@ -80,13 +87,14 @@ def run_job(job: Job, manifest: SuiteManifest, progress: bool = True) -> None:
 
 
 def _materialize_heldout(jobs: list[Job]) -> None:
-    """Write the held-out corpus split once, as the text file the eval jobs read."""
-    for job in jobs:
-        target = job.payload.get("heldout")
-        if target and not Path(target).is_file():
-
+    """Write the held-out corpus split once, as the text file the eval jobs read (one process writes it)."""
+    job = next((j for j in jobs if j.payload.get("heldout")), None)
+    if job is None:
+        return
+    target = Path(job.payload["heldout"])
+    with locks.hold(target, "held-out corpus", wait=3600):  # another process may be writing it
+        if not target.is_file():
             write_text(target, heldout_text(recipes.load(job.payload["heldout_recipe"], expect=TrainRecipe)))
-            return
 
 
 def _require_checkpoint(job: Job) -> None:
@@ -107,12 +115,13 @@ class RunSummary:
     failed: dict[str, str] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
     not_run: dict[str, str] = field(default_factory=dict)  # could not run here (JobSkipped): id -> reason
+    elsewhere: dict[str, str] = field(default_factory=dict)  # held by another live process: id -> its holder
+    rerun: dict[str, str] = field(default_factory=dict)  # ran again because an input changed: id -> which
 
 
 def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, progress: bool = True) -> RunSummary:
     """Run every unfinished job (or those matching ``only``); failures are recorded, never fatal to the rest."""
     from tqdm.auto import tqdm
-
 
     jobs = plan(manifest, base)
     chosen = select(jobs, only)
@@ -122,41 +131,93 @@ def run(manifest: SuiteManifest, base: Path, *, only: list[str] | None = None, p
         # the checkpoints the manifest names are checked before any job runs, not when their turn comes
         _require_checkpoint(Job(f"model {src.name}", "eval", src.name, "", src, "", source=src))
         validate.check_checkpoint(src)
-    summary = RunSummary()
-    with locks.hold(root, "suite"):
-        _materialize_heldout(chosen)
-        bar = tqdm(chosen, desc=f"suite {manifest.name}", unit="job", disable=not progress)
-        for job in bar:
-            bar.set_postfix_str(job.id)
-            if job_done(job):
-                summary.skipped.append(job.id)
-                continue
-            bad = [d for d in job.needs if d in summary.failed or d in summary.blocked]
-            if bad:
-                summary.blocked[job.id] = f"needs {bad[0]}, which failed"
-                continue
-            t0 = time.perf_counter()
+    for job in chosen:  # what config.json decides about each quantization, before the first job
+        if job.kind == "quantize" and not job.needs:
             try:
+                check_recipe(job.source, job.payload["recipe"])
+            except QuantlmError as e:
+                raise QuantlmError(f"{job.id}: {e}") from None
+    summary = RunSummary()
+    by_id = {j.id: j for j in jobs}
+    _materialize_heldout(chosen)
+    bar = tqdm(chosen, desc=f"suite {manifest.name}", unit="job", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(job.id)
+        done, why = job_status(job)
+        if done:
+            summary.skipped.append(job.id)
+            continue
+        blocker = _blocker(job, by_id, summary)
+        if blocker:
+            summary.blocked[job.id] = blocker
+            continue
+        t0 = time.perf_counter()
+        try:
+            with locks.hold(job.out, f"suite job {job.id}"):
+                if job_done(job):  # finished by another process since the plan was read
+                    summary.skipped.append(job.id)
+                    continue
+                if why != "not run yet":
+                    summary.rerun[job.id] = why
+                    log.warning("%s runs again: %s", job.id, why)
                 run_job(job, manifest, progress)
-            except KeyboardInterrupt:
-                raise
-            except JobSkipped as e:
-                summary.not_run[job.id] = str(e)
-                log.info("%s not run: %s", job.id, e)
-                continue
-            except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite
-                summary.failed[job.id] = f"{type(e).__name__}: {e}"
-                log.error("%s failed: %s", job.id, e)
-                log.debug("%s", traceback.format_exc())
-                continue
-            log.info("%s done in %.1f s", job.id, time.perf_counter() - t0)
-            summary.done.append(job.id)
-        write_json(root / "suite-status.json", {
-            "suite": manifest.name, "done": summary.done, "skipped": summary.skipped,
-            "failed": summary.failed, "blocked": summary.blocked, "not_run": summary.not_run,
-            "pending": [j.id for j in jobs if not job_done(j)],
-        })
+        except KeyboardInterrupt:
+            raise
+        except locks.LockBusy as e:
+            summary.elsewhere[job.id] = str(e)
+            log.info("%s is running in another process: %s", job.id, e)
+            continue
+        except JobSkipped as e:
+            summary.not_run[job.id] = str(e)
+            log.info("%s not run: %s", job.id, e)
+            continue
+        except Exception as e:  # noqa: BLE001 - one job's failure must not stop the suite
+            summary.failed[job.id] = f"{type(e).__name__}: {e}"
+            log.error("%s failed: %s", job.id, e)
+            log.debug("%s", traceback.format_exc())
+            continue
+        log.info("%s done in %.1f s", job.id, time.perf_counter() - t0)
+        summary.done.append(job.id)
+    _write_status(root, manifest, jobs, summary)
     return summary
+
+
+def _blocker(job: Job, by_id: dict[str, Job], summary: RunSummary) -> str:
+    """Why ``job`` cannot run now (an input job failed, runs elsewhere or has not run), naming that job; or ""."""
+    for need in job.needs:
+        if need in summary.failed or need in summary.blocked:
+            return f"needs {need}, which {'failed' if need in summary.failed else 'is blocked'}"
+        if need in summary.elsewhere:
+            return f"needs {need}, which another process is running; run {job.id} once it has finished"
+        if not job_done(by_id[need]):
+            return f"needs {need}, which has not finished; run it first (--only {need})"
+    return ""
+
+
+def _write_status(root: Path, manifest: SuiteManifest, jobs: list[Job], summary: RunSummary) -> None:
+    """``suite-status.json``: this run's outcome per job merged into what earlier or concurrent runs recorded."""
+    path = root / "suite-status.json"
+    outcome = {"done": summary.done, "skipped": summary.skipped, "failed": summary.failed,
+               "blocked": summary.blocked, "not_run": summary.not_run, "elsewhere": summary.elsewhere}
+    with locks.hold(path, "suite status", wait=60):
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        mine = {j for v in outcome.values() for j in v}
+        status = {"suite": manifest.name}
+        for key, ids in outcome.items():
+            kept = old.get(key, {} if isinstance(ids, dict) else [])
+            if isinstance(ids, dict):
+                kept = {k: v for k, v in dict(kept).items() if k not in mine}
+                status[key] = {**kept, **ids}
+            else:
+                status[key] = [k for k in kept if k not in mine] + list(ids)
+        done_now = {j.id for j in jobs if job_done(j)}
+        for key in ("failed", "blocked", "not_run", "elsewhere"):  # outcomes a later run has overtaken
+            status[key] = {k: v for k, v in status[key].items() if k not in done_now}
+        status["pending"] = [j.id for j in jobs if j.id not in done_now]
+        write_json(path, status)
 
 
 def _bytes_to_write(manifest: SuiteManifest, base: Path, chosen: list[Job]) -> int:
