@@ -1,0 +1,164 @@
+"""Nothing overwritten that quantlm did not write: `size --out`, `plot --out`, `bench --out`, the suite report and
+the eval record writer write a new file, or with --overwrite replace a file quantlm wrote; never an input, never a
+file of the user's. A corrupt record makes `suite --report` warn and build the table from the others.
+
+Every refusal is exit 2 with one line on stderr naming the file and the fix, and leaves the foreign file's bytes
+(and, before anything is computed, the whole folder) as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from quantlm.cli import main
+from quantlm.errors import QuantlmError
+from quantlm.outputs import LEDGER, claim_output_file, is_quantlm_file, write_output_text
+
+FOREIGN = b"years of work\n"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line(err: str, command: str, *needles: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"stderr is not one line: {err}"
+    assert lines[0].startswith(f"quantlm {command}: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def model(tmp_path, tiny_model_dir) -> Path:
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, m)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ size --out
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_size_out_never_writes_into_the_model(model, tmp_path, capsys, monkeypatch, overwrite):
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(model)
+    flags = ["--overwrite"] if overwrite else []
+    rc, _, err = run(capsys, "size", "m", "--out", "m/config.json", *flags)
+    assert rc == 2
+    one_line(err, "size", "--out m/config.json lies inside the input m", "even with --overwrite")
+    rc, _, err = run(capsys, "size", "m", "--format", "csv", "--out", "m/sizes.csv", *flags)  # a new file, still
+    assert rc == 2
+    one_line(err, "size", "--out m/sizes.csv lies inside the input m")
+    rc, _, err = run(capsys, "size", "m/config.json", "--out", "m/config.json", *flags)
+    assert rc == 2
+    one_line(err, "size", "--out m/config.json is the input m/config.json")
+    assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_size_out_refuses_a_foreign_file_even_with_overwrite(tmp_path, capsys, monkeypatch, fmt):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_bytes(FOREIGN)
+    for flags in ([], ["--overwrite"]):
+        rc, out, err = run(capsys, "size", "floatlm-micro", "--format", fmt, "--out", "notes.txt", *flags)
+        assert rc == 2 and out == ""
+        one_line(err, "size", "--out notes.txt exists and was not written by quantlm", "choose another --out")
+    assert (tmp_path / "notes.txt").read_bytes() == FOREIGN
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no ledger, no temporary left
+
+
+def test_size_out_new_then_overwrite_only_quantlms_own_unedited_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "size", "floatlm-micro", "--format", "csv", "--out", "t.csv")[0] == 0
+    first = (tmp_path / "t.csv").read_bytes()
+    assert pd.read_csv(tmp_path / "t.csv")["model"].tolist() == ["floatlm-micro"] * 2  # a plain CSV, no marker
+    assert is_quantlm_file(tmp_path / "t.csv") and (tmp_path / LEDGER).is_file()
+    # again without --overwrite: refused, the file kept
+    rc, _, err = run(capsys, "size", "floatlm-micro", "--format", "csv", "--convention", "entropy", "--out", "t.csv")
+    assert rc == 2
+    one_line(err, "size", "--out t.csv already exists", "pass --overwrite")
+    assert (tmp_path / "t.csv").read_bytes() == first
+    # with --overwrite: replaced
+    assert run(capsys, "size", "floatlm-micro", "--format", "csv", "--convention", "entropy", "--out", "t.csv",
+               "--overwrite")[0] == 0
+    assert pd.read_csv(tmp_path / "t.csv")["convention"].tolist() == ["entropy"]
+    # edited by hand since: the user's now, refused even with --overwrite
+    edited = (tmp_path / "t.csv").read_bytes() + b"my,own,row\n"
+    (tmp_path / "t.csv").write_bytes(edited)
+    rc, _, err = run(capsys, "size", "floatlm-micro", "--format", "csv", "--out", "t.csv", "--overwrite")
+    assert rc == 2
+    one_line(err, "size", "exists and was not written by quantlm")
+    assert (tmp_path / "t.csv").read_bytes() == edited
+    # JSON (a list of rows: no room for a mark) and --list: the same rule, by the ledger
+    assert run(capsys, "size", "floatlm-micro", "--format", "json", "--out", "t.json")[0] == 0
+    assert json.loads((tmp_path / "t.json").read_text())[0]["model"] == "floatlm-micro"
+    assert run(capsys, "size", "--list", "--out", "t.json")[0] == 2
+    assert run(capsys, "size", "--list", "--out", "t.json", "--overwrite")[0] == 0
+    assert "floatlm-micro" in (tmp_path / "t.json").read_text().split()
+
+
+# ----------------------------------------------------------------------------------------------- bench --out
+
+def test_bench_out_is_checked_before_any_model_runs(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_bytes(FOREIGN)
+    before = snapshot(model)
+    rc, _, err = run(capsys, "bench", "m", "--out", "m/config.json", "--overwrite")
+    assert rc == 2
+    one_line(err, "bench", "--out m/config.json lies inside the input m")
+    rc, _, err = run(capsys, "bench", "m", "--out", "notes.txt", "--overwrite")
+    assert rc == 2
+    one_line(err, "bench", "--out notes.txt exists and was not written by quantlm")
+    assert snapshot(model) == before and (tmp_path / "notes.txt").read_bytes() == FOREIGN
+
+
+# ------------------------------------------------------------------------------------------------- the helper
+
+def test_claim_output_file_rules(tmp_path):
+    (tmp_path / "in.gguf").write_bytes(b"GGUF")
+    (tmp_path / "ckpt").mkdir()
+    new = claim_output_file(tmp_path / "new.csv")
+    assert new == tmp_path / "new.csv" and not new.exists()
+    with pytest.raises(QuantlmError, match="is the input"):
+        claim_output_file(tmp_path / "in.gguf", overwrite=True, inputs=[tmp_path / "in.gguf"])
+    with pytest.raises(QuantlmError, match="lies inside the input"):
+        claim_output_file(tmp_path / "ckpt" / "deep" / "x.csv", overwrite=True, inputs=[tmp_path / "ckpt"])
+    with pytest.raises(QuantlmError, match="is a directory; name a file"):
+        claim_output_file(tmp_path / "ckpt")
+    # a symlink is never quantlm's, and one pointing at an input is the input
+    write_output_text(tmp_path / "own.txt", "quantlm's\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "own.txt")
+    with pytest.raises(QuantlmError, match="was not written by quantlm"):
+        claim_output_file(tmp_path / "link.txt", overwrite=True)
+    with pytest.raises(QuantlmError, match="is the input"):
+        claim_output_file(tmp_path / "link.txt", overwrite=True, inputs=[tmp_path / "own.txt"])
+    # a foreign ledger is left alone, and the files it would list count as not quantlm's
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / LEDGER).write_bytes(FOREIGN)
+    write_output_text(sub / "t.csv", "a,b\n1,2\n")
+    assert (sub / LEDGER).read_bytes() == FOREIGN and not is_quantlm_file(sub / "t.csv")
+
+
+def test_json_objects_and_markdown_carry_their_own_mark(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"schema": "quantlm.eval/1", "id": "x"}))
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "theirs/1"}))
+    (tmp_path / "t.md").write_text("<!-- written by quantlm 0.1.0 -->\n# table\n")
+    (tmp_path / "mine.md").write_text("# my notes\n<!-- written by quantlm -->\n")
+    assert is_quantlm_file(tmp_path / "r.json") and is_quantlm_file(tmp_path / "t.md")
+    assert not is_quantlm_file(tmp_path / "other.json") and not is_quantlm_file(tmp_path / "mine.md")
+
+
