@@ -110,6 +110,78 @@ def test_size_out_new_then_overwrite_only_quantlms_own_unedited_file(tmp_path, c
     assert "floatlm-micro" in (tmp_path / "t.json").read_text().split()
 
 
+# ------------------------------------------------------------------------------------------------ plot --out
+
+def _records(folder: Path) -> Path:
+    """Synthetic records: FloatLM and 4-bit QuantLM at 4 sizes (enough for scaling-law fits)."""
+    from quantlm.eval.records import SCHEMA, new_record_id, write_record
+
+    for family, bits, shift in (("floatlm", 16, 0.0), ("quantlm", 4, 0.1)):
+        for n in (1e8, 3e8, 1e9, 3e9):
+            loss = 400 / n ** 0.34 + 1.7 + shift
+            write_record({"schema": SCHEMA, "id": new_record_id(), "created": "2026-01-01T00:00:00",
+                          "model": f"{family}-{int(n)}", "family": family, "bits": bits, "params": int(n),
+                          "seed": 0, "sizes": {"paper": n * bits},
+                          "metrics": {"wikitext2": {"nll": loss, "ppl": 2.718 ** loss}}}, folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["wikitext2_ppl_vs_params.png", "wikitext2_ppl_vs_size_paper.svg",
+                                  "scaling_fits.csv"])
+def test_plot_out_refuses_a_foreign_file_and_writes_nothing(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    _records(tmp_path / "rec")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / name).write_bytes(FOREIGN)
+    for flags in ([], ["--overwrite"]):
+        rc, _, err = run(capsys, "plot", "--results", "rec", "--out", "plots", *flags)
+        assert rc == 2
+        one_line(err, "plot", f"plots/{name} exists and was not written by quantlm")
+        assert snapshot(tmp_path / "plots") == {name: FOREIGN}  # checked before the first file is written
+
+
+def test_plot_out_rewrites_its_own_files_only_with_overwrite(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _records(tmp_path / "rec")
+    assert run(capsys, "plot", "--results", "rec", "--out", "plots")[0] == 0
+    files = snapshot(tmp_path / "plots")
+    assert {"wikitext2_ppl_vs_params.png", "wikitext2_ppl_vs_params.svg", "scaling_fits.csv"} <= set(files)
+    assert all(is_quantlm_file(tmp_path / "plots" / n) for n in files if n != LEDGER)
+    assert set(pd.read_csv(tmp_path / "plots" / "scaling_fits.csv")["label"]) == {"FloatLM", "QuantLM 4-bit"}
+    rc, _, err = run(capsys, "plot", "--results", "rec", "--out", "plots")
+    assert rc == 2
+    one_line(err, "plot", "already exists", "pass --overwrite")
+    assert snapshot(tmp_path / "plots") == files
+    assert run(capsys, "plot", "--results", "rec", "--out", "plots", "--overwrite")[0] == 0
+    assert set(snapshot(tmp_path / "plots")) == set(files)
+
+
+def test_plot_images_carry_quantlms_mark(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from quantlm.plots import plot_paths
+
+    _records(tmp_path / "rec")
+    from quantlm.eval.records import load_records
+    from quantlm.plots import plot_quality
+
+    png, svg = plot_quality(load_records(tmp_path / "rec"), "wikitext2.ppl", tmp_path / "p", x="params")
+    assert [png, svg] == plot_paths(tmp_path / "p")
+    assert b"Software\x00quantlm " in png.read_bytes()[:4096] and b"<dc:title>quantlm " in svg.read_bytes()[:4096]
+    assert is_quantlm_file(png) and is_quantlm_file(svg)
+    fig, ax = plt.subplots()  # the same images from matplotlib alone are not quantlm's
+    ax.plot([1, 2], [3, 4])
+    for suffix in (".png", ".svg", ".pdf"):
+        fig.savefig(tmp_path / f"mine{suffix}")
+        assert not is_quantlm_file(tmp_path / f"mine{suffix}")
+    fig.savefig(tmp_path / "ours.pdf", metadata={"Creator": "quantlm 0.1.0"})
+    plt.close(fig)
+    assert is_quantlm_file(tmp_path / "ours.pdf")
+
+
 # ----------------------------------------------------------------------------------------------- bench --out
 
 def test_bench_out_is_checked_before_any_model_runs(model, tmp_path, capsys, monkeypatch):
