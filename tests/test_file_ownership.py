@@ -9,6 +9,7 @@ Every refusal is exit 2 with one line on stderr naming the file and the fix, and
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -234,3 +235,98 @@ def test_json_objects_and_markdown_carry_their_own_mark(tmp_path):
     assert not is_quantlm_file(tmp_path / "other.json") and not is_quantlm_file(tmp_path / "mine.md")
 
 
+# -------------------------------------------------------------------------------------------- the eval record
+
+def test_a_record_never_replaces_a_file(tmp_path, monkeypatch):
+    import datetime as dt
+
+    from quantlm.eval import records
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+    monkeypatch.setattr(records, "datetime", Frozen)
+    rec = {"schema": records.SCHEMA, "id": "abc", "model": "m", "created": "2026-01-02T03:04:05"}
+    path = tmp_path / "20260102T030405Z-m-abc.json"
+    path.write_bytes(FOREIGN)
+    with pytest.raises(QuantlmError, match="result record .* exists and was not written by quantlm"):
+        records.write_record(rec, tmp_path)
+    assert path.read_bytes() == FOREIGN
+    path.unlink()
+    assert records.write_record(rec, tmp_path) == path
+    with pytest.raises(QuantlmError, match="already exists; records are never rewritten"):
+        records.write_record({**rec, "metrics": {}}, tmp_path)
+    assert json.loads(path.read_text()) == rec
+
+
+# -------------------------------------------------------------------------------------------- suite --report
+
+def _suite(ws: Path) -> Path:
+    """A manifest (one FloatLM at 4 bits) and its two eval records, written as the suite's jobs would."""
+    import yaml
+
+    from quantlm import suite
+
+    (ws / "m").mkdir()
+    (ws / "s.yaml").write_text(yaml.safe_dump({
+        "kind": "suite", "name": "t", "output": "out", "models": [{"name": "floatlm-a", "family": "floatlm",
+                                                                   "path": "m"}],
+        "bits": [4], "seeds": [0], "eval": {"ppl": ["wikitext2"], "ppl_limit_windows": 1, "window": 16}}))
+    manifest, base = suite.load_manifest(ws / "s.yaml")
+    for job in suite.plan(manifest, base):
+        if job.kind != "eval":
+            continue
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        floatlm = job.family == "floatlm"
+        job.out.write_text(json.dumps({
+            "schema": "quantlm.eval/1", "id": job.id.replace("/", "_"), "created": "2026-01-01T00:00:00",
+            "model": job.model, "family": job.family, "bits": job.bits or 16, "seed": job.seed, "params": 1000,
+            "wall_time_s": 1.0, "device": "cpu", "versions": {"torch": "x"},
+            "sizes": {"paper": 16000.0 if floatlm else 5000.0, "exact": 16000.0 if floatlm else 5200.0},
+            "metrics": {"wikitext2": {"ppl": 10.0 if floatlm else 11.0, "nll": 2.3}},
+            "suite_job": {"id": job.id, "hash": job.hash}}))
+    return ws / "out" / "results"
+
+
+def test_suite_report_rewrites_its_own_files_without_a_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = _suite(tmp_path)
+    assert run(capsys, "suite", "s.yaml", "--report")[0] == 0
+    written = {"suite_table.csv", "suite_table.md", "size_vs_wikitext2_ppl.png", "params_vs_wikitext2_ppl.svg"}
+    assert written <= {p.name for p in results.iterdir()}
+    assert all(is_quantlm_file(results / n) for n in written)
+    assert (results / "suite_table.md").read_text().splitlines()[1] == "# Suite `t`"
+    assert run(capsys, "suite", "s.yaml", "--report")[0] == 0  # quantlm's own: rewritten, no --overwrite
+    assert list(pd.read_csv(results / "suite_table.csv")["model"]) == ["floatlm-a", "quantlm-a-4bit"]
+
+
+@pytest.mark.parametrize("name", ["suite_table.md", "suite_table.csv", "params_vs_wikitext2_ppl.png"])
+def test_suite_report_refuses_a_foreign_file_at_its_paths(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    results = _suite(tmp_path)
+    assert run(capsys, "suite", "s.yaml", "--report")[0] == 0
+    (results / name).write_bytes(FOREIGN)  # the user's file in the place of one of the report's
+    before = snapshot(results)
+    rc, _, err = run(capsys, "suite", "s.yaml", "--report")
+    assert rc == 2
+    one_line(err, "suite", f"suite report file {results / name} exists and was not written by quantlm",
+             "move it out of the suite's results folder")
+    assert snapshot(results) == before  # refused before the first file is written
+
+
+def test_suite_report_warns_about_a_corrupt_record_and_builds_the_table(tmp_path, capsys, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    results = _suite(tmp_path)
+    broken = results / "floatlm-a.json"  # sorts before the newest record, whose device the table names
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated mid-write
+    (results / "a-junk.json").write_bytes(b"\xff\xfe not even text")
+    with caplog.at_level(logging.WARNING):
+        rc, out, err = run(capsys, "suite", "s.yaml", "--report")
+    assert rc == 0, err
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(broken) in w and "not a readable record" in w for w in warned), warned
+    assert any(str(results / "a-junk.json") in w for w in warned), warned
+    assert list(pd.read_csv(results / "suite_table.csv")["model"]) == ["quantlm-a-4bit"]
+    assert "quantlm-a-4bit" in out and "cpu" in (results / "suite_table.md").read_text()
