@@ -1,5 +1,5 @@
-"""Owned output directories: a directory appears complete or not at all, and quantlm never replaces or deletes a
-directory it did not write (single files: ``quantlm.atomic``).
+"""Owned outputs: a directory appears complete or not at all, and quantlm never replaces or deletes a directory or
+a file it did not write (atomic single-file writes: ``quantlm.atomic``; who owns a file: ``claim_output_file``).
 
 * ``output_dir(path, overwrite, protect)`` writes a marker file (``.quantlm-output``) into every directory it
   creates; ``overwrite`` replaces only a directory holding that marker (or an empty one). It refuses, before
@@ -15,6 +15,8 @@ directory it did not write (single files: ``quantlm.atomic``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -28,12 +30,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from quantlm import __version__
-from quantlm.atomic import _chmod_default, refuse_install_location, write_json
+from quantlm.atomic import _chmod_default, refuse_install_location, write_json, write_text
 from quantlm.errors import QuantlmError
 
 log = logging.getLogger(__name__)
 
 MARKER = ".quantlm-output"
+LEDGER = ".quantlm-files.json"  # beside files whose format carries no mark of their own (CSV, JSON lists, text)
+LEDGER_SCHEMA = "quantlm.files/1"
+MD_MARK = "<!-- written by quantlm"  # the first line of the Markdown quantlm writes (invisible when rendered)
 
 
 # ------------------------------------------------------------------------------------ process identity
@@ -169,6 +174,204 @@ def _check_writable(out: Path, raw: Path, need_bytes: int | None, flag: str) -> 
         if free < need_bytes * 1.05:
             raise QuantlmError(f"{flag} {raw}: {free / 1e9:.2f} GB free on {parent}, the output needs about "
                                f"{need_bytes / 1e9:.2f} GB; free space or choose another {flag}")
+
+
+# ------------------------------------------------------------------------------------------- single files
+
+def mark_text() -> str:
+    """What quantlm writes into a file's own metadata (PNG Software, SVG/PDF Creator): ``quantlm VERSION``."""
+    return f"quantlm {__version__}"
+
+
+def claim_output_file(path: str | os.PathLike, *, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike | None] = (), flag: str = "--out",
+                      fix: str | None = None) -> Path:
+    """Check that quantlm may write the single file ``path``; call it before computing. Returns the path, absolute.
+
+    The rule (the same as for output directories): a new file is written; an existing file is replaced only with
+    ``overwrite`` and only when quantlm wrote it (:func:`is_quantlm_file`); an input never, even with
+    ``overwrite``: ``path`` must not be one of ``inputs`` (files or folders: model directories, config.json,
+    .gguf files) nor lie inside an input folder. A symlink at ``path`` counts as a file quantlm did not write.
+    ``flag`` names the option in the messages; ``fix`` replaces their default advice ("choose another FLAG").
+    Raises a one-line ``QuantlmError`` naming the file and the fix.
+    """
+    raw = Path(path)
+    try:
+        out = _resolved(raw.parent) / raw.name
+    except (OSError, RuntimeError):
+        out = Path(os.path.abspath(raw.expanduser()))
+    refuse_install_location(out, flag)
+    other = f"choose another {flag}" if flag.startswith("--") else "choose another path"
+    targets = {out}
+    if out.is_symlink():
+        with contextlib.suppress(OSError, RuntimeError):
+            targets.add(out.resolve())
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        src = _resolved(inp)
+        if src in targets:
+            raise QuantlmError(f"{flag} {raw} is the input {inp}; quantlm never writes over its inputs, even with "
+                               f"--overwrite: {other}")
+        if src.is_dir() and any(_is_relative_to(t, src) for t in targets):
+            raise QuantlmError(f"{flag} {raw} lies inside the input {inp}; quantlm never writes into its inputs, "
+                               f"even with --overwrite: {other} outside it")
+    if out.is_dir() and not out.is_symlink():
+        raise QuantlmError(f"{flag} {raw} is a directory; name a file to write")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise QuantlmError(f"{flag} {raw}: {folder} is a file, not a folder; {other}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QuantlmError(f"{flag} {raw}: {folder} is not writable; {other} in a writable location")
+    if out.exists() or out.is_symlink():
+        if not is_quantlm_file(out):
+            raise QuantlmError(f"{flag} {raw} exists and was not written by quantlm; "
+                               f"{fix or other + ' (--overwrite replaces only files quantlm wrote)'}")
+        if not overwrite:
+            raise QuantlmError(f"{flag} {raw} already exists; {fix or other + ' or pass --overwrite to replace it'}")
+    return out
+
+
+def write_output_text(path: str | os.PathLike, text: str, *, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike | None] = (), flag: str = "--out",
+                      fix: str | None = None) -> Path:
+    """Claim ``path`` (:func:`claim_output_file`, checked again now: the file may have appeared while quantlm
+    computed), write ``text`` atomically and record it as quantlm's (:func:`note_written`)."""
+    claim_output_file(path, overwrite=overwrite, inputs=inputs, flag=flag, fix=fix)
+    write_text(path, text)
+    note_written(path)
+    return Path(path)
+
+
+def is_quantlm_file(path: str | os.PathLike) -> bool:
+    """Whether quantlm wrote the file ``path``, by the evidence the file's format can carry:
+
+    * JSON: an object whose ``schema`` starts with ``quantlm.`` (records) or whose ``tool`` is ``quantlm``;
+    * PNG: a ``Software`` text chunk, SVG and PDF: a ``Creator``, starting with ``quantlm `` (matplotlib
+      metadata, set by :mod:`quantlm.plots`);
+    * Markdown: a first line starting with ``<!-- written by quantlm`` (invisible when rendered);
+    * any format (CSV, JSON lists, text tables, which have no room for a mark their readers would ignore): an
+      entry in the folder's ``.quantlm-files.json`` whose size and SHA-256 match the file now, so a file edited
+      since quantlm wrote it is no longer quantlm's.
+    """
+    p = Path(path)
+    try:
+        if p.is_symlink() or not p.is_file():
+            return False
+        return _has_own_mark(p) or _in_ledger(p)
+    except OSError:
+        return False
+
+
+def note_written(path: str | os.PathLike) -> None:
+    """Record a file quantlm has just written as its own: files whose format carries quantlm's mark need nothing;
+    the others get an entry (size, SHA-256) in their folder's ``.quantlm-files.json``. A foreign file of that
+    name is left alone (the file then counts as not quantlm's: the safe side)."""
+    p = Path(path)
+    if _has_own_mark(p):
+        return
+    ledger = p.parent / LEDGER
+    if ledger.exists() or ledger.is_symlink():
+        body = _read_ledger(ledger)
+        if body is None:
+            log.warning("%s is not quantlm's file ledger; %s is not recorded as written by quantlm", ledger, p)
+            return
+    else:
+        body = {"schema": LEDGER_SCHEMA, "tool": "quantlm", "files": {}}
+    files = {name: e for name, e in body["files"].items() if (p.parent / name).is_file()}
+    files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p), "version": __version__,
+                     "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    body["files"] = dict(sorted(files.items()))
+    write_json(ledger, body)
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_ledger(ledger: Path) -> dict | None:
+    try:
+        if ledger.is_symlink() or not ledger.is_file():
+            return None
+        body = json.loads(ledger.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(body, dict) and body.get("schema") == LEDGER_SCHEMA and isinstance(body.get("files"), dict):
+        return body
+    return None
+
+
+def _in_ledger(p: Path) -> bool:
+    body = _read_ledger(p.parent / LEDGER)
+    entry = body["files"].get(p.name) if body else None
+    return (isinstance(entry, dict) and entry.get("bytes") == p.stat().st_size
+            and entry.get("sha256") == _sha256(p))
+
+
+_HEAD = 1 << 16
+
+
+def _has_own_mark(p: Path) -> bool:
+    """The mark quantlm puts inside JSON objects, PNG/SVG/PDF metadata and Markdown (see is_quantlm_file)."""
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".json":
+            if p.stat().st_size > 64 << 20:
+                return False
+            body = json.loads(p.read_text(encoding="utf-8"))
+            return isinstance(body, dict) and (str(body.get("schema", "")).startswith("quantlm.")
+                                               or body.get("tool") == "quantlm")
+        if suffix == ".png":
+            return _png_software(p).startswith("quantlm ")
+        if suffix == ".svg":
+            with open(p, "rb") as f:
+                head = f.read(_HEAD)
+            return re.search(rb"<dc:creator>\s*<cc:Agent>\s*<dc:title>quantlm ", head) is not None
+        if suffix == ".pdf":
+            size = p.stat().st_size
+            with open(p, "rb") as f:
+                data = f.read(_HEAD)
+                if size > _HEAD:
+                    f.seek(max(size - _HEAD, _HEAD))
+                    data += f.read()
+            return b"/Creator (quantlm " in data
+        if suffix == ".md":
+            with open(p, "rb") as f:
+                return f.readline(256).startswith(MD_MARK.encode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return False
+
+
+def _png_software(p: Path) -> str:
+    """The PNG's ``Software`` text (tEXt chunks come before the image data); '' if none."""
+    import struct
+
+    with open(p, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return ""
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return ""
+            n, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND"):
+                return ""
+            if kind != b"tEXt" or n > _HEAD:
+                f.seek(n + 4, os.SEEK_CUR)  # the chunk and its CRC
+                continue
+            data = f.read(n)
+            f.read(4)  # CRC
+            if b"\0" in data:
+                key, _, value = data.partition(b"\0")
+                if key == b"Software":
+                    return value.decode("latin-1")
 
 
 # ------------------------------------------------------------------------------------- stale partials

@@ -7,6 +7,9 @@ Inputs are the records DataFrame of :func:`quantlm.eval.records.load_records`; t
 ``wikitext2.ppl``, ``arc_easy.acc_norm``, ``commonsense_avg``). Records of one model with different ``seed``
 (QuantLM calibration seeds) are averaged and drawn with their standard deviation as error bars; of several
 records with the same model and seed, the newest is used (a rerun replaces the older result).
+
+Every image carries quantlm's mark in its metadata (PNG ``Software``, SVG/PDF ``Creator``: ``quantlm VERSION``),
+which is how a later run knows the file is quantlm's (:func:`quantlm.outputs.claim_output_file`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from quantlm.atomic import atomic_path
 from quantlm.errors import QuantlmError
+from quantlm.outputs import claim_output_file, mark_text
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +172,34 @@ def fit_families(df, metric: str, x: str = "params"):
 
 # ------------------------------------------------------------------------------------------------ drawing
 
-def _save(fig, path: Path) -> Path:
-    """savefig to a temp sibling, then rename: a crash never leaves half an image."""
+IMAGE_SUFFIXES = (".png", ".svg")
+
+
+def plot_paths(out: str | os.PathLike) -> list[Path]:
+    """The files :func:`plot_quality` writes for ``out``: ``out``.png and ``out``.svg."""
+    out = Path(out)
+    return [out.with_name(out.name + s) for s in IMAGE_SUFFIXES]
+
+
+def _save(fig, path: Path, *, overwrite: bool, flag: str, fix: str | None) -> Path:
+    """savefig to a temp sibling, then rename: a crash never leaves half an image. The file is claimed first (a new
+    file, or with ``overwrite`` one quantlm wrote) and carries quantlm's mark in its metadata."""
+    claim_output_file(path, overwrite=overwrite, flag=flag, fix=fix)
+    key = "Software" if path.suffix.lower() == ".png" else "Creator"
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or None,
+                    metadata={key: mark_text()})
     return path
 
 
 def plot_quality(df, metric: str, out: str | os.PathLike, *, x: str = "size_bits_paper", fit: bool = True,
-                 title: str | None = None) -> list[Path]:
+                 title: str | None = None, overwrite: bool = False, flag: str = "--out",
+                 fix: str | None = None) -> list[Path]:
     """Draw ``metric`` against ``x`` (log axis), one curve per family; writes ``out``.png and ``out``.svg.
 
     With ``fit``, x = params and a loss-like metric (nll, ppl), each curve with at least 4 sizes gets its
-    fitted L(N) as a dashed line.
+    fitted L(N) as a dashed line. An existing image is replaced only with ``overwrite`` and only if quantlm wrote
+    it (:func:`quantlm.outputs.claim_output_file`; ``flag`` and ``fix`` go into its messages).
     """
     import matplotlib
 
@@ -191,6 +210,8 @@ def plot_quality(df, metric: str, out: str | os.PathLike, *, x: str = "size_bits
     if x not in X_AXES:
         raise QuantlmError(f"unknown x axis {x!r}; use one of {', '.join(X_AXES)}")
     pts = curves(df, metric, x)
+    for p in plot_paths(out):  # both images may be written, before either is
+        claim_output_file(p, overwrite=overwrite, flag=flag, fix=fix)
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     for label, g in pts.groupby("label", sort=False):
         color = _color(label)
@@ -212,7 +233,8 @@ def plot_quality(df, metric: str, out: str | os.PathLike, *, x: str = "size_bits
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(fontsize=8, frameon=False)
-    out = Path(out)
-    paths = [_save(fig, out.with_name(out.name + ".png")), _save(fig, out.with_name(out.name + ".svg"))]
-    plt.close(fig)
+    try:
+        paths = [_save(fig, p, overwrite=overwrite, flag=flag, fix=fix) for p in plot_paths(out)]
+    finally:
+        plt.close(fig)
     return paths

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from quantlm.atomic import write_text
 from quantlm.cli.fields import add_recipe_flags, apply_recipe_flags
 from quantlm.deploy import BenchSettings, bench
+from quantlm.outputs import claim_output_file, write_output_text
 
 COLUMNS = ["model", "file_type", "gguf_bytes", "bits_per_weight", "prompt_tok_s", "decode_tok_s", "rss_mb",
            "load_s", "threads"]
@@ -25,7 +25,10 @@ def register(sub) -> None:
     add_recipe_flags(p, BenchSettings, aliases={"gguf_type": ("--type",)})
     p.add_argument("--python", help="interpreter that has llama_cpp (default: this one), e.g. .venv-llamacpp/bin/python")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
-    p.add_argument("--out", help="write the records to this file (JSON or CSV by --format) instead of stdout")
+    p.add_argument("--out", help="write the records to this new file (JSON or CSV by --format) instead of stdout; "
+                                 "never one of the models or a file inside a model directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, only one quantlm wrote (and has not been edited since)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=_run)
 
@@ -37,6 +40,8 @@ def _run(args) -> int:
 
 
     settings = apply_recipe_flags(args, BenchSettings())
+    if args.out:  # before any model runs
+        claim_output_file(args.out, overwrite=args.overwrite, inputs=args.models)
     records = bench(args.models, settings, progress=args.progress, python=args.python)
     df = pd.DataFrame(records)
     if args.format == "json":
@@ -54,7 +59,7 @@ def _run(args) -> int:
                 f"of {r['repeats']}; load average {r['load_avg_before'][0]:.2f} before, "
                 f"{records[-1]['load_avg_after'][0]:.2f} after\n")
     if args.out:
-        write_text(args.out, text)
+        write_output_text(args.out, text, overwrite=args.overwrite, inputs=args.models)
     else:
         sys.stdout.write(text)
     return 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from quantlm import accounting as acc
-from quantlm.atomic import write_text
+from quantlm.outputs import claim_output_file, write_output_text
 from quantlm.specs import PRESETS, SPECTRA_PRESETS
 
 
@@ -30,14 +31,20 @@ def register(sub) -> None:
     p.add_argument("--ternary-layout", choices=["ternary-1.6", "ternary-2", "unpacked", "gguf"], default="ternary-1.6",
                    help="TriLM storage assumed by the exact convention (gguf: TQ1_0)")
     p.add_argument("--list", action="store_true", help="list the preset names and exit")
-    p.add_argument("--out", help="write the output to this file (atomically) instead of stdout")
+    p.add_argument("--out", help="write the output to this new file (atomically) instead of stdout; never one of "
+                                 "the MODELs or a file inside a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, only one quantlm wrote (and has not been edited since)")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
 
+    inputs = _inputs(args.models)
+    if args.out is not None:  # before any model is read
+        claim_output_file(args.out, overwrite=args.overwrite, inputs=inputs)
     if args.list:
-        _emit("\n".join(PRESETS) + "\n", args.out)
+        _emit("\n".join(PRESETS) + "\n", args)
         return 0
     conventions = args.convention or ["paper", "exact"]
     if "all" in conventions:
@@ -60,16 +67,28 @@ def _run(args) -> int:
         text = df.to_csv(index=False)
     else:
         text = _table(df, conventions, per_tensor=args.per_tensor)
-    _emit(text, args.out)
+    _emit(text, args)
     return 0
 
 
-def _emit(text: str, out: str | None) -> None:
+def _inputs(models: list[str]) -> list[Path]:
+    """The MODELs that are paths, and the checkpoint directory of a config.json: --out must stay out of them."""
+    out = []
+    for m in models:
+        p = Path(m).expanduser()
+        if p.exists():
+            out.append(p)
+            if p.is_file() and p.name == "config.json":
+                out.append(p.parent)
+    return out
 
-    if out is None:
+
+def _emit(text: str, args) -> None:
+
+    if args.out is None:
         sys.stdout.write(text)
     else:
-        write_text(out, text)
+        write_output_text(args.out, text, overwrite=args.overwrite, inputs=_inputs(args.models))
 
 
 def _table(df, conventions: list[str], per_tensor: bool) -> str:

@@ -4,7 +4,8 @@ One file per record (``<results>/<UTC time>-<model>-<id>.json``), written to a t
 place, rather than lines appended to a shared JSONL: a rename is atomic on every POSIX filesystem, so a
 crash leaves either the whole record or nothing, and suite workers running in parallel never interleave
 bytes (an O_APPEND write of a multi-kilobyte line is not guaranteed atomic on network filesystems).
-Records are never rewritten; removing a bad run is deleting its file.
+Records are never rewritten (a file already at a new record's path is an error, whoever wrote it); removing a
+bad run is deleting its file. Readers skip a file that is not a readable record with a warning naming it.
 
 Record layout (``schema: quantlm.eval/1``)::
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from quantlm.atomic import write_json
 from quantlm.errors import QuantlmError
+from quantlm.outputs import LEDGER, claim_output_file
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,15 @@ def new_record_id() -> str:
 
 
 def write_record(record: dict, results_dir: str | os.PathLike) -> Path:
-    """Write ``record`` as its own file under ``results_dir`` (atomic); returns the path."""
+    """Write ``record`` as a new file under ``results_dir`` (atomic; never over an existing file); returns the path."""
     if record.get("schema") != SCHEMA:
         raise ValueError(f"not a quantlm evaluation record (schema {record.get('schema')!r})")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(record.get("model") or "model"))[:60]
-    return write_json(Path(results_dir) / f"{stamp}-{slug}-{record['id']}.json", record)
+    path = Path(results_dir) / f"{stamp}-{slug}-{record['id']}.json"
+    claim_output_file(path, overwrite=False, flag="result record",
+                      fix="records are never rewritten: give the record a new id (new_record_id())")
+    return write_json(path, record)
 
 
 def curve_label(family: str | None, bits) -> str:
@@ -85,7 +90,7 @@ def read_record(path: str | os.PathLike) -> dict | None:
     """The record in ``path``, or None when the JSON file is not a quantlm evaluation record."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         log.warning("skipped %s: not a readable record (%s); delete it or rerun the evaluation that wrote it",
                     path, type(e).__name__)
         return None
@@ -99,8 +104,15 @@ def load_records(results_dir: str | os.PathLike):
     root = Path(results_dir)
     if not root.is_dir():
         raise QuantlmError(f"results directory {root} does not exist; run `quantlm eval` first or pass --results")
-    files = sorted(root.rglob("*.json"))
-    rows = [flatten(r) for p in files if (r := read_record(p)) is not None]
+    files = [p for p in sorted(root.rglob("*.json")) if p.name != LEDGER]  # not quantlm's list of its own files
+    rows = []
+    for p in files:
+        if (r := read_record(p)) is None:
+            continue
+        try:
+            rows.append(flatten(r))
+        except (AttributeError, TypeError, ValueError) as e:  # valid JSON, but not a record's layout
+            log.warning("skipped %s: a damaged record (%s); delete it or rerun the evaluation that wrote it", p, e)
     if not rows and files:
         raise QuantlmError(f"no readable result record under {root} ({files[0]} and {len(files) - 1} more JSON "
                            "files are corrupt or not quantlm records); rerun the evaluations")

@@ -1,4 +1,9 @@
-"""A suite's comparison table (CSV + Markdown) and plots, built from its result records alone."""
+"""A suite's comparison table (CSV + Markdown) and plots, built from its result records alone.
+
+The table and plots are quantlm's own files in the suite's ``results/`` folder: every report rewrites them without
+a flag, but never a file of the same name that quantlm did not write (:func:`quantlm.outputs.claim_output_file`);
+a corrupt or unreadable record is a warning naming it, and the table is built from the others.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,18 @@ import json
 import logging
 from pathlib import Path
 
-from quantlm import plots
-from quantlm.atomic import write_text
+from quantlm import __version__
 from quantlm.errors import QuantlmError
 from quantlm.eval.records import load_records
+from quantlm.outputs import MD_MARK, claim_output_file, write_output_text
+from quantlm.plots import plot_paths, plot_quality
 from quantlm.suite.plan import SuiteManifest, output_root, plan
 from quantlm.suite.runner import DEPLOY_SCHEMA
 
 log = logging.getLogger(__name__)
+
+FLAG = "suite report file"
+FIX = "move it out of the suite's results folder and rerun --report (the report rewrites only its own files)"
 
 
 def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
@@ -32,12 +41,17 @@ def report(manifest: SuiteManifest, base: Path, *, plots: bool = True) -> dict:
                     model)
     deploy = load_deploy_records(results / "deploy")
     table = comparison_table(df, deploy)
-    csv_path = write_text(results / "suite_table.csv", table.to_csv(index=False))
-    md_path = write_text(results / "suite_table.md",
-                         _markdown(table, manifest, {**_provenance(results, df), "ignored": ignored}))
+    csv_path, md_path = results / "suite_table.csv", results / "suite_table.md"
+    plot_df, figures = _figures(df, results, deploy) if plots else (df, [])
+    # every file is claimed before the first is written: quantlm's own are rewritten, a foreign one never
+    for path in [csv_path, md_path, *(p for _, stem, _ in figures for p in plot_paths(stem))]:
+        claim_output_file(path, overwrite=True, flag=FLAG, fix=FIX)
+    write_output_text(csv_path, table.to_csv(index=False), overwrite=True, flag=FLAG, fix=FIX)
+    write_output_text(md_path, _markdown(table, manifest, {**_provenance(results, df), "ignored": ignored}),
+                      overwrite=True, flag=FLAG, fix=FIX)
     out = {"table": table, "csv": csv_path, "markdown": md_path, "plots": [], "ignored": ignored}
-    if plots:
-        out["plots"] = _plots(df, results, deploy)
+    for metric, stem, x in figures:
+        out["plots"] += plot_quality(plot_df, metric, stem, x=x, overwrite=True, flag=FLAG, fix=FIX)
     return out
 
 
@@ -114,17 +128,26 @@ def comparison_table(df, deploy=None):
 
 
 def _provenance(results: Path, df) -> dict:
-    """Device, library versions and evaluation wall time, from the records themselves."""
+    """Device, library versions and evaluation wall time, from the records themselves (the newest one's device and
+    versions; files that are not readable records were named in a warning by load_records and are skipped)."""
     newest = df.sort_values("created").iloc[-1]
-    record = next((json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
-                   if json.loads(p.read_text()).get("id") == newest["id"]), {})
+    record = {}
+    for p in sorted(results.glob("*.json")):
+        try:
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(r, dict) and r.get("id") == newest["id"]:
+            record = r
+            break
     return {"device": record.get("device"), "versions": record.get("versions"),
             "records": len(df), "eval_wall_s": float(df["wall_time_s"].fillna(0).sum())}
 
 
 def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in (provenance.get("versions") or {}).items())
-    lines = [f"# Suite `{manifest.name}`", "",
+    lines = [f"{MD_MARK} {__version__}: `quantlm suite --report` rewrites this file -->",
+             f"# Suite `{manifest.name}`", "",
              "Sizes in Mbit under the paper, exact and entropy conventions (`quantlm size`; QuantLMs packed in "
              "the compressed-tensors layout, TriLMs at 1.6 bits per weight). QuantLM metrics are the mean over "
              "calibration seeds (`_std`: their standard deviation over seeds). With deploy jobs: `gguf_type`, "
@@ -150,18 +173,19 @@ def _markdown(table, manifest: SuiteManifest, provenance: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(df, results: Path, deploy=None) -> list[Path]:
-
+def _figures(df, results: Path, deploy=None):
+    """The records to draw (with each model's llama.cpp figures when there are deploy records) and the figures:
+    (metric, file stem under ``results``, x axis)."""
     speed = deploy is not None and not deploy.empty
     if speed:  # every record of a model gets its llama.cpp figures (measured once per model)
         df = df.merge(deploy[["model", "decode_tok_s", "rss_mb"]], on="model", how="left")
-    written = []
+    figures = []
     for metric in [c for c in _metric_columns(df) if c.endswith(".ppl")][:2] + (
             ["commonsense_avg"] if "commonsense_avg" in df.columns and df["commonsense_avg"].notna().any() else []):
         slug = metric.replace(".", "_")
-        written += plots.plot_quality(df, metric, results / f"size_vs_{slug}", x="size_bits_paper")
-        written += plots.plot_quality(df, metric, results / f"params_vs_{slug}", x="params")
+        figures += [(metric, results / f"size_vs_{slug}", "size_bits_paper"),
+                    (metric, results / f"params_vs_{slug}", "params")]
         if speed and metric.endswith(".ppl"):
-            written += plots.plot_quality(df, metric, results / f"decode_vs_{slug}", x="decode_tok_s")
-            written += plots.plot_quality(df, metric, results / f"memory_vs_{slug}", x="rss_mb")
-    return written
+            figures += [(metric, results / f"decode_vs_{slug}", "decode_tok_s"),
+                        (metric, results / f"memory_vs_{slug}", "rss_mb")]
+    return df, figures
