@@ -23,6 +23,7 @@ residency's ``offload.RunState``). The result carries the plan, the transforms' 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -313,6 +314,13 @@ class BlockLoop:
             for i in range(self.start, len(self.layers)):
                 hidden = self._block(i, hidden, kwargs_by_size)
             succeeded = True
+        except OSError as e:
+            folder = self.residency.folder
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or folder is None:
+                raise
+            raise QuantlmError(f"the disk holding {folder} is full ({e.strerror}); the {self.residency.resume_block} "
+                               "finished blocks are kept there: free space and run the same command again to resume "
+                               "at the next block") from None
         finally:
             self.residency.close(succeeded=succeeded)
 

@@ -17,6 +17,7 @@ from quantlm.suite.plan import (
     SuiteModel,
     describe_plan,
     job_done,
+    job_status,
     load_manifest,
     plan,
     quantize_job_hash,
@@ -26,4 +27,4 @@ from quantlm.suite.report import comparison_table, report
 from quantlm.suite.runner import RunSummary, run, run_job
 
 __all__ = ["JOB_FILE", "Job", "RunSummary", "SuiteManifest", "SuiteModel", "comparison_table", "describe_plan",
-           "job_done", "load_manifest", "plan", "quantize_job_hash", "report", "run", "run_job", "select"]
+           "job_done", "job_status", "load_manifest", "plan", "quantize_job_hash", "report", "run", "run_job", "select"]
