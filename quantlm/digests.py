@@ -1,10 +1,11 @@
 """Content digests of inputs (checkpoints, calibration text, evaluation data, corpora): what decides whether a
 finished job is still valid or a killed run may resume is the bytes, never the path.
 
-A file's sha256 is computed once and cached by (absolute path, size, mtime, inode): in this process and as a
-small entry under ``<cache>/digests/`` (``paths.cache_dir``), so planning a suite over multi-GB checkpoints hashes
-each file once, and any edit (appended text, a replaced model folder) changes the size, mtime or inode and is hashed
-again. Cache entries are written atomically; a cache that cannot be written is skipped, never an error.
+A file's sha256 is computed once and cached by (absolute path, size, mtime, inode): in this process, and with
+``persist`` (what a suite's plan asks for) as a small entry under ``<cache>/digests/`` (``paths.cache_dir``), so
+planning a suite over multi-GB checkpoints hashes each file once across runs. Any edit (appended text, a replaced
+model folder) changes the size, mtime or inode and is hashed again. Cache entries are written atomically; a cache
+that cannot be written is skipped, never an error.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _cache_entry(key: tuple) -> Path | None:
     return None
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes (hex), cached by path, size, mtime and inode."""
+def file_sha256(path: str | os.PathLike, persist: bool = False) -> str:
+    """The sha256 of a file's bytes (hex), cached by path, size, mtime and inode (on disk too with ``persist``)."""
     path = Path(os.path.abspath(path))
     try:
         key = _key(path)
@@ -42,8 +43,8 @@ def file_sha256(path: str | os.PathLike) -> str:
         raise QuantlmError(f"{path} does not exist; it is an input of this run") from None
     if key in _memo:
         return _memo[key]
-    entry = _cache_entry(key)
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    entry = _cache_entry(key) if persist else None
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
         cached = json.loads(entry.read_text(encoding="utf-8"))
         if cached.get("key") == list(key):
             _memo[key] = cached["sha256"]
@@ -68,31 +69,32 @@ def _store(entry: Path, body: dict) -> None:
         tmp.unlink()
 
 
-def files_sha256(files: Iterable[tuple[str, Path]]) -> str:
+def files_sha256(files: Iterable[tuple[str, Path]], persist: bool = False) -> str:
     """One digest over ``(name, file)`` pairs: each name with its file's sha256, in the order given."""
     h = hashlib.sha256()
     for name, f in files:
-        h.update(f"{name}\0{file_sha256(f)}\n".encode())
+        h.update(f"{name}\0{file_sha256(f, persist)}\n".encode())
     return h.hexdigest()
 
 
-def tree_sha256(path: str | os.PathLike) -> str:
+def tree_sha256(path: str | os.PathLike, persist: bool = False) -> str:
     """A file's sha256, or a folder's: every regular file under it (relative path and content), sorted."""
     path = Path(path)
     if path.is_dir():
-        return files_sha256((f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file())
-    return file_sha256(path)
+        return files_sha256(((f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file()),
+                            persist)
+    return file_sha256(path, persist)
 
 
 # Files of a checkpoint folder that do not change what the model computes: quantlm's own run records.
 _NOT_MODEL = {"quantlm-job.json", "report.json", "README.md"}
 
 
-def checkpoint_sha256(model_dir: str | os.PathLike) -> str:
+def checkpoint_sha256(model_dir: str | os.PathLike, persist: bool = False) -> str:
     """The identity of a checkpoint folder: its config, tokenizer and every tensor file, by content (the top-level
     regular files, less quantlm's run records and hidden files)."""
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise QuantlmError(f"{d} is not a checkpoint folder (no config.json); pass a Hugging Face checkpoint folder")
-    return files_sha256((f.name, f) for f in sorted(d.iterdir())
-                        if f.is_file() and not f.name.startswith(".") and f.name not in _NOT_MODEL)
+    return files_sha256(((f.name, f) for f in sorted(d.iterdir())
+                         if f.is_file() and not f.name.startswith(".") and f.name not in _NOT_MODEL), persist)

@@ -117,12 +117,16 @@ def test_digests_are_cached_by_size_mtime_and_inode_and_follow_edits(tmp_path, m
     monkeypatch.setenv("QUANTLM_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "a.txt"
     f.write_text("one")
-    first = digests.file_sha256(f)
+    first = digests.file_sha256(f, persist=True)
     assert len(list((tmp_path / "cache" / "digests").iterdir())) == 1
     digests._memo.clear()
-    assert digests.file_sha256(f) == first  # from the on-disk entry
+    assert digests.file_sha256(f, persist=True) == first  # from the on-disk entry
     f.write_text("two")  # same size, new mtime
-    assert digests.file_sha256(f) != first
+    assert digests.file_sha256(f, persist=True) != first
+    g = tmp_path / "b.txt"
+    g.write_text("three")
+    digests.file_sha256(g)  # without persist: this process only
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 2
     with pytest.raises(QuantlmError, match="nope does not exist"):
         digests.file_sha256(tmp_path / "nope")
 

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlm.digests import file_sha256 as sha256_file
 from quantlm.errors import QuantlmError
 from quantlm.paths import data_dir
 from quantlm.textdocs import iter_documents, read_text_file
@@ -57,14 +58,6 @@ def find_eval_file(relative: str, what: str) -> Path:
             return p
     raise QuantlmError(f"{what}: data file {relative} not found under {', '.join(map(str, eval_data_roots()))}; "
                        f"put it there or point ${EVAL_DATA_ENV} at a folder holding {relative}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_text(path: Path) -> str:

@@ -116,12 +116,14 @@ def quantize_job_hash(recipe: QuantRecipe, source: str) -> str:
 
 def _content(path: Path) -> str:
     """An input file or folder by content; one that does not exist (yet) by its path."""
-    return f"sha256:{digests.tree_sha256(path)}" if path.exists() else f"missing:{path}"
+    return f"sha256:{digests.tree_sha256(path, persist=True)}" if path.exists() else f"missing:{path}"
 
 
 def source_identity(ckpt: Path) -> str:
     """A given checkpoint by content (config, tokenizer, tensors); one that does not exist yet by its path."""
-    return f"sha256:{digests.checkpoint_sha256(ckpt)}" if (ckpt / "config.json").is_file() else f"missing:{ckpt}"
+    if not (ckpt / "config.json").is_file():
+        return f"missing:{ckpt}"
+    return f"sha256:{digests.checkpoint_sha256(ckpt, persist=True)}"
 
 
 def eval_data_identity(recipe: EvalRecipe) -> dict[str, str]:
@@ -139,7 +141,7 @@ def eval_data_identity(recipe: EvalRecipe) -> dict[str, str]:
             files = task_files(TASKS[name]) if name in TASKS else []
         except QuantlmError:
             files = []
-        out[f"task:{name}"] = (f"sha256:{digests.files_sha256((f.name, f) for f in files)}" if files
+        out[f"task:{name}"] = (f"sha256:{digests.files_sha256(((f.name, f) for f in files), persist=True)}" if files
                                else "missing")
     return out
 
@@ -268,7 +270,7 @@ def _train_identity(path: Path) -> str:
         corpus = corpus_sources(recipes.load(path, expect=TrainRecipe).corpus)
     except QuantlmError:
         corpus = []  # the train job itself reports a bad corpus, with its own message
-    return _hash(digests.file_sha256(path), [digests.tree_sha256(c) for c in corpus])
+    return _hash(digests.file_sha256(path), [digests.tree_sha256(c, persist=True) for c in corpus])
 
 
 _WHY = {"recipe": "its recipe changed", "calibration": "the calibration text changed",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantlm import paths, textdocs
+from quantlm import digests, paths, textdocs
 from quantlm.atomic import write_json
 from quantlm.errors import QuantlmError
 from quantlm.hf_checkpoint import load_tokenizer
@@ -73,14 +73,9 @@ def iter_documents(sources: list[Path], text_field: str = "text") -> Iterator[st
 
 def fingerprint(sources: list[Path], *extra: str) -> str:
     """A content hash of the corpus inputs (and any extra settings), naming its cached files."""
-    h = hashlib.sha256()
-    for s in sources:
-        files = sorted(f for f in s.rglob("*") if f.is_file()) if s.is_dir() else [s]
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(chunk)
+    files = [(f.name, f) for s in sources for f in (sorted(p for p in s.rglob("*") if p.is_file()) if s.is_dir()
+                                                      else [s])]
+    h = hashlib.sha256(digests.files_sha256(files).encode())
     for e in extra:
         h.update(e.encode())
     return h.hexdigest()[:16]
