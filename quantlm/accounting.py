@@ -183,7 +183,8 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, source: s
     records = [TensorRecord(block_map.embed_path + ".weight", (vocab, h), fd, "embedding", "weight", vocab * h,
                             None, emb_paper)]
     nd = get_format(layout.format).norm_dtype(layout)
-    records += [TensorRecord(lp + norm + ".weight", (h,), nd, "norm", "weight", h, count=n) for norm in block_map.norms]
+    records += [TensorRecord(lp + norm + ".weight", (w,), nd, "norm", "weight", w, count=n)
+                for norm, w in block_map.norm_shapes(spec.dims).items()]
     biased = set(spec.biased_linears)
     for name, (out_f, in_f) in spec.linear_shapes().items():
         records += _linear_records(lp + name, out_f, in_f, layout, block_map.shard_kind(name), n)

@@ -16,15 +16,22 @@ from dataclasses import dataclass, replace
 from quantlm.errors import QuantlmError
 
 __all__ = ["ALWAYS", "ARCHITECTURES", "COLUMN", "ROW", "Architecture", "BlockLinear", "BlockMap", "LLAMA", "QWEN2",
-           "architecture_for"]
+           "architecture_for", "block_dims"]
 
 COLUMN = "column"  # output dimension split across model-parallel ranks (q, k, v, gate, up)
 ROW = "row"  # input dimension split across model-parallel ranks (o, down)
 
 # the widths a shape rule names: hidden size, query width (heads x head_dim), key/value width (kv heads x
-# head_dim), MLP width
-DIMS = ("hidden", "q", "kv", "intermediate")
+# head_dim), MLP width, one head's width, and the fused projections' widths (q + 2 kv; gate and up stacked)
+DIMS = ("hidden", "q", "kv", "intermediate", "head", "qkv", "gate_up")
 ALWAYS = "always"  # a BlockLinear.bias_flag: the linear has a bias in every checkpoint of the family
+
+
+def block_dims(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, int]:
+    """Every width of ``DIMS`` from a config's sizes."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {"hidden": hidden, "q": q, "kv": kv, "intermediate": intermediate, "head": head_dim, "qkv": q + 2 * kv,
+            "gate_up": 2 * intermediate}
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class BlockMap:
     embed_path: str
     head_path: str
     final_norm_path: str
+    norm_dims: tuple[tuple[str, str], ...] = ()  # norms whose width is not ``hidden`` (q/k norms), with theirs
 
     def __post_init__(self):
         paths = [r.path for r in self.linear_rows]
@@ -64,6 +72,8 @@ class BlockMap:
                 raise ValueError(f"BlockMap: bad row {r}")
         if set(self.norms) & set(paths):
             raise ValueError("BlockMap: a path is both a norm and a linear")
+        if any(n not in self.norms or d not in DIMS for n, d in self.norm_dims):
+            raise ValueError(f"BlockMap: bad norm widths {self.norm_dims}")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -88,6 +98,11 @@ class BlockMap:
         """(out_features, in_features) of every linear of one block, keyed by block-relative path; ``dims``
         gives each width of ``DIMS``."""
         return {r.path: (dims[r.out_dim], dims[r.in_dim]) for r in self.linear_rows}
+
+    def norm_shapes(self, dims: Mapping[str, int]) -> dict[str, int]:
+        """The width of every norm of one block, keyed by block-relative path."""
+        widths = dict(self.norm_dims)
+        return {n: dims[widths.get(n, "hidden")] for n in self.norms}
 
     def biased(self, flags: Mapping[str, bool]) -> tuple[str, ...]:
         """The block linears that carry a bias under the config's bias ``flags`` (e.g. ``attention_bias``)."""
@@ -143,6 +158,33 @@ QWEN2 = replace(LLAMA, linear_rows=tuple(
     replace(r, bias_flag=ALWAYS if r.path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") else "")
     for r in LLAMA.linear_rows))
 
+_QK_HEAD_NORMS = (("self_attn.q_norm", "head"), ("self_attn.k_norm", "head"))  # RMSNorm over each head
+
+# Qwen3: LLaMA's linears (bias on q/k/v/o with attention_bias) and an RMSNorm over each head of q and k
+QWEN3 = replace(LLAMA, norms=("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm"),
+                norm_dims=_QK_HEAD_NORMS)
+
+# OLMo-2: norms after attention and MLP only (no pre-norms), q and k normed over their whole projection width
+OLMO2 = replace(LLAMA, norms=("self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
+                              "post_feedforward_layernorm"),
+                norm_dims=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "kv")))
+
+# Gemma 2: norms before and after both attention and MLP (GeGLU MLP, same linear names; the scaled tied embedding
+# and soft-capping live in transformers' forward); Gemma 3 adds per-head q/k norms
+GEMMA2 = replace(LLAMA, norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                               "post_feedforward_layernorm"))
+GEMMA3 = replace(GEMMA2, norms=("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
+                                "pre_feedforward_layernorm", "post_feedforward_layernorm"), norm_dims=_QK_HEAD_NORMS)
+
+# Phi-3: fused projections, quantized as the fused tensors the checkpoint stores (groups run along the input
+# width, so no group straddles q/k/v or gate/up: those are split along the output rows)
+PHI3 = replace(LLAMA, linear_rows=(
+    BlockLinear("self_attn.qkv_proj", 0, COLUMN, "qkv", "hidden"),
+    BlockLinear("self_attn.o_proj", 1, ROW, "hidden", "q"),
+    BlockLinear("mlp.gate_up_proj", 2, COLUMN, "gate_up", "hidden"),
+    BlockLinear("mlp.down_proj", 3, ROW, "hidden", "intermediate"),
+))
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -161,6 +203,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("llama", ("LlamaForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False)),
                      gguf_arch="llama"),
         Architecture("qwen2", ("Qwen2ForCausalLM",), QWEN2),  # GGUF: not yet (llama.cpp's qwen2 names and keys)
+        Architecture("mistral", ("MistralForCausalLM",), LLAMA),  # no bias flags; sliding windows: transformers' masks
+        Architecture("qwen3", ("Qwen3ForCausalLM",), QWEN3, (("attention_bias", False),)),
+        Architecture("olmo2", ("Olmo2ForCausalLM",), OLMO2, (("attention_bias", False),)),
+        Architecture("gemma2", ("Gemma2ForCausalLM",), GEMMA2, (("attention_bias", False),)),
+        Architecture("gemma3_text", ("Gemma3ForCausalLM",), GEMMA3, (("attention_bias", False),)),
+        Architecture("granite", ("GraniteForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False))),
+        Architecture("phi3", ("Phi3ForCausalLM",), PHI3),
     )
 }
 

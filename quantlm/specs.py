@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 
-from quantlm.architectures import ARCHITECTURES, Architecture, BlockMap, architecture_for
+from quantlm.architectures import ARCHITECTURES, Architecture, BlockMap, architecture_for, block_dims
 from quantlm.errors import QuantlmError
 from quantlm.quantized import check_bits
 
@@ -152,8 +152,8 @@ class ModelSpec:
     @property
     def dims(self) -> dict[str, int]:
         """The widths the block map's shape rules name."""
-        return {"hidden": self.hidden_size, "q": self.num_attention_heads * self.head_dim,
-                "kv": self.kv_heads * self.head_dim, "intermediate": self.intermediate_size}
+        return block_dims(self.hidden_size, self.intermediate_size, self.num_attention_heads, self.kv_heads,
+                          self.head_dim)
 
     @property
     def biased_linears(self) -> tuple[str, ...]:
@@ -179,7 +179,7 @@ class ModelSpec:
         shapes: dict[str, tuple[int, ...]] = {bm.embed_path + ".weight": (vocab, self.hidden_size)}
         for i in range(self.num_hidden_layers):
             p = bm.block_prefix(i)
-            shapes.update({p + n + ".weight": h for n in bm.norms})
+            shapes.update({p + n + ".weight": (w,) for n, w in bm.norm_shapes(self.dims).items()})
             for name, shape in self.linear_shapes().items():
                 shapes[p + name + ".weight"] = shape
                 if name in biased:

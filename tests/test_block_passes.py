@@ -54,7 +54,8 @@ def _llama_passes(block, hidden, kwargs, tails):
 
 def test_llama_passes_replay_the_finished_submodules(model_and_tokens):
     model, tokens = model_and_tokens
-    hidden, kwargs = capture_block_inputs(model, LLAMA, tokens, 4, torch.device("cpu"))
+    hidden, per_block = capture_block_inputs(model, LLAMA, tokens, 4, torch.device("cpu"))
+    kwargs = {b: kws[0] for b, kws in per_block.items()}  # the first block's
     blocks = model.get_submodule(LLAMA.layers_path)
     with torch.no_grad():
         passes, seen = _llama_passes(blocks[0], hidden, kwargs, None)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from quantlm.architectures import ARCHITECTURES, BlockMap
+from quantlm.architectures import ARCHITECTURES, BlockMap, block_dims
 from quantlm.dtypes import FLOAT_BYTES
 from quantlm.errors import QuantlmError
 from quantlm.gptq.allocator import MMAP_THRESHOLD_MAX
@@ -147,9 +147,11 @@ def _block_map(shape: dict) -> BlockMap:
 
 def linear_shapes(shape: dict) -> dict[str, tuple[int, int]]:
     """(out, in) of each block linear, keyed by block-relative path (the shape rules of the block map)."""
-    dims = {"hidden": shape["hidden"], "q": shape["heads"] * shape["head_dim"],
-            "kv": shape["kv_heads"] * shape["head_dim"], "intermediate": shape["intermediate"]}
-    return _block_map(shape).linear_shapes(dims)
+    return _block_map(shape).linear_shapes(_dims(shape))
+
+
+def _dims(shape: dict) -> dict[str, int]:
+    return block_dims(shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"], shape["head_dim"])
 
 
 def _groups(shape: dict) -> list[tuple[int, int]]:
@@ -160,7 +162,8 @@ def _groups(shape: dict) -> list[tuple[int, int]]:
 
 def param_count(shape: dict) -> tuple[int, int]:
     """(parameters of the whole model, parameters of one block)."""
-    block = sum(o * i for o, i in linear_shapes(shape).values()) + len(_block_map(shape).norms) * shape["hidden"]
+    block = sum(o * i for o, i in linear_shapes(shape).values()) + sum(_block_map(shape).norm_shapes(
+        _dims(shape)).values())
     outside = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2) + shape["hidden"]
     return shape["layers"] * block + outside, block
 

@@ -141,37 +141,56 @@ def _outside_blocks_on(model: nn.Module, layers: nn.Module, device: torch.device
             module._buffers[key] = b
 
 
-def _cast_floats(obj, dtype: torch.dtype):
-    """``obj`` (nested tuple / list / dict of tensors) with floating tensors cast to ``dtype``."""
-    return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
+class _LayerStub(nn.Module):
+    """Stands in for decoder layer ``index`` during the capture: records the keyword arguments the model gives it
+    (masks and rotary embeddings differ per layer in sliding-window families) and passes the hidden states through
+    without computing; the first also records them, the last stops the forward. Attribute reads the model's loop
+    makes (``attention_type``) go to the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, sink: dict):
+        super().__init__()
+        self.layer, self.index, self.last, self.sink = layer, index, last, sink
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if self.index == 0:
+            self.sink["hidden"] = hidden
+        self.sink.setdefault("kwargs", []).append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if self.last:
+            raise StopForward
+        return hidden
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, batch_size: int,
                          device: torch.device, store: HiddenStates | None = None
-                         ) -> tuple[list[torch.Tensor], dict[int, dict]]:
-    """Hidden states entering the first block, per batch, and the block's keyword arguments per batch size.
+                         ) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
+    """Hidden states entering the first block, per batch, and every block's keyword arguments per batch size
+    (a list, one per block; tensors the blocks share, like one mask, stay one tensor).
 
     Without ``store`` the hidden states are returned (fp32, a list of batches); with it each batch is
-    written to ``store`` as it is computed and the list is empty.
+    written to ``store`` as it is computed and the list is empty. No block computes: each is replaced by a stub
+    that records its inputs while the model's own forward runs its embedding, masks and rotary embeddings.
     """
     layers = model.get_submodule(block_map.layers_path)
-    first = layers[0]
-    captured: dict = {}
-
-    def hook(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise StopForward
-
+    real = list(layers)
     hidden: list[torch.Tensor] = []
-    kwargs_by_size: dict[int, dict] = {}
+    kwargs_by_size: dict[int, list[dict]] = {}
     with _outside_blocks_on(model, layers, device):
-        first.to(device)  # some models check the first block's device; it is moved back below
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        real[0].to(device)  # some models check the first block's device; it is moved back below
+        captured: dict = {}
+        for i, layer in enumerate(real):
+            layers[i] = _LayerStub(layer, i, i == len(real) - 1, captured)
         try:
             for b, start in enumerate(range(0, tokens.shape[0], batch_size)):
                 batch = tokens[start : start + batch_size].to(device)
+                captured.clear()
                 try:
                     model(input_ids=batch, use_cache=False)
                 except StopForward:
@@ -182,19 +201,35 @@ def capture_block_inputs(model: nn.Module, block_map: BlockMap, tokens: torch.Te
                     hidden.append(captured.pop("hidden").float())
                 kwargs_by_size.setdefault(batch.shape[0], captured["kwargs"])
         finally:
-            handle.remove()
-            first.to("cpu")
-    for kw in kwargs_by_size.values():
-        kw["use_cache"] = False
-        for key in ("past_key_values", "past_key_value", "cache"):  # no KV cache across calibration batches
-            kw.pop(key, None)
+            for i, layer in enumerate(real):
+                layers[i] = layer
+            real[0].to("cpu")
+    for per_block in kwargs_by_size.values():
+        for kw in per_block:
+            kw["use_cache"] = False
+            for key in ("past_key_values", "past_key_value", "cache"):  # no KV cache across calibration batches
+                kw.pop(key, None)
     return hidden, kwargs_by_size
 
 
+def _prepare_kwargs(kwargs_by_size: dict[int, list[dict]], device: torch.device, dtype: torch.dtype
+                    ) -> dict[int, list[dict]]:
+    """Every block's keyword arguments on ``device`` with floats in ``dtype``; a tensor shared by several blocks
+    (one mask, one rotary table) is moved once and stays shared."""
+    done: dict[int, torch.Tensor] = {}
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            done[id(t)] = to_device(t, device).to(dtype) if t.is_floating_point() else to_device(t, device)
+        return done[id(t)]
+
+    return {b: [map_tensors(kw, move) for kw in per_block] for b, per_block in kwargs_by_size.items()}
+
+
 def _block_kwargs(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, batches: list[tuple[int, int]],
-                  device: torch.device) -> dict[int, dict]:
-    """The first block's keyword arguments per batch size, from one batch of each size (resume)."""
-    kwargs: dict[int, dict] = {}
+                  device: torch.device) -> dict[int, list[dict]]:
+    """Every block's keyword arguments per batch size, from one batch of each size (resume)."""
+    kwargs: dict[int, list[dict]] = {}
     for s, e in batches:
         if e - s not in kwargs:
             _, kw = capture_block_inputs(model, block_map, tokens[s:e], e - s, device)
@@ -341,9 +376,7 @@ class BlockLoop:
                                                      res.placement.batch_size, self.device, store=hidden)
             hidden.flush()
             res.inputs_complete()
-        kwargs_by_size = {b: _cast_floats(to_device(kw, self.device), self.forward_dtype)
-                          for b, kw in kwargs_by_size.items()}
-        return hidden, kwargs_by_size
+        return hidden, _prepare_kwargs(kwargs_by_size, self.device, self.forward_dtype)
 
     def _restore(self, i: int) -> None:
         """Block ``i`` of a resumed run as it was left: its transforms again, then its saved codes."""
@@ -375,7 +408,8 @@ class BlockLoop:
         block_results: dict[str, GPTQResult] = {}
         block_reports: list[ModuleReport] = []
         with _block_on(block, self.device, self.forward_dtype, bm.linears) as masters:
-            passes = BlockPasses(block, bm.linears, hidden, kwargs_by_size, self.device, self.replay_on,
+            passes = BlockPasses(block, bm.linears, hidden, {b: kw[i] for b, kw in kwargs_by_size.items()},
+                                 self.device, self.replay_on,
                                  self.residency.placement.replay_cache_bytes, self.tails)
             with onednn_linears(block, enabled=self.device.type == "cpu"):
                 for group, H in self._hessians(block, passes):
