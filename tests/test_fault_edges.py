@@ -1,0 +1,227 @@
+"""Fault edges (issue "Nothing lost, nothing stale"): readers that distrust headers, file modes that follow the
+umask, the promised one-line refusals, and every check before compute.
+
+Each refusal runs the CLI in-process and must exit 2 with one stderr line naming the problem, writing nothing
+(the workspace's tree is compared before and after).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import stat
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantlm.cli import main
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every file and folder under ``root`` (hidden ones too) with its type, size, mode and mtime."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        kind = "l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) else "f"
+        out[str(p.relative_to(root))] = (kind, st.st_size if kind == "f" else 0, st.st_mode,
+                                         st.st_mtime_ns if kind == "f" else 0)
+    return out
+
+
+def refused(capsys, root: Path, command: str, *args: str, match: str) -> str:
+    """Run ``quantlm command args`` in-process: exit 2, one stderr line matching ``match``, ``root`` unchanged."""
+    before = tree(root)
+    capsys.readouterr()
+    try:
+        rc = main([command, *args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, f"exit code {rc}, stdout: {out[-2000:]}, stderr: {err[-2000:]}"
+    assert len(lines) == 1, f"stderr is not one line: {err}"
+    assert lines[0].startswith(f"quantlm {command}: error: "), lines[0]
+    assert re.search(match, lines[0]), f"{match!r} not in {lines[0]!r}"
+    after = tree(root)
+    assert after == before, (f"tree changed: added {sorted(set(after) - set(before))}, removed "
+                             f"{sorted(set(before) - set(after))}")
+    return lines[0]
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch, tiny_model_dir, corpus_text) -> Path:
+    """A workspace (the working directory): a copy of the tiny LLaMA as ``m/`` and a calibration text."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "calib.txt").write_text(corpus_text[:20_000], encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------- 1. readers that distrust headers
+
+def _tiny_gguf(path: Path) -> bytes:
+    """A small valid GGUF (llama architecture, an array key, two tensors); returns its bytes."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_array("quantlm.test.array", [1, 2, 3])
+    w.add_tensor("token_embd.weight", np.ones((8, 32), np.float16))
+    w.add_tensor("blk.0.attn_q.weight", np.ones((32, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _after(data: bytes, name: bytes) -> int:
+    """Offset just after the length-prefixed string ``name`` in a GGUF header."""
+    i = data.index(struct.pack("<Q", len(name)) + name)
+    return i + 8 + len(name)
+
+
+def _patch(data: bytes, at: int, fmt: str, value) -> bytes:
+    b = bytearray(data)
+    struct.pack_into(fmt, b, at, value)
+    return bytes(b)
+
+
+def _gguf_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
+    q = _after(good, b"blk.0.attn_q.weight")  # n_dims u32, 2 x u64 dims, type u32, offset u64
+    arr = _after(good, b"quantlm.test.array")  # value type u32 (9), item type u32, length u64
+    key = good.index(b"general.architecture") - 8
+    return {
+        "tensor-count": (_patch(good, 8, "<Q", 10**12),
+                         r"header declares 1,000,000,000,000 tensors but the file has only [\d,]+ bytes; the file is "
+                         r"truncated, corrupt or not a GGUF file"),
+        "kv-count": (_patch(good, 16, "<Q", 10**12), r"header declares 1,000,000,000,000 metadata keys"),
+        "string-length": (_patch(good, key, "<Q", 10**15),
+                          r"metadata key 0 declares a length of 1,000,000,000,000,000 bytes but only"),
+        "array-length": (_patch(good, arr + 8, "<Q", 10**13),
+                         r"'quantlm.test.array' declares 10,000,000,000,000 items but only"),
+        "value-type": (_patch(good, arr, "<I", 77), r"'quantlm.test.array' has unknown value type 77"),
+        "dims": (_patch(good, q, "<I", 9), r"blk.0.attn_q.weight declares 9 dimensions \(GGUF allows at most 4\)"),
+        "tensor-type": (_patch(good, q + 4 + 16, "<I", 99), r"blk.0.attn_q.weight has unknown ggml type 99"),
+        "tensor-past-end": (_patch(good, q + 4 + 16 + 4, "<Q", 10**9),
+                            r"tensor blk.0.attn_q.weight \(4,096 bytes at byte [\d,]+\) lies past the end of the file"),
+        "tensors-overlap": (_patch(good, q + 4 + 16 + 4, "<Q", 0),
+                            r"tensors token_embd.weight and blk.0.attn_q.weight overlap"),
+        "truncated-mid-payload": (good[:-100], r"blk.0.attn_q.weight .* lies past the end of the file .* truncated"),
+        "not-gguf": (b"GGML" + good[4:], r"not a GGUF file \(bad magic\)"),
+    }
+
+
+GGUF_CASES = ["tensor-count", "kv-count", "string-length", "array-length", "value-type", "dims", "tensor-type",
+              "tensor-past-end", "tensors-overlap", "truncated-mid-payload", "not-gguf"]
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_header_lies_are_one_line_in_size_and_bench(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = _tiny_gguf(tmp_path / "good.gguf")
+    data, match = _gguf_cases(good)[case]
+    (tmp_path / "bad.gguf").write_bytes(data)
+    line = refused(capsys, tmp_path, "size", "bad.gguf", match=match)
+    assert line.startswith("quantlm size: error: bad.gguf: ")
+    # bench reads every GGUF header before it needs llama.cpp or runs anything
+    refused(capsys, tmp_path, "bench", "good.gguf", "bad.gguf", match=match)
+
+
+def test_a_good_gguf_still_sizes_and_its_header_matches_gguf_py(tmp_path, capsys):
+    import gguf
+
+    from quantlm.formats.gguf import read_gguf_header
+
+    path = tmp_path / "good.gguf"
+    _tiny_gguf(path)
+    header = read_gguf_header(path)
+    reader = gguf.GGUFReader(path)
+    assert header["consistent"] and header["header_bytes"] == reader.data_offset
+    assert [(t["name"], t["offset"], t["nbytes"]) for t in header["tensors"]] == \
+        [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    assert header["metadata"]["quantlm.test.array"] == [1, 2, 3]
+    assert header["metadata"]["llama.block_count"] == 1
+    assert main(["size", str(path)]) == 0
+
+
+def _safetensors_edit(model: Path, edit=None, *, length=None, tail: bytes = b"") -> None:
+    """Rewrite ``model/model.safetensors`` with its header JSON edited (``edit(header)``), its declared header
+    length replaced, and/or ``tail`` bytes appended."""
+    f = model / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8: 8 + n])
+    if edit is not None:
+        edit(header)
+    raw = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data[8 + n:] + tail)
+
+
+def _tensors(h):
+    return sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+
+
+def _shift(k: int, by: int):
+    def edit(h):
+        name = _tensors(h)[k]
+        a, b = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [a + by, b + by]
+    return edit
+
+
+def _onto_first(h):
+    name, first = _tensors(h)[-1], _tensors(h)[0]
+    a, b = h[name]["data_offsets"]
+    h[name]["data_offsets"] = [h[first]["data_offsets"][0], h[first]["data_offsets"][0] + b - a]
+
+
+def _set(field, value, k=0):
+    def edit(h):
+        h[_tensors(h)[k]][field] = value
+    return edit
+
+
+ST_CASES = {
+    "header-length-beyond-file": (dict(length=10**12),
+                                  r"corrupt safetensors header: it declares 1,000,000,000,000 header bytes but the "
+                                  r"file has only [\d,]+ bytes"),
+    "offsets-past-end": (dict(edit=_shift(-1, 10**6)),
+                         r"file is truncated \([\d,]+ bytes\) or its header is corrupt: tensor \S+ spans bytes"),
+    "offsets-overlap": (dict(edit=_onto_first), r"tensors \S+ and \S+ overlap"),
+    "offsets-negative": (dict(edit=_shift(1, -10**6)), r"has data_offsets \[-[\d]+, -?[\d]+\] \(negative or reversed\)"),
+    "offsets-not-integers": (dict(edit=_set("data_offsets", [0.5, 4])), r"corrupt safetensors header entry"),
+    "gap-between-tensors": (dict(edit=_shift(-1, 4), tail=b"\0" * 4), r"4 bytes before tensor \S+ belong to no tensor"),
+    "bytes-after-last-tensor": (dict(tail=b"\0" * 16), r"16 bytes after the last tensor belong to no tensor"),
+    "unknown-dtype": (dict(edit=_set("dtype", "F12")), r"has unknown dtype 'F12' \(quantlm reads F64"),
+    "negative-dimension": (dict(edit=_set("shape", [-1, 64])), r"negative dimension in its shape \[-1, 64\]"),
+}
+
+
+@pytest.mark.parametrize("case", [*ST_CASES, "header-not-an-object"])
+def test_safetensors_header_lies_are_one_line(case, ws, capsys):
+    bad = ws / "bad"
+    shutil.copytree(ws / "m", bad)
+    if case == "header-not-an-object":
+        (bad / "model.safetensors").write_bytes(struct.pack("<Q", 6) + b"[1, 2]")
+        match = r"corrupt safetensors header \(a JSON list, not an object\)"
+    else:
+        kw, match = ST_CASES[case]
+        _safetensors_edit(bad, **kw)
+    line = refused(capsys, ws, "size", "bad", match=match)
+    assert "bad/model.safetensors: " in line
+
+
+@pytest.mark.parametrize("case", ["offsets-overlap", "unknown-dtype"])
+def test_quantize_refuses_a_lying_safetensors_header_before_compute(case, ws, capsys):
+    bad = ws / "bad"
+    shutil.copytree(ws / "m", bad)
+    kw, match = ST_CASES[case]
+    _safetensors_edit(bad, **kw)
+    refused(capsys, ws, "quantize", "bad", "--out", "q", "--calib", "calib.txt", "--nsamples", "2", "--seqlen",
+            "16", "--group-size", "4", "--no-progress", match=match)
