@@ -8,6 +8,7 @@ Each refusal runs the CLI in-process and must exit 2 with one stderr line naming
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import stat
@@ -225,3 +226,63 @@ def test_quantize_refuses_a_lying_safetensors_header_before_compute(case, ws, ca
     _safetensors_edit(bad, **kw)
     refused(capsys, ws, "quantize", "bad", "--out", "q", "--calib", "calib.txt", "--nsamples", "2", "--seqlen",
             "16", "--group-size", "4", "--no-progress", match=match)
+
+
+# ------------------------------------------------------------------- 2. file modes follow the umask
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def _wrong_modes(root: Path, mask: int, skip: tuple[str, ...] = ()) -> list[str]:
+    """Every file and folder under ``root`` (hidden ones too, symlinks aside) whose mode is not 0666 / 0777 less
+    ``mask``, as 'path 0600 (want 0644)'."""
+    wrong = []
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink() or rel.split("/")[0] in skip:
+            continue
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        have = stat.S_IMODE(p.lstat().st_mode)
+        if have != want:
+            wrong.append(f"{rel} {have:04o} (want {want:04o})")
+    return wrong
+
+
+def test_every_file_quantlm_writes_follows_the_umask(umask, ws, capsys, monkeypatch, corpus_text, tiny_tokenizer_dir):
+    inputs = ("m", "calib.txt", "corpus", "r.yaml")
+    (ws / "corpus").mkdir()
+    (ws / "corpus" / "a.txt").write_text(corpus_text[:20_000], encoding="utf-8")
+    monkeypatch.setenv("QUANTLM_CACHE", str(ws / "cache"))
+    (ws / "r.yaml").write_text(
+        "kind: train\nmodel: floatlm-micro\n"
+        "model_overrides: {hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_hidden_layers: 2,"
+        " vocab_size: 512, max_position_embeddings: 64}\n"
+        f"corpus: [corpus]\ntokenizer: {tiny_tokenizer_dir}\ncache_dir: cache\nseq_len: 32\nbatch_tokens: 256\n"
+        "micro_batch: 4\nsteps: 2\nwarmup_steps: 1\nthreads: 1\ncheckpoint_interval: 1\nhf_interval: 1\n"
+        "eval_tokens: 64\n")
+    quick = ("--calib", "calib.txt", "--nsamples", "2", "--seqlen", "16", "--group-size", "4", "--no-progress")
+    steps = [
+        ["quantize", "m", "--out", "q", "--format", "unpacked,gptq,compressed-tensors", *quick],
+        ["export", "q/gptq", "--format", "compressed-tensors", "--out", "x"],
+        ["export", "m", "--format", "gguf", "--out", "g"],
+        ["size", "m", "--out", "sizes/m.txt"],
+        ["eval", "q/gptq", "--ppl", "calib.txt", "--window", "16", "--ppl-limit-windows", "1", "--results", "rec",
+         "--no-progress"],
+        ["plot", "--results", "rec", "--metric", "calib.ppl", "--out", "plots", "--no-fit"],
+        ["train", "r.yaml", "--out", "run"],
+    ]
+    for argv in steps:
+        assert main(argv) == 0, (argv, capsys.readouterr().err[-3000:])
+    capsys.readouterr()
+    for folder in ("q", "x", "g", "sizes", "rec", "plots", "run", "cache"):
+        assert (ws / folder).exists(), folder
+    assert any((ws / "q" / "gptq").glob("model.safetensors")) and (ws / "g" / "model.gguf").is_file()
+    assert any((ws / "plots").glob("*.png")) and any((ws / "run" / "checkpoints").glob("step-*/state.pt"))
+    assert (ws / "run" / "final" / "model.safetensors").is_file()
+    assert _wrong_modes(ws, umask, skip=inputs) == []
