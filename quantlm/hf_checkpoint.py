@@ -19,12 +19,18 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     """config.json of a checkpoint directory (or the path of a config.json itself) as a dict."""
     path = Path(model_dir)
     cfg = path / "config.json" if path.is_dir() else path
+    if cfg.suffix == ".gguf":
+        raise QuantlmError(f"{path} is a GGUF file, not a Hugging Face checkpoint; pass the checkpoint directory "
+                           "(config.json and safetensors weights) it was exported from")
     if not cfg.is_file():
         raise QuantlmError(f"{path}: no config.json found; pass a Hugging Face checkpoint directory or a preset name")
     try:
         return json.loads(cfg.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QuantlmError(f"{cfg}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise QuantlmError(f"{cfg}: config.json is not valid JSON (binary, not UTF-8 text); pass a Hugging Face "
+                           "checkpoint directory or its config.json") from None
 
 
 def block_map_for(config: dict, where: str = "model") -> BlockMap:

@@ -286,3 +286,190 @@ def test_every_file_quantlm_writes_follows_the_umask(umask, ws, capsys, monkeypa
     assert any((ws / "plots").glob("*.png")) and any((ws / "run" / "checkpoints").glob("step-*/state.pt"))
     assert (ws / "run" / "final" / "model.safetensors").is_file()
     assert _wrong_modes(ws, umask, skip=inputs) == []
+
+
+# ------------------------------------------------- 3. promised one-line refusals, 4. every check before compute
+
+class ReachedHeavyCompute(BaseException):
+    """Raised where the real work would start: the bad input should have been refused before."""
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Loading model weights, a block's quantization or a perplexity pass raises ``ReachedHeavyCompute``."""
+    from transformers import modeling_utils
+
+    import quantlm.eval.run as eval_run
+    import quantlm.quantize as quantize
+
+    def refuse(*args, **kwargs):
+        raise ReachedHeavyCompute("the real work was about to start")
+
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(quantize, "quantize_blocks", refuse)
+    monkeypatch.setattr(eval_run, "load_model", refuse)
+
+
+QUICK = ("--calib", "calib.txt", "--nsamples", "2", "--seqlen", "16", "--group-size", "4", "--no-progress")
+
+
+def _without_tokenizer(ws: Path) -> Path:
+    d = ws / "notok"
+    shutil.copytree(ws / "m", d)
+    for p in d.glob("tokenizer*"):
+        p.unlink()
+    return d
+
+
+def test_gguf_export_without_a_tokenizer_names_the_files_and_the_fix(ws, capsys, no_compute):
+    _without_tokenizer(ws)
+    refused(capsys, ws, "export", "notok", "--format", "gguf", "--out", "g",
+            match=r"notok: no tokenizer files \(tokenizer.json or tokenizer.model or vocab.json\) beside the model; "
+                  r"a GGUF file embeds the tokenizer: copy the model's tokenizer files .* into notok")
+
+
+@pytest.mark.parametrize("given", ["file", "export-dir"])
+def test_export_of_a_gguf_says_it_is_already_gguf(given, ws, capsys, no_compute):
+    (ws / "g").mkdir()
+    _tiny_gguf(ws / "g" / "model.gguf")
+    src = "g/model.gguf" if given == "file" else "g"
+    refused(capsys, ws, "export", src, "--format", "unpacked", "--out", "x",
+            match=rf"{src} is already GGUF; quantlm export takes a Hugging Face checkpoint directory \(config.json "
+                  r"and safetensors weights: compressed-tensors, gptq, ternary-1.6, ternary-2, unpacked\)")
+
+
+@pytest.mark.parametrize("given", ["file", "export-dir"])
+def test_eval_of_a_gguf_says_eval_takes_a_checkpoint_directory(given, ws, capsys, no_compute):
+    (ws / "g").mkdir()
+    _tiny_gguf(ws / "g" / "model.gguf")
+    src = "g/model.gguf" if given == "file" else "g"
+    line = refused(capsys, ws, "eval", src, "--ppl", "calib.txt", "--no-record",
+                   match=rf"{src} is a GGUF (file|export); quantlm eval takes a Hugging Face checkpoint directory")
+    assert "does not exist" not in line and "quantlm export MODEL --format unpacked" in line
+
+
+@pytest.mark.parametrize("tasks", ["sciq", "piqa,sciq"])
+def test_eval_of_an_unavailable_task_is_refused_before_compute(tasks, ws, capsys, no_compute):
+    refused(capsys, ws, "eval", "m", "--tasks", tasks, "--no-record",
+            match=r"task sciq cannot run: quantlm has no SciQ data \(the test split with its distractors and support "
+                  r"passages, not shipped in data/eval\) and no scorer for it; drop sciq from --tasks")
+
+
+def test_eval_with_tasks_and_no_ppl_runs_no_perplexity(ws, capsys, monkeypatch):
+    import quantlm.eval.run as eval_run
+
+    def no_ppl(*a, **k):
+        raise AssertionError("a perplexity pass nobody asked for")
+
+    monkeypatch.setattr(eval_run, "perplexity", no_ppl)
+    assert main(["eval", "m", "--tasks", "piqa", "--limit", "1", "--no-record", "--format", "json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert set(rec["metrics"]) == {"piqa", "commonsense_avg"}
+    assert rec["recipe"]["ppl"] == []
+    # a recipe file that lists ppl keeps it; --ppl with --tasks runs both
+    (ws / "e.yaml").write_text("kind: eval\nppl: [calib.txt]\nwindow: 16\nppl_limit_windows: 1\n")
+    from quantlm.cli import build_parser
+    from quantlm.cli.eval import build_recipe
+
+    args = build_parser("eval").parse_args(["eval", "m", "--recipe", "e.yaml", "--tasks", "piqa"])
+    assert build_recipe(args).ppl == ("calib.txt",)
+    args = build_parser("eval").parse_args(["eval", "m", "--tasks", "piqa", "--ppl", "calib.txt"])
+    assert build_recipe(args).ppl == ("calib.txt",)
+    args = build_parser("eval").parse_args(["eval", "m"])
+    assert build_recipe(args).ppl == ("wikitext2",)  # naming nothing: the default corpus
+
+
+def test_offload_dir_that_is_a_file_is_refused_before_compute(ws, capsys, no_compute):
+    (ws / "afile").write_text("not a folder")
+    refused(capsys, ws, "quantize", "m", "--out", "q", *QUICK, "--offload", "disk", "--offload-dir", "afile",
+            match=r"--offload-dir afile is a file, not a folder; name a folder for the disk-offloaded hidden states, "
+                  r"e.g. --offload-dir afile-offload")
+
+
+@pytest.mark.parametrize("offload", ["disk", "auto"])
+def test_offload_dir_inside_out_is_refused_before_compute_leaving_no_folder(offload, ws, capsys, no_compute):
+    refused(capsys, ws, "quantize", "m", "--out", "q", *QUICK, "--offload", offload, "--offload-dir", "q/off",
+            match=r"--offload-dir q/off is inside --out q, which appears only once the run is complete; choose a "
+                  r"folder outside it, e.g. --offload-dir \S+/q-offload")
+    assert not (ws / "q").exists()
+
+
+def test_read_only_offload_dir_says_so(ws, capsys, no_compute, monkeypatch):
+    import quantlm.quantize as quantize
+
+    (ws / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(quantize.os, "access", lambda p, mode, **kw: False if Path(p).resolve() == (ws / "ro").resolve()
+                        else real(p, mode, **kw))
+    refused(capsys, ws, "quantize", "m", "--out", "q", *QUICK, "--offload", "disk", "--offload-dir", "ro/off",
+            match=r"--offload-dir ro/off is not writable \(\S+/ro is read-only for this user\); choose another "
+                  r"--offload-dir on a writable disk")
+
+
+def test_offload_dir_on_a_full_disk_says_what_it_has_and_needs(ws, capsys, no_compute, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    full = (ws / "full").resolve()
+    full.mkdir()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0) if Path(p).resolve() == full
+                        else real(p))
+    line = refused(capsys, ws, "quantize", "m", "--out", "q", *QUICK, "--offload", "disk", "--offload-dir", "full/off",
+                   match=r"--offload-dir full/off has 0.0 MB free on its disk \(\S+/full\), and the disk-offloaded "
+                         r"hidden states need about \d+\.\d MB; free space there or choose another --offload-dir")
+    assert "more memory" not in line
+
+
+def test_the_plan_blames_only_the_disk_when_only_the_disk_is_short():
+    from quantlm.errors import QuantlmError
+    from quantlm.gptq.memory import MemorySettings, check_plan, plan_memory
+
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 256}
+    plan = plan_memory(config, 2, 16, MemorySettings(offload="disk", offload_dir="/scratch/x"),
+                       available_bytes=64 * 2**30, disk_available_bytes=0)
+    with pytest.raises(QuantlmError, match=r"^--offload-dir /scratch/x has 0.0 MB free, and the disk-offloaded hidden "
+                                           r"states need about \d+\.\d MB; free space there or choose another "
+                                           r"--offload-dir$"):
+        check_plan(plan)
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_act_order_without_static_groups_is_refused_before_the_first_block(dry_run, ws, capsys, no_compute):
+    refused(capsys, ws, "quantize", "m", "--out", "q", *QUICK, "--act-order", "--no-static-groups",
+            *(["--dry-run"] if dry_run else []),
+            match=r"act_order without static_groups gives each linear its own group order \(an arbitrary g_idx\), "
+                  r"which no export format stores; keep --static-groups \(the default\), or pass --no-act-order or "
+                  r"--group-size -1")
+
+
+def test_act_order_without_static_groups_per_channel_still_runs_to_the_quantizer(ws, capsys, no_compute):
+    """Per channel (group size -1) every order is contiguous: nothing to refuse, the run reaches the pipeline."""
+    with pytest.raises(ReachedHeavyCompute):
+        main(["quantize", "m", "--out", "q", *QUICK, "--act-order", "--no-static-groups", "--group-size", "-1"])
+
+
+IMPOSSIBLE_CONFIGS = {
+    "intermediate-0": ({"intermediate_size": 0}, r"intermediate_size must be positive, got 0"),
+    "intermediate-negative": ({"intermediate_size": -172}, r"intermediate_size must be positive, got -172"),
+    "intermediate-fraction": ({"intermediate_size": 1.5}, r"intermediate_size=1.5 is not a whole number"),
+    "heads-not-dividing": ({"num_attention_heads": 6, "head_dim": None},
+                           r"num_attention_heads=6 does not divide hidden_size=64"),
+    "kv-heads-0": ({"num_key_value_heads": 0}, r"num_key_value_heads must be positive, got 0"),
+    "kv-heads-negative": ({"num_key_value_heads": -2}, r"num_key_value_heads must be positive, got -2"),
+    "head-dim-0": ({"head_dim": 0}, r"head_dim must be positive, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE_CONFIGS))
+def test_impossible_configs_are_one_line_in_dry_run_and_size(case, ws, capsys, no_compute):
+    edit, match = IMPOSSIBLE_CONFIGS[case]
+    bad = ws / "bad"
+    shutil.copytree(ws / "m", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(edit)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    refused(capsys, ws, "quantize", "bad", "--out", "q", "--dry-run", match=r"bad/config.json: " + match)
+    refused(capsys, ws, "size", "bad", match=r"bad: " + match)
+    refused(capsys, ws, "size", "bad/config.json", match=match)
