@@ -137,12 +137,12 @@ def bench(models: list[str | os.PathLike], settings: BenchSettings = BenchSettin
 
 
     python = python or sys.executable
-    budgets = {}  # every GGUF file given is checked (its header against the file) before anything runs
+    version = check_llama_cpp(python)
+    budgets = {}  # every GGUF file given is checked (its header against the file) before the first one runs
     for model in models:
         found = gguf_file(model)
         if found is not None:
             budgets[str(found)] = budget_from_gguf(found)
-    version = check_llama_cpp(python)
     records = []
     with tempfile.TemporaryDirectory(prefix="quantlm-bench-") as tmp:
         bar = tqdm(list(models), desc="llama.cpp bench", unit="model", disable=not progress)

@@ -73,11 +73,6 @@ class QuantRecipe:
                                  MemorySettings())
 
     def __post_init__(self):
-        g = self.gptq
-        if g.method == "gptq" and g.act_order and not g.static_groups and g.group_size != -1:
-            raise QuantlmError("act_order without static_groups gives each linear its own group order (an arbitrary "
-                               "g_idx), which no export format stores; keep --static-groups (the default), or pass "
-                               "--no-act-order or --group-size -1")
         for f in self.export.formats:
             get_format(f).check(self.layout(f))
 
@@ -101,6 +96,7 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     location (never the input or an ancestor of it, writable, with room for the predicted output), the device,
     and the model (every expected tensor present, finite, within fp16's range; tokenizer and seqlen fit). This is
     the run's one NaN/Inf gate. Returns the config and its spec (architecture, block map, shapes), read once."""
+    check_exportable(recipe)
     config = read_config(model_dir)
     spec = checkpoint_spec(config, str(model_dir))
     if spec.family != "floatlm":
@@ -115,6 +111,16 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     for fmt in recipe.export.formats:
         get_format(fmt).preflight(model_dir, config, recipe.layout(fmt))
     return config, spec
+
+
+def check_exportable(recipe: QuantRecipe) -> None:
+    """GPTQ with act-order but without static groups gives each grouped linear its own group order (an arbitrary
+    g_idx) that no export format stores: refused before the first block, not when the results are written."""
+    g = recipe.gptq
+    if g.method == "gptq" and g.act_order and not g.static_groups and g.group_size != -1:
+        raise QuantlmError("act_order without static_groups gives each linear its own group order (an arbitrary "
+                           "g_idx), which no export format stores; keep --static-groups (the default), or pass "
+                           "--no-act-order or --group-size -1")
 
 
 def check_offload_dir(model_dir: Path, recipe: QuantRecipe, out_dir: Path, device: str = "cpu") -> None:
@@ -152,6 +158,7 @@ def check_offload_dir(model_dir: Path, recipe: QuantRecipe, out_dir: Path, devic
 
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
     """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
+    check_exportable(recipe)
     g, c = recipe.gptq, recipe.calibration
     return plan_for_checkpoint(model_dir, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, device,
                                true_sequential=g.true_sequential)

@@ -130,7 +130,14 @@ def test_gguf_header_lies_are_one_line_in_size_and_bench(case, tmp_path, capsys,
     (tmp_path / "bad.gguf").write_bytes(data)
     line = refused(capsys, tmp_path, "size", "bad.gguf", match=match)
     assert line.startswith("quantlm size: error: bad.gguf: ")
-    # bench reads every GGUF header before it needs llama.cpp or runs anything
+    # bench reads every GGUF header before the first model runs (llama.cpp taken as present: nothing may run)
+    import quantlm.deploy as deploy
+
+    def never(*a, **k):
+        raise AssertionError("a model ran before every header was checked")
+
+    monkeypatch.setattr(deploy, "check_llama_cpp", lambda python=None: "test")
+    monkeypatch.setattr(deploy, "_run_child", never)
     refused(capsys, tmp_path, "bench", "good.gguf", "bad.gguf", match=match)
 
 
