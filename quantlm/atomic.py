@@ -33,6 +33,23 @@ def _chmod_default(path: Path, directory: bool) -> None:
         os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` and, for a directory, everything under it (symlinks untouched) the modes ``open`` and
+    ``mkdir`` give: 0666 / 0777 less the umask. For trees quantlm has just written into a temporary directory:
+    writers that go through a temporary file of their own leave 0600 (safetensors' ``save_file``, so also
+    ``save_pretrained``), and ``shutil.copy`` copies the source's mode."""
+    path = Path(path)
+    if path.is_symlink():
+        return
+    _chmod_default(path, directory=path.is_dir())
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                p = Path(root) / name
+                if not p.is_symlink():
+                    _chmod_default(p, directory=name in dirs)
+
+
 # ------------------------------------------------------------------------------------------- files
 
 def refuse_install_location(path: str | os.PathLike, flag: str = "output") -> None:

@@ -13,6 +13,7 @@ import torch
 
 from quantlm import accounting as acc
 from quantlm.architectures import BlockMap
+from quantlm.atomic import follow_umask
 from quantlm.dtypes import ST_DTYPES, ST_TO_FLOAT
 from quantlm.formats.registry import Layout, check_declared, checkpoint_spec, get_format
 from quantlm.metadata import ModelMeta, read_meta, write_meta
@@ -41,7 +42,7 @@ def copy_tokenizer(src: Path | None, out: Path) -> list[str]:
     for name in TOKENIZER_FILES if src is not None else ():
         f = Path(src) / name
         if f.is_file():
-            shutil.copy(f, out / name)
+            shutil.copyfile(f, out / name)  # not copy(): the file gets the umask's mode, not the source's
             copied.append(name)
     return copied
 
@@ -77,6 +78,7 @@ def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], li
         accounting = container_accounting(out, config, layout, written["payload_bytes"])
         write_meta(out, dataclasses.replace(meta, format=layout.format, info={**meta.info, **written["info"]},
                                             accounting=accounting))
+        follow_umask(out)
         return out
     float_dtype = ST_DTYPES[layout.float_dtype]
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,7 @@ def write_checkpoint(out: Path, config: dict, dense: dict[str, torch.Tensor], li
     write_config(config, out, layout, recipe)
     copy_tokenizer(tokenizer_dir, out)
     write_meta(out, dataclasses.replace(meta, format=layout.format, accounting=accounting_summary(out, layout)))
+    follow_umask(out)  # save_file writes through a 0600 temporary file
     return out
 
 

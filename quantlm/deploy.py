@@ -138,13 +138,18 @@ def bench(models: list[str | os.PathLike], settings: BenchSettings = BenchSettin
 
     python = python or sys.executable
     version = check_llama_cpp(python)
+    budgets = {}  # every GGUF file given is checked (its header against the file) before the first one runs
+    for model in models:
+        found = gguf_file(model)
+        if found is not None:
+            budgets[str(found)] = budget_from_gguf(found)
     records = []
     with tempfile.TemporaryDirectory(prefix="quantlm-bench-") as tmp:
         bar = tqdm(list(models), desc="llama.cpp bench", unit="model", disable=not progress)
         for i, model in enumerate(bar):
             bar.set_postfix_str(Path(model).name)
             path, info = resolve(model, Path(tmp), settings.gguf_type)
-            b = budget_from_gguf(path)
+            b = budgets.get(str(path)) or budget_from_gguf(path)
             linear = [r for r in b.records if r.role == "block_linear"]
             linear_params = sum(r.params for r in linear)
             payload = b.total_bits("exact") / 8

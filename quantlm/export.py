@@ -17,6 +17,7 @@ from quantlm import validate
 from quantlm.accounting import checkpoint_layout
 from quantlm.checkpoint_writer import write_checkpoint, written_changes
 from quantlm.errors import QuantlmError
+from quantlm.formats.gguf import GGUF_FILE
 from quantlm.formats.loader import read_linears
 from quantlm.formats.registry import Layout, formats_for, get_format
 from quantlm.hf_checkpoint import block_map_for, read_config
@@ -38,6 +39,11 @@ def export_model(model_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathL
     the export is lossless)."""
 
     src, out = Path(model_dir), Path(out_dir)
+    if src.suffix == ".gguf" or (src.is_dir() and (src / GGUF_FILE).is_file() and not (src / "config.json").is_file()):
+        readable = sorted({f for fam in ("floatlm", "quantlm", "trilm") for f in formats_for(fam)} - {"gguf"})
+        raise QuantlmError(f"{src} is already GGUF; quantlm export takes a Hugging Face checkpoint directory "
+                           f"(config.json and safetensors weights: {', '.join(readable)}) and writes any of those "
+                           "or gguf: export from the checkpoint the GGUF file was made from")
     config = read_config(src)
     block_map = block_map_for(config, str(src))
     source = checkpoint_layout(src, config)

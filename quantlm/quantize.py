@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,8 @@ from quantlm.calibration import CalibrationSettings, calibration_tokens
 from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, written_changes
 from quantlm.errors import QuantlmError
 from quantlm.formats.registry import Layout, checkpoint_spec, formats_for, get_format
-from quantlm.gptq.memory import MemorySettings, plan_for_checkpoint
+from quantlm.gptq.memory import MemorySettings, default_offload_dir, plan_for_checkpoint, size_text
+from quantlm.gptq.offload import reusable_bytes
 from quantlm.gptq.pipeline import quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer, read_config
@@ -97,14 +99,16 @@ def validate_request(model_dir: Path, recipe: QuantRecipe, out_dir: Path, overwr
     the run's one NaN/Inf gate. Returns the config and its spec (architecture, block map, shapes), read once."""
     config, spec = check_recipe(model_dir, recipe)
     check_output(out_dir, overwrite, protect=[model_dir], need_bytes=predicted_output_bytes(spec, recipe))
+    check_offload_dir(model_dir, recipe, out_dir, device)
     validate.check_device(device)
     validate.check_model(model_dir, config=config, export_dtype="float16", seqlen=recipe.calibration.seqlen)
     return config, spec
 
 
 def check_recipe(model_dir: Path, recipe: QuantRecipe) -> tuple[dict, ModelSpec]:
-    """The refusals config.json alone decides (a suite makes them for every quantize job before its first job):
-    the model is a FloatLM, the group size divides every block linear, every export format can write it."""
+    """The refusals the recipe and config.json alone decide (a suite makes them for every quantize job before its
+    first job): an exportable method, a FloatLM, a group size dividing every block linear, formats that can write it."""
+    check_exportable(recipe)
     config = read_config(model_dir)
     spec = checkpoint_spec(config, str(model_dir))
     if spec.family != "floatlm":
@@ -116,8 +120,52 @@ def check_recipe(model_dir: Path, recipe: QuantRecipe) -> tuple[dict, ModelSpec]
     return config, spec
 
 
+def check_exportable(recipe: QuantRecipe) -> None:
+    """GPTQ with act-order but without static groups gives each grouped linear its own group order (an arbitrary
+    g_idx) that no export format stores: refused before the first block, not when the results are written."""
+    g = recipe.gptq
+    if g.method == "gptq" and g.act_order and not g.static_groups and g.group_size != -1:
+        raise QuantlmError("act_order without static_groups gives each linear its own group order (an arbitrary "
+                           "g_idx), which no export format stores; keep --static-groups (the default), or pass "
+                           "--no-act-order or --group-size -1")
+
+
+def check_offload_dir(model_dir: Path, recipe: QuantRecipe, out_dir: Path, device: str = "cpu") -> None:
+    """The folder of disk-offloaded hidden states, before any compute: not a file, not inside ``--out`` (which
+    appears only once complete, so the resume state would vanish with a failed run and the folder would be left
+    behind), writable, with room for what the plan puts there. Only when offloading to disk may happen."""
+    m = recipe.memory
+    if m.offload in ("none", "host") or (m.offload == "auto" and not m.offload_dir):
+        return  # no disk, or auto's own default folder, which the plan checks when it picks the disk
+    raw = Path(m.offload_dir) if m.offload_dir else default_offload_dir("x").parent
+    folder, out = (Path(os.path.abspath(p.expanduser())).resolve() for p in (raw, out_dir))
+    if folder == out or out in folder.parents:
+        raise QuantlmError(f"--offload-dir {raw} is inside --out {out_dir}, which appears only once the run is "
+                           f"complete; choose a folder outside it, e.g. --offload-dir {out.parent / (out.name + '-offload')}")
+    if folder.exists() and not folder.is_dir():
+        raise QuantlmError(f"--offload-dir {raw} is a file, not a folder; name a folder for the disk-offloaded hidden "
+                           f"states, e.g. --offload-dir {raw.parent / (raw.name + '-offload')}")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QuantlmError(f"--offload-dir {raw}: {parent} is a file, not a folder; choose another --offload-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantlmError(f"--offload-dir {raw} is not writable ({parent} is read-only for this user); choose "
+                           "another --offload-dir on a writable disk")
+    plan = memory_plan(model_dir, recipe, device)
+    if plan.get("hidden_states") == "disk":
+        need = int(plan.get("disk_bytes") or 0)
+        free = shutil.disk_usage(parent).free + reusable_bytes(folder)  # a kept state is resumed or replaced
+        if need and free < need * 1.05:
+            raise QuantlmError(f"--offload-dir {raw} has {size_text(free)} free on its disk ({parent}), and the "
+                               f"disk-offloaded hidden states need about {size_text(need)}; free space there or choose "
+                               "another --offload-dir")
+
+
 def memory_plan(model_dir: str | os.PathLike, recipe: QuantRecipe, device: str = "cpu") -> dict:
     """The memory plan of quantizing ``model_dir`` with ``recipe``, from its config.json alone (``--dry-run``)."""
+    check_exportable(recipe)
     g, c = recipe.gptq, recipe.calibration
     return plan_for_checkpoint(model_dir, c.nsamples, c.seqlen, recipe.memory, g.bits, g.group_size, device,
                                true_sequential=g.true_sequential)

@@ -108,6 +108,8 @@ class ModelSpec:
                      "model_parallel", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise QuantlmError(f"{self.name}: {name} must be positive, got {getattr(self, name)}")
+        if self.num_key_value_heads is not None and self.num_key_value_heads <= 0:
+            raise QuantlmError(f"{self.name}: num_key_value_heads must be positive, got {self.num_key_value_heads}")
         if self.attention_head_dim is not None and self.attention_head_dim <= 0:
             raise QuantlmError(f"{self.name}: attention_head_dim must be positive, got {self.attention_head_dim}")
         if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
@@ -235,23 +237,41 @@ def spec_from_config(config: dict, name: str, *, family: str = "floatlm", bits: 
     """The ModelSpec of an HF ``config.json`` dict: the one reading of its architecture fields (model type, widths,
     heads, head width, bias flags, vocabulary, tying). The family and its bits come from the caller."""
     arch = architecture_for(config, name)
+
+    def whole(key: str, default=None) -> int | None:
+        value = config[key] if default is None else config.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise QuantlmError(f"{name}: {key}={value!r} is not a whole number; fix config.json")
+        return int(value)
+
     try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        head_dim = int(config["head_dim"]) if config.get("head_dim") else None
+        hidden = whole("hidden_size")
+        heads = whole("num_attention_heads")
+        if heads <= 0:
+            raise QuantlmError(f"{name}: num_attention_heads must be positive, got {heads}")
+        head_dim = whole("head_dim", 0) if config.get("head_dim") is not None else None
+        if head_dim is not None and head_dim <= 0:
+            raise QuantlmError(f"{name}: head_dim must be positive, got {head_dim}")
         if head_dim == hidden // heads and not hidden % heads:
             head_dim = None  # the default width, spelled out
+        kv_heads = whole("num_key_value_heads", heads)
+        if kv_heads <= 0:
+            raise QuantlmError(f"{name}: num_key_value_heads must be positive, got {kv_heads}")
         kwargs = dict(
-            hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
-            num_attention_heads=heads, num_hidden_layers=int(config["num_hidden_layers"]),
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            vocab_size=int(config["vocab_size"]),
-            max_position_embeddings=int(config.get("max_position_embeddings") or 2048),
+            hidden_size=hidden, intermediate_size=whole("intermediate_size"),
+            num_attention_heads=heads, num_hidden_layers=whole("num_hidden_layers"),
+            num_key_value_heads=kv_heads,
+            vocab_size=whole("vocab_size"),
+            max_position_embeddings=whole("max_position_embeddings", 0) or 2048,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             vocab_multiple=1,  # a config's vocab_size is the stored (already padded) row count
             model_type=arch.model_type, attention_head_dim=head_dim,
             **{flag: bool(config.get(flag, default)) for flag, default in arch.bias_flags},
         )
+    except QuantlmError:
+        raise
     except KeyError as e:
         raise QuantlmError(f"{name}: config.json lacks {e.args[0]!r}; is this a complete "
                            f"{arch.model_type} config?") from None

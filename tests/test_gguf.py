@@ -337,7 +337,7 @@ def test_plain_float_linears_take_gguf_py_round_to_nearest_on_request(tiny_dir, 
 
 def test_truncated_or_lying_gguf_headers_are_one_error(tmp_path):
     """A GGUF file cut short, or a header claiming more tensors than the file can hold, is refused in one line
-    naming the file (the header is read through gguf-py's reader, checked against the file)."""
+    naming the file (every count the header declares is checked against the file)."""
     import struct
 
     import numpy as np
@@ -358,13 +358,13 @@ def test_truncated_or_lying_gguf_headers_are_one_error(tmp_path):
     assert header["consistent"] and header["payload_bytes"] == 64 * 64 * 4
     for cut in (len(whole) - 100, header["header_bytes"] + 10, 30):
         path.write_bytes(whole[:cut])
-        with pytest.raises(QuantlmError, match=r"t\.gguf: corrupt or truncated GGUF file") as e:
+        with pytest.raises(QuantlmError, match=r"t\.gguf: .*(truncated|corrupt)") as e:
             read_gguf_header(path)
         assert "\n" not in str(e.value)
     lying = bytearray(whole)
     lying[8:16] = struct.pack("<Q", 10**12)  # tensor count
     path.write_bytes(bytes(lying))
-    with pytest.raises(QuantlmError, match="corrupt or truncated GGUF file"):
+    with pytest.raises(QuantlmError, match="header declares 1,000,000,000,000 tensors but the file has only"):
         read_gguf_header(path)
     path.write_bytes(b"GGML" + whole[4:])
     with pytest.raises(QuantlmError, match="not a GGUF file"):

@@ -37,8 +37,27 @@ def register(sub) -> None:
 
 
 def build_recipe(args):
-
+    """The recipe file (or the defaults) with the flags applied. The default perplexity corpus (wikitext2) is for
+    an evaluation that names nothing: ``--tasks`` without ``--ppl`` (and without a recipe that lists ``ppl``) runs
+    the tasks alone."""
+    if args.recipe__tasks is not None and args.recipe__ppl is None and not _recipe_sets(args.recipe, "ppl"):
+        args.recipe__ppl = ()
     return apply_recipe_flags(args, load(args.recipe, expect=EvalRecipe) if args.recipe else EvalRecipe())
+
+
+def _recipe_sets(recipe: str | None, key: str) -> bool:
+    """Whether the recipe file names ``key`` itself (rather than taking its default)."""
+    if not recipe:
+        return False
+    import yaml
+
+    from quantlm.paths import resolve_input
+
+    try:
+        data = yaml.safe_load(resolve_input(recipe).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # load() reports the problem in its own words
+    return isinstance(data, dict) and key in data
 
 
 def format_table(record: dict) -> str:

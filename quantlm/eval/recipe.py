@@ -14,8 +14,8 @@ from quantlm.recipes import doc
 class EvalRecipe:
     """An evaluation of one model: perplexity on local corpora and zero-shot tasks on local data."""
 
-    ppl: tuple[str, ...] = doc("perplexity corpora: wikitext2, ptb, c4, lambada, or paths of .txt/.jsonl files",
-                               ("wikitext2",))
+    ppl: tuple[str, ...] = doc("perplexity corpora: wikitext2, ptb, c4, lambada, or paths of .txt/.jsonl files "
+                               "(the command line runs none when --tasks is given without --ppl)", ("wikitext2",))
     tasks: tuple[str, ...] = doc("zero-shot tasks or aliases (commonsense, spectra); empty for none", ())
     window: int | None = doc("perplexity window in tokens; null = the model context capped at 2048", None)
     limit: int | None = doc("zero-shot: score only the first N items of each task (quick runs)", None)

@@ -21,8 +21,9 @@ from quantlm.eval.datasets import load_text_source
 from quantlm.eval.perplexity import perplexity, resolve_window
 from quantlm.eval.recipe import EvalRecipe
 from quantlm.eval.records import SCHEMA, new_record_id, write_record
-from quantlm.eval.tasks import TASKS, expand_tasks, task_files
+from quantlm.eval.tasks import TASKS, UNAVAILABLE, expand_tasks, task_files
 from quantlm.eval.zeroshot import commonsense_average, zeroshot
+from quantlm.formats.gguf import GGUF_FILE
 from quantlm.formats.loader import load_model
 from quantlm.hf_checkpoint import block_map_for, load_tokenizer, read_config
 from quantlm.metadata import model_label, read_meta
@@ -64,6 +65,15 @@ def deployed_sizes(model_dir: Path, config: dict) -> dict:
 
 def _preflight(model_dir: Path, recipe: EvalRecipe) -> tuple[dict, list, list[str]]:
     """Check the model directory, window and data before any model weights are loaded."""
+    gguf = model_dir.suffix == ".gguf" or ((model_dir / GGUF_FILE).is_file() and not (model_dir / "config.json").exists())
+    if gguf:
+        raise QuantlmError(f"{model_dir} is a GGUF {'file' if model_dir.is_file() else 'export'}; quantlm eval takes a "
+                           "Hugging Face checkpoint directory (config.json and safetensors weights): evaluate the "
+                           "checkpoint the GGUF was exported from, or write one with `quantlm quantize --format "
+                           "unpacked` / `quantlm export MODEL --format unpacked` (llama.cpp speed: `quantlm bench`)")
+    if model_dir.is_file():
+        raise QuantlmError(f"{model_dir} is a file; quantlm eval takes a Hugging Face checkpoint directory "
+                           "(config.json and safetensors weights)")
     if not model_dir.is_dir():
         raise QuantlmError(f"model directory {model_dir} does not exist; pass a Hugging Face checkpoint directory")
     config = read_config(model_dir)
@@ -76,8 +86,11 @@ def _preflight(model_dir: Path, recipe: EvalRecipe) -> tuple[dict, list, list[st
         if ctx is not None and recipe.window > ctx:
             raise QuantlmError(f"window={recipe.window} is longer than the model context ({ctx} tokens); "
                                f"pass --window {min(ctx, 2048)} or less")
-    sources = [load_text_source(name) for name in recipe.ppl]
     tasks = expand_tasks(recipe.tasks)
+    for t in recipe.tasks:  # named on their own (an alias such as spectra records them as unavailable)
+        if t in UNAVAILABLE:
+            raise QuantlmError(f"task {t} cannot run: {UNAVAILABLE[t].reason}; drop {t} from --tasks")
+    sources = [load_text_source(name) for name in recipe.ppl]
     for t in tasks:
         if t in TASKS:
             task_files(TASKS[t])

@@ -192,7 +192,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 UNAVAILABLE: dict[str, UnavailableTask] = {t.name: t for t in [
     UnavailableTask("triviaqa", "generation task (greedy answer, exact match) is not implemented; only the "
                     "llm-foundry 3000-question subsample exists locally, not lm-eval's 17,944-question set"),
-    UnavailableTask("sciq", "no local copy of SciQ with distractors and support passages was found"),
+    UnavailableTask("sciq", "quantlm has no SciQ data (the test split with its distractors and support passages, "
+                    "not shipped in data/eval) and no scorer for it"),
 ]}
 
 # Spectra's commonsense average (DESIGN section 8): acc_norm for these four, acc for the other two.

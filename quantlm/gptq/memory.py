@@ -370,6 +370,9 @@ def plan_for_checkpoint(model_dir: str | os.PathLike, nsamples: int, seqlen: int
         raise QuantlmError(f"{path} not found; a memory plan needs the model's config.json") from None
     except ValueError as e:
         raise QuantlmError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise QuantlmError(f"{path} is not a config (a JSON object); pass a Hugging Face checkpoint directory")
+    spec_from_config(config, str(path))  # an impossible shape is refused naming the file, before any arithmetic
     return plan_memory(config, nsamples, seqlen, settings, bits, group_size, device, **kw)
 
 
@@ -565,10 +568,24 @@ def _gb(x) -> str:
     return f"{x / GB:.1f} GB"
 
 
+def size_text(x) -> str:
+    """Bytes for a message: GB, or MB below a tenth of a GB (0.0 GB would read as nothing)."""
+    return f"{x / GB:.2f} GB" if x >= GB / 10 else f"{x / 1e6:.1f} MB"
+
+
 def check_plan(plan: dict) -> None:
     """Raise ``QuantlmError`` when ``plan`` does not fit, with its numbers and the options that would."""
     if plan["fits"]:
         return
+    host_fits = plan["predicted_peak_bytes"] <= FIT_FRACTION * plan["available_bytes"]
+    device_fits = plan.get("predicted_device_peak_bytes") is None or plan.get("device_available_bytes") is None \
+        or plan["predicted_device_peak_bytes"] <= FIT_FRACTION * plan["device_available_bytes"]
+    disk, disk_free = plan.get("disk_bytes"), plan.get("disk_available_bytes")
+    if host_fits and device_fits and disk is not None and disk_free is not None and disk > disk_free:
+        # only the disk is short: more memory would not help
+        raise QuantlmError(f"--offload-dir {plan.get('offload_dir')} has {size_text(disk_free)} free, and the "
+                           f"disk-offloaded hidden states need about {size_text(disk)}; free space there or choose "
+                           "another --offload-dir")
     b = plan["bytes"]
     parts = ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in b.items() if v)
     lines = [f"quantizing needs about {_gb(plan['predicted_peak_bytes'])} of host memory ({parts}; hidden "
@@ -579,8 +596,8 @@ def check_plan(plan: dict) -> None:
                      f"{_gb(plan['device_available_bytes'])} free")
     if plan.get("disk_bytes") is not None and plan.get("disk_available_bytes") is not None \
             and plan["disk_bytes"] > plan["disk_available_bytes"]:
-        lines.append(f"disk offload needs {_gb(plan['disk_bytes'])} in {plan.get('offload_dir')} but "
-                     f"{_gb(plan['disk_available_bytes'])} are free; choose another --offload-dir")
+        lines.append(f"disk offload needs {size_text(plan['disk_bytes'])} in {plan.get('offload_dir')} but "
+                     f"{size_text(plan['disk_available_bytes'])} are free; choose another --offload-dir")
     fixes = plan.get("fixes") or []
     if fixes:
         opts = "; or ".join(" ".join(_option(k, v) for k, v in fx["change"].items())

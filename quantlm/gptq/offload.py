@@ -116,7 +116,7 @@ class HiddenStates:
             self._buf = None
             self.path.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_RDWR | (os.O_CREAT if create else 0)
-            self._fd = os.open(self.path, flags, 0o600)
+            self._fd = os.open(self.path, flags, 0o666)  # the umask applies, as for every file quantlm writes
             if create:
                 os.ftruncate(self._fd, self.nbytes)
             elif os.fstat(self._fd).st_size != self.nbytes:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from quantlm import locks, recipes
 from quantlm.architectures import block_map_of
-from quantlm.atomic import append_jsonl, refuse_install_location, write_text
+from quantlm.atomic import append_jsonl, follow_umask, refuse_install_location, write_text
 from quantlm.dtypes import TORCH_FLOATS
 from quantlm.errors import QuantlmError
 from quantlm.metadata import ModelMeta, read_meta, write_meta
@@ -85,6 +85,7 @@ def save_hf_checkpoint(recipe: TrainRecipe, state: dict[str, torch.Tensor], path
                                   model=recipe.spec().name, preset=recipe.model, settings=recipes.to_dict(recipe),
                                   info={"recipe_hash": recipes.recipe_hash(recipe), **info},
                                   versions=library_versions()))
+        follow_umask(tmp)  # save_pretrained writes model.safetensors through a 0600 temporary file
     return path
 
 

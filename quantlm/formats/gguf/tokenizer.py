@@ -11,6 +11,8 @@ from quantlm.errors import QuantlmError
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 _SPACE = "\u2581"  # SentencePiece's visible space
+# the files a tokenizer is built from (fast tokenizer, SentencePiece model, GPT-2 style vocabulary)
+TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _spm_prefix(tj: dict) -> bool | None:
@@ -54,7 +56,17 @@ def tokenizer_metadata(tokenizer_dir: str | os.PathLike, vocab_size: int) -> dic
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    folder = Path(tokenizer_dir)
+    if not any((folder / f).is_file() for f in TOKENIZER_SOURCES):
+        raise QuantlmError(f"{folder}: no tokenizer files ({' or '.join(TOKENIZER_SOURCES)}) beside the model; a GGUF "
+                           f"file embeds the tokenizer: copy the model's tokenizer files (tokenizer.json, "
+                           f"tokenizer_config.json) into {folder}, then run again")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantlmError(f"{folder}: transformers cannot load its tokenizer ({first}); copy the model's complete "
+                           "tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
     path = Path(tokenizer_dir) / "tokenizer.json"
     if path.is_file():
         tj = json.loads(path.read_text(encoding="utf-8"))
