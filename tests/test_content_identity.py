@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -183,6 +184,10 @@ def test_a_full_disk_mid_run_leaves_a_state_the_rerun_resumes(base, tokens, tmp_
     monkeypatch.setattr(offload.RunState, "block_done", real)
     kept = offload.reusable_bytes(folder)
     assert kept > 0 and json.loads((folder / "state.json").read_text())["next_block"] == 1
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():  # the kept state follows the umask like every file quantlm writes
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f.name
 
     # the free-space check of the rerun counts the kept state as available
     free = {"bytes": 1000}
