@@ -305,11 +305,12 @@ def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None) -> Mod
     header = read_gguf_header(path)
     md, tensors = header["metadata"], header["tensors"]
     arch = md.get("general.architecture", "llama")
-    if arch not in ARCHITECTURES:
+    family = next((a for a in ARCHITECTURES.values() if a.gguf_arch == arch), None)
+    if family is None:
         raise QuantlmError(f"{path}: GGUF architecture {arch!r} is not one quantlm sizes; supported: "
-                           f"{', '.join(ARCHITECTURES)}")
-    block_map = ARCHITECTURES[arch].block_map
-    roles = {t["name"]: _gguf_role(hf_name(t["name"]), block_map) for t in tensors}
+                           f"{', '.join(sorted({a.gguf_arch for a in ARCHITECTURES.values() if a.gguf_arch}))}")
+    block_map = family.block_map
+    roles = {t["name"]: _gguf_role(hf_name(t["name"], arch), block_map) for t in tensors}
     linear_types = [t["type"] for t in tensors if roles[t["name"]] == "block_linear"]
     main = max(set(linear_types), key=linear_types.count) if linear_types else "F16"
     family = md.get("quantlm.family")

@@ -195,21 +195,24 @@ class Architecture:
     hf_architectures: tuple[str, ...]
     block_map: BlockMap
     bias_flags: tuple[tuple[str, bool], ...] = ()
-    gguf_arch: str = ""  # llama.cpp's architecture name ("": no GGUF export)
+    gguf_arch: str = ""  # llama.cpp's architecture name ("": no GGUF export; names, keys: formats/gguf/names.py)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a for a in (
         Architecture("llama", ("LlamaForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False)),
                      gguf_arch="llama"),
-        Architecture("qwen2", ("Qwen2ForCausalLM",), QWEN2),  # GGUF: not yet (llama.cpp's qwen2 names and keys)
-        Architecture("mistral", ("MistralForCausalLM",), LLAMA),  # no bias flags; sliding windows: transformers' masks
-        Architecture("qwen3", ("Qwen3ForCausalLM",), QWEN3, (("attention_bias", False),)),
-        Architecture("olmo2", ("Olmo2ForCausalLM",), OLMO2, (("attention_bias", False),)),
-        Architecture("gemma2", ("Gemma2ForCausalLM",), GEMMA2, (("attention_bias", False),)),
-        Architecture("gemma3_text", ("Gemma3ForCausalLM",), GEMMA3, (("attention_bias", False),)),
-        Architecture("granite", ("GraniteForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False))),
-        Architecture("phi3", ("Phi3ForCausalLM",), PHI3),
+        Architecture("qwen2", ("Qwen2ForCausalLM",), QWEN2, gguf_arch="qwen2"),
+        # no bias flags; sliding windows: transformers' masks; GGUF: llama.cpp's llama (as convert_hf_to_gguf.py)
+        Architecture("mistral", ("MistralForCausalLM",), LLAMA, gguf_arch="llama"),
+        Architecture("qwen3", ("Qwen3ForCausalLM",), QWEN3, (("attention_bias", False),), gguf_arch="qwen3"),
+        Architecture("olmo2", ("Olmo2ForCausalLM",), OLMO2, (("attention_bias", False),), gguf_arch="olmo2"),
+        Architecture("gemma2", ("Gemma2ForCausalLM",), GEMMA2, (("attention_bias", False),), gguf_arch="gemma2"),
+        Architecture("gemma3_text", ("Gemma3ForCausalLM",), GEMMA3, (("attention_bias", False),),
+                     gguf_arch="gemma3"),
+        Architecture("granite", ("GraniteForCausalLM",), LLAMA, (("attention_bias", False), ("mlp_bias", False)),
+                     gguf_arch="granite"),
+        Architecture("phi3", ("Phi3ForCausalLM",), PHI3, gguf_arch="phi3"),
     )
 }
 

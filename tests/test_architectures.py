@@ -160,7 +160,7 @@ def qwen2(tmp_path_factory, tiny_tokenizer_dir):
 
 def test_qwen2_is_one_table_entry(qwen2, tmp_path):
     """A second family through every safetensors job with no code of its own: quantize (its q/k/v biases kept),
-    reload with the dequantized model's logits, sizes exact; its GGUF export is refused in one line."""
+    reload with the dequantized model's logits, sizes exact; its GGUF export (llama.cpp's qwen2) sizes exactly too."""
     from transformers import AutoModelForCausalLM
 
     from quantlm.formats.loader import QuantLinear, load_model
@@ -186,6 +186,7 @@ def test_qwen2_is_one_table_entry(qwen2, tmp_path):
         assert measured.total_bits("exact") == acc.budget(qwen2 / "config.json", layout=recipe.layout(fmt)).total_bits(
             "exact"), fmt
     assert acc.budget(rep["paths"]["gptq"]).role_params("bias") == 2 * (128 + 2 * 64)
-    with pytest.raises(QuantlmError, match="GGUF export writes llama models") as e:
-        quantize_model(qwen2, replace_fields(recipe, formats=("gguf",)), tmp_path / "g", progress=False)
-    assert "\n" not in str(e.value) and not (tmp_path / "g").exists()
+    g = replace_fields(recipe, formats=("gguf",))  # its tensors and llama.cpp run: tests/test_gguf_families.py
+    gguf_dir = quantize_model(qwen2, g, tmp_path / "g", progress=False)["paths"]["gguf"]
+    assert acc.budget(gguf_dir).total_bits("exact") == acc.budget(qwen2 / "config.json",
+                                                                    layout=g.layout("gguf")).total_bits("exact")

@@ -19,7 +19,7 @@ from quantlm.dtypes import ST_DTYPES
 from quantlm.errors import QuantlmError
 from quantlm.formats.gguf import blocks as gb
 from quantlm.formats.gguf.header import read_gguf_header
-from quantlm.formats.gguf.names import ARCH, FILE_TYPE, RTN_TYPES, gguf_name, hparams, rope_permutation
+from quantlm.formats.gguf.names import FILE_TYPE, RTN_TYPES, gguf_name, hparams, rope_permutation
 from quantlm.formats.gguf.tokenizer import tokenizer_metadata
 from quantlm.quantized import QuantizedLinear, TernaryWeight
 
@@ -64,9 +64,10 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
                linear_type: str | Mapping[str, str] | None = None, kquant_grouped: bool = False,
                merge_shard_scales: bool = False, metadata: Mapping[str, bool | int | str] | None = None,
                model_name: str | None = None) -> dict:
-    """Write a LLaMA GGUF for llama.cpp; return a report of what went where.
+    """Write a GGUF for llama.cpp; return a report of what went where.
 
-    config: the HF config.json as a dict. tensors: HF names (``model.layers.N.self_attn.q_proj.weight``, ...)
+    config: the HF config.json as a dict, of a family with a GGUF writer (``names.GGUF_FAMILIES``: its llama.cpp
+    architecture, tensor names, q/k permutation, norm offset and extra keys). tensors: HF names (``model.layers.N.self_attn.q_proj.weight``, ...)
     to plain tensors, ``QuantizedLinear`` or ``TernaryWeight``. Norms are stored F32; other plain tensors
     (embedding, LM head, unquantized linears) as ``float_type`` (F16, the Spectra convention; BF16, F32).
     Quantized linears go into the smallest exact block type (``gguf_blocks.choose_type``) unless
@@ -85,6 +86,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     import gguf
 
     hp = hparams(config)
+    fam = hp["family"]
     if float_type not in gb.FLOAT_TYPES:
         raise QuantlmError(f"float_type {float_type!r}: use one of {', '.join(gb.FLOAT_TYPES)}")
     tied = hp["tied"]
@@ -94,7 +96,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
     entries = []  # (gguf name, array, raw ggml type or None, report row)
     linear_weights: dict[str, int] = {}
     for hf_name, w in tensors.items():
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, fam)
         if name is None or (name == "output.weight" and tied):
             continue
         is_norm = name.endswith("_norm.weight")
@@ -108,6 +110,9 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
         row = {"name": name, "source": hf_name, "type": type_name, "exact": True, "scale_error": 0.0,
                "weight_error": 0.0, "note": ""}
         raw = None
+        if is_norm and fam.norm_offset and not isinstance(w, (QuantizedLinear, TernaryWeight)):
+            w = w.detach().to(torch.float32) + fam.norm_offset  # llama.cpp multiplies by the stored weight
+            row["note"] = f"norm weight + {fam.norm_offset:g} (the family's (1 + w) RMSNorm)"
         if isinstance(w, (QuantizedLinear, TernaryWeight)):
             if not is_linear:
                 raise QuantlmError(f"{hf_name}: only block linear weights may be quantized for GGUF")
@@ -139,7 +144,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
             else:
                 raise QuantlmError(f"{hf_name}: a plain float weight cannot be written as {type_name} (gguf-py "
                                    f"quantizes only {', '.join(RTN_TYPES)}); quantize it with quantlm first")
-        if name.split(".")[-2] in ("attn_q", "attn_k"):
+        if fam.rope_permute and name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = hp["n_head"] if ".attn_q." in name else hp["n_head_kv"]
             arr = arr[rope_permutation(arr.shape[0], heads).numpy()]
         if is_linear:
@@ -155,7 +160,7 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
 
     path = Path(path)
     with atomic_path(path) as tmp, _quiet("gguf.gguf_writer"):
-        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer = gguf.GGUFWriter(str(tmp), fam.arch)
         writer.add_name(model_name or path.stem)
         writer.add_block_count(hp["n_layer"])
         writer.add_context_length(hp["n_ctx"])
@@ -170,6 +175,12 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
         if hp["head_dim"] * hp["n_head"] != hp["hidden"]:
             writer.add_key_length(hp["head_dim"])
             writer.add_value_length(hp["head_dim"])
+        for key, val in hp["floats"].items():
+            writer.add_float32(f"{fam.arch}.{key}", val)
+        for key, val in hp["ints"].items():
+            writer.add_uint32(f"{fam.arch}.{key}", val)
+        for key, val in hp["bools"].items():
+            writer.add_array(f"{fam.arch}.{key}", [bool(v) for v in val])
         writer.add_file_type(FILE_TYPE.get(main_type, 1))
         if quantized:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
