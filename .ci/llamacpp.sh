@@ -36,5 +36,5 @@ fi
 if [ "$PHASE" != install ]; then
   # one thread and passive OpenMP waits: spinning threads collapse throughput on a shared 2-core machine
   OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m interop \
-    tests/test_llamacpp.py
+    tests/test_llamacpp.py tests/test_llamacpp_families.py
 fi
