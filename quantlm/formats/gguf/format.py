@@ -33,7 +33,8 @@ def quantlm_keys(layout: Layout) -> dict:
 
 
 class GGUFFormat(Format):
-    """A whole LLaMA model as one llama.cpp GGUF file: block linears in a ggml block type (bit-exact from GPTQ codes
+    """A whole model of a family with a GGUF writer (``names.GGUF_FAMILIES``) as one llama.cpp GGUF file: block
+    linears in a ggml block type (bit-exact from GPTQ codes
     or ternary weights), embedding and head in the float type, norms F32."""
 
     name = "gguf"
@@ -101,7 +102,8 @@ class GGUFFormat(Format):
         return "F32"
 
     def preflight(self, model_dir, config, layout):
-        """Before any compute: a LLaMA config llama.cpp runs, a type for every linear, a tokenizer it reproduces."""
+        """Before any compute: a config llama.cpp runs for its family, a type for every linear, a tokenizer it
+        reproduces."""
 
         hparams(config)
         block_map = block_map_for(config, str(model_dir))
