@@ -146,31 +146,32 @@ def test_biases_load_in_the_real_libraries(biased_model_dir, tmp_path, fmt):
     torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def qwen2_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+@pytest.fixture(scope="module", params=["qwen2", "mistral", "qwen3", "olmo2", "gemma2", "gemma3_text", "granite",
+                                        "phi3", "llama3"])
+def family_model_dir(request, tmp_path_factory, tiny_tokenizer_dir):
     from gguf_tiny import save_random_model
-    from transformers import Qwen2Config
+    from test_families import _SMALL, FAMILIES
 
-    config = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    return save_random_model(tmp_path_factory.mktemp("interop-qwen2"), tiny_tokenizer_dir, config, seed=3,
-                             norms=False)
+    cls, extra = FAMILIES[request.param]
+    return request.param, save_random_model(tmp_path_factory.mktemp(f"interop-{request.param}"), tiny_tokenizer_dir,
+                                            cls(**{**_SMALL, **extra}), seed=3, norms=False)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_qwen2_exports_load_in_the_real_libraries(qwen2_model_dir, tmp_path, fmt):
-    """The second architecture of the table: a Qwen2's packed exports load in transformers (GPTQModel's torch kernel,
-    compressed-tensors) with the dequantized model's logits."""
+def test_every_family_s_exports_load_in_the_real_libraries(family_model_dir, tmp_path, fmt):
+    """Every family of the table: its packed exports load in transformers (GPTQModel's torch kernel,
+    compressed-tensors) as the family's own class, with the dequantized model's logits."""
     pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
     if fmt == "gptq":
         pytest.importorskip("gptqmodel")
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    paths = _export(qwen2_model_dir, tmp_path, fmt, 4)
-    ref = _logits(load_quantized(paths["unpacked"]), IDS)
+    name, model_dir = family_model_dir
+    paths = _export(model_dir, tmp_path, fmt, 4)
+    unpacked = load_quantized(paths["unpacked"])
+    ref = _logits(unpacked, IDS)
     kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
     ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
                                                local_files_only=True, **kwargs)
-    assert type(ext).__name__ == "Qwen2ForCausalLM"
-    torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)
+    assert type(ext).__name__ == type(unpacked).__name__, name
+    torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3, msg=name)
