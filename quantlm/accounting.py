@@ -29,6 +29,7 @@ from quantlm.dtypes import DTYPE_BITS
 from quantlm.errors import QuantlmError
 from quantlm.formats.gguf import GGUF_FILE, hf_name, read_gguf_header
 from quantlm.formats.gguf import blocks as gb
+from quantlm.formats.gguf.names import EXTRA_ROLES
 from quantlm.formats.registry import LOG2_3, Layout, checkpoint_spec, get_format, layout_of_config
 from quantlm.hf_checkpoint import HeaderEntry, read_config, read_safetensors_header, safetensors_files
 from quantlm.metadata import read_meta
@@ -42,7 +43,7 @@ PAPER_TRILM_BITS = 1.58
 DEPLOYED_FORMAT = {"floatlm": "unpacked", "quantlm": "compressed-tensors", "trilm": "ternary-1.6"}
 
 # Roles: what a tensor belongs to. Parts: what it is within that role.
-ROLES = ("block_linear", "bias", "embedding", "lm_head", "norm", "other")
+ROLES = ("block_linear", "bias", "embedding", "lm_head", "norm", "rope", "other")  # rope: GGUF's rope_freqs
 PARTS = ("weight", "codes", "scale", "zero", "g_idx", "meta")
 
 
@@ -191,6 +192,9 @@ def budget_from_spec(spec: ModelSpec, layout: Layout | None = None, *, source: s
         if name in biased:
             records.append(TensorRecord(lp + name + ".bias", (out_f,), nd, "bias", "weight", out_f, count=n))
     records.append(TensorRecord(block_map.final_norm_path + ".weight", (h,), nd, "norm", "weight", h))
+    # what the format adds from the config (GGUF: a Llama 3 rope's factors): no parameters, free in the paper
+    records += [TensorRecord(t.name, t.shape, t.dtype, t.role, "meta", 0)
+                for t in get_format(layout.format).model_tensors(spec, layout)]
     if not spec.tie_word_embeddings:
         records.append(TensorRecord(block_map.head_path + ".weight", (vocab, h), fd, "lm_head", "weight",
                                     vocab * h, None, emb_paper))
@@ -310,7 +314,8 @@ def budget_from_gguf(path: str | os.PathLike, *, name: str | None = None) -> Mod
         raise QuantlmError(f"{path}: GGUF architecture {arch!r} is not one quantlm sizes; supported: "
                            f"{', '.join(sorted({a.gguf_arch for a in ARCHITECTURES.values() if a.gguf_arch}))}")
     block_map = family.block_map
-    roles = {t["name"]: _gguf_role(hf_name(t["name"], arch), block_map) for t in tensors}
+    roles = {t["name"]: EXTRA_ROLES.get(t["name"]) or _gguf_role(hf_name(t["name"], arch), block_map)
+             for t in tensors}
     linear_types = [t["type"] for t in tensors if roles[t["name"]] == "block_linear"]
     main = max(set(linear_types), key=linear_types.count) if linear_types else "F16"
     family = md.get("quantlm.family")

@@ -11,6 +11,7 @@ transformers when called.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from quantlm.architectures import ARCHITECTURES, Architecture, BlockMap, architecture_for, block_dims
@@ -88,6 +89,7 @@ class ModelSpec:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_type: str = "default"  # a config's rope scaling (rope_type_of); the GGUF export stores llama3's factors
     tie_word_embeddings: bool = False
     bits: int | None = None  # QuantLM bitwidth
     group_size: int | None = None  # QuantLM group size (None: per-channel)
@@ -232,6 +234,15 @@ class ModelSpec:
         return _make(row, family, bits) if row else replace(self, family=family, bits=bits)
 
 
+def rope_type_of(config: Mapping) -> str:
+    """A config's rope type: ``rope_parameters`` (transformers 5; for per-layer-type parameters, the full-attention
+    layers') or the older ``rope_scaling``, its ``rope_type`` or ``type``; "default" for plain RoPE."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rope.get("full_attention"), Mapping):
+        rope = rope["full_attention"]
+    return str(rope.get("rope_type") or rope.get("type") or "default")
+
+
 def spec_from_config(config: dict, name: str, *, family: str = "floatlm", bits: int | None = None,
                      group_size: int | None = None, model_parallel: int = 1) -> ModelSpec:
     """The ModelSpec of an HF ``config.json`` dict: the one reading of its architecture fields (model type, widths,
@@ -267,7 +278,7 @@ def spec_from_config(config: dict, name: str, *, family: str = "floatlm", bits: 
             max_position_embeddings=whole("max_position_embeddings", 0) or 2048,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             vocab_multiple=1,  # a config's vocab_size is the stored (already padded) row count
-            model_type=arch.model_type, attention_head_dim=head_dim,
+            model_type=arch.model_type, attention_head_dim=head_dim, rope_type=rope_type_of(config),
             **{flag: bool(config.get(flag, default)) for flag, default in arch.bias_flags},
         )
     except QuantlmError:

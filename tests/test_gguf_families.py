@@ -1,8 +1,9 @@
 """GGUF export of every family with a writer (quantlm.formats.gguf.names.GGUF_FAMILIES): a small random model of each
 family (tests/test_families.py's configs) quantized and exported as GGUF reads back through quantlm's header reader
 and gguf-py's GGUFReader with llama.cpp's architecture, keys and tensor names; the file holds the QuantLM's
-dequantized weights bit for bit (q/k rows permuted only where llama.cpp runs normal RoPE; Gemma norms + 1), and
-``quantlm size`` of the file equals the prediction from config.json. llama.cpp itself: tests/test_llamacpp_families.py.
+dequantized weights bit for bit (q/k rows permuted only where llama.cpp runs normal RoPE; Gemma norms + 1; a Llama 3
+rope's factors as ``rope_freqs.weight``, transformers' inv_freq ratio), and ``quantlm size`` of the file equals the
+prediction from config.json. llama.cpp itself: tests/test_llamacpp_families.py.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ gguf = pytest.importorskip("gguf")
 # query_pre_attn_scalar = head_dim (llama.cpp scales attention by 1/sqrt(head_dim)); the refusals are tested below
 EXPORTABLE = {"mistral": dict(sliding_window=None), "gemma2": dict(query_pre_attn_scalar=32),
               "gemma3_text": dict(query_pre_attn_scalar=32)}
-GGUF_FAMILY_CONFIGS = {name: (cls, {**extra, **EXPORTABLE.get(name, {})})
-                       for name, (cls, extra) in FAMILIES.items() if name != "llama3"}
+GGUF_FAMILY_CONFIGS = {name: (cls, {**extra, **EXPORTABLE.get(name, {})}) for name, (cls, extra) in FAMILIES.items()}
 # llama.cpp architecture and the keys each family adds (beyond the shared ones)
 EXPECTED = {
+    "llama3": ("llama", {"llama.rope.freq_base": 500000.0}),  # and rope_freqs.weight; no rope.scaling.* key
     "mistral": ("llama", {}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {"qwen3.attention.key_length": 32}),
@@ -42,7 +43,7 @@ EXPECTED = {
                             "granite.residual_scale": 0.22, "granite.logit_scale": 8.0}),
     "phi3": ("phi3", {}),
 }
-PERMUTED = {"mistral", "granite"}  # llama.cpp's normal-RoPE archs; the others run NEOX RoPE on HF's layout
+PERMUTED = {"llama3", "mistral", "granite"}  # llama.cpp's normal-RoPE archs; the others run NEOX RoPE on HF's layout
 FAST = dict(bits=4, group_size=32, nsamples=4, seqlen=32, method="rtn")
 
 
@@ -61,15 +62,32 @@ def exported(request, tmp_path_factory, tiny_tokenizer_dir):
 
 def test_every_exportable_family_is_tested():
     from quantlm.formats.gguf.names import GGUF_FAMILIES
+    from quantlm.specs import rope_type_of
 
-    assert set(GGUF_FAMILIES) - {"llama"} == set(EXPECTED) == set(GGUF_FAMILY_CONFIGS)
+    configs = [cls(**{**_SMALL, **extra}).to_dict() for cls, extra in GGUF_FAMILY_CONFIGS.values()]
+    assert set(EXPECTED) == set(GGUF_FAMILY_CONFIGS)
+    assert set(GGUF_FAMILIES) - {"llama"} <= {c["model_type"] for c in configs}  # plain llama: tests/test_gguf.py
+    assert {(c["model_type"], rope_type_of(c)) for c in configs} >= {
+        (mt, t) for mt, fam in GGUF_FAMILIES.items() for t, _ in fam.rope_factors}  # every rope scaling written
+
+
+def _hf_rope_factors(model_dir) -> np.ndarray:
+    """What llama.cpp must divide RoPE's plain inverse frequencies by to get transformers' (the model's rotary
+    inv_freq): the ratio base^(-2i/d) / inv_freq."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    inv_freq = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq.double()
+    d = config.head_dim
+    plain = config.rope_parameters["rope_theta"] ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return (plain / inv_freq).numpy()
 
 
 def test_the_export_reads_back_with_llamacpp_names_keys_and_the_quantlm_weights(exported):
     from safetensors.torch import load_file
 
     from quantlm.formats.gguf import hf_name, read_gguf_header, rope_permutation
-    from quantlm.formats.gguf.names import GGUF_FAMILIES, gguf_name
+    from quantlm.formats.gguf.names import GGUF_FAMILIES, ROPE_FREQS, gguf_name
     from quantlm.formats.loader import load_model
 
     name, src, rep, _ = exported
@@ -87,10 +105,18 @@ def test_the_export_reads_back_with_llamacpp_names_keys_and_the_quantlm_weights(
     state = load_file(str(src / "model.safetensors"))  # the source model (fp32): norms and float tensors
     tied = config.get("tie_word_embeddings", False)
     want_names = {gguf_name(k, fam) for k in state if not (tied and k == "lm_head.weight")} - {None}
+    if name == "llama3":  # the rope scaling as llama.cpp's per-frequency divisors, F32 [head_dim / 2]
+        want_names.add(ROPE_FREQS)
+        (factors,) = [t for t in reader.tensors if t.name == ROPE_FREQS]
+        assert factors.tensor_type == gguf.GGMLQuantizationType.F32 and list(factors.shape) == [8]
+        np.testing.assert_allclose(np.asarray(factors.data), _hf_rope_factors(src), rtol=1e-6)
+        assert not [k for k in md if ".rope.scaling." in k]
     assert {t.name for t in reader.tensors} == want_names
     assert {t["name"] for t in read_gguf_header(path)["tensors"]} == want_names
     gptq = load_model(rep["paths"]["gptq"])
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue
         hf = hf_name(t.name, arch)
         assert gguf_name(hf, fam) == t.name
         got = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
@@ -116,6 +142,9 @@ def test_the_size_of_the_gguf_is_predicted_from_config(exported):
     measured = acc.budget(f"{rep['paths']['gguf']}/model.gguf")
     predicted = acc.budget(src / "config.json", layout=recipe.layout("gguf"))
     assert measured.total_bits("exact") == predicted.total_bits("exact"), name
+    rope = [[(r.name, r.shape, r.dtype, r.params) for r in b.records if r.role == "rope"] for b in (measured, predicted)]
+    assert rope[0] == rope[1] == ([("rope_freqs.weight", (8,), "F32", 0)] if name == "llama3" else []), name
+    assert measured.total_bits("paper") == predicted.total_bits("paper"), name
     assert {r.storage for r in measured.records if r.role == "block_linear"} == {"Q4_0"}
     assert main(["size", f"{rep['paths']['gguf']}/model.gguf"]) == 0
 
@@ -127,7 +156,9 @@ def test_the_size_of_the_gguf_is_predicted_from_config(exported):
     ("gemma3_text", dict(query_pre_attn_scalar=32, final_logit_softcapping=30.0), "no logit soft-capping"),
     ("phi3", dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
     ("qwen3", dict(attention_bias=True), "attention_bias"),
-    ("llama3", dict(), "rope type 'llama3'"),
+    ("llama3", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}),
+     "rope type 'linear'"),
+    ("qwen2", dict(rope_parameters={**FAMILIES["llama3"][1]["rope_parameters"]}), "rope type 'llama3'"),
 ])
 def test_configs_llamacpp_cannot_run_are_refused_in_one_line(name, extra, why):
     from quantlm.formats.gguf.names import hparams

@@ -95,6 +95,17 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
 
 
+@dataclass(frozen=True)
+class ModelTensor:
+    """A tensor a format stores for the whole model beyond the model's own weights (GGUF's ``rope_freqs.weight``,
+    computed from the config): its name as stored, dtype, shape and accounting role (no model parameters)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    role: str
+
+
 Reader = Callable[[str], Tensor]  # full tensor name -> tensor
 
 
@@ -121,6 +132,10 @@ class Format:
 
     def decode(self, read: Reader, name: str, out: int, in_features: int, layout: Layout, kind: str):
         raise NotImplementedError
+
+    def model_tensors(self, spec: ModelSpec, layout: Layout) -> list[ModelTensor]:
+        """The tensors this format adds to a model of ``spec`` (none unless the format says so)."""
+        return []
 
     def norm_dtype(self, layout: Layout) -> str:
         """The dtype the format stores norm weights in (the float dtype, unless the format fixes one)."""

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from quantlm.errors import QuantlmError
 from quantlm.formats.gguf import blocks as gb
-from quantlm.formats.gguf.names import RTN_TYPES, hparams
+from quantlm.formats.gguf.names import EXTRA_ROLES, RTN_TYPES, hparams, rope_tensors
 from quantlm.formats.gguf.tensors import write_gguf
 from quantlm.formats.gguf.tokenizer import tokenizer_metadata
-from quantlm.formats.registry import LOG2_3, Format, Layout, TensorSpec, register
+from quantlm.formats.registry import LOG2_3, Format, Layout, ModelTensor, TensorSpec, register
 from quantlm.hf_checkpoint import block_map_for
 from quantlm.metadata import model_label
 from quantlm.specs import spec_from_config
@@ -35,7 +35,7 @@ def quantlm_keys(layout: Layout) -> dict:
 class GGUFFormat(Format):
     """A whole model of a family with a GGUF writer (``names.GGUF_FAMILIES``) as one llama.cpp GGUF file: block
     linears in a ggml block type (bit-exact from GPTQ codes
-    or ternary weights), embedding and head in the float type, norms F32."""
+    or ternary weights), embedding and head in the float type, norms F32, a Llama 3 rope's factors F32."""
 
     name = "gguf"
     families = ("floatlm", "quantlm", "trilm")
@@ -100,6 +100,12 @@ class GGUFFormat(Format):
 
     def norm_dtype(self, layout):
         return "F32"
+
+    def model_tensors(self, spec, layout):
+        """``rope_freqs.weight`` (F32, head_dim / 2) for a rope type llama.cpp applies as per-frequency factors
+        (Llama 3), as ``write_gguf`` writes it; nothing for plain RoPE."""
+        return [ModelTensor(name, "F32", shape, EXTRA_ROLES[name])
+                for name, shape in rope_tensors(spec.model_type, spec.rope_type, spec.head_dim).items()]
 
     def preflight(self, model_dir, config, layout):
         """Before any compute: a config llama.cpp runs for its family, a type for every linear, a tokenizer it

@@ -5,11 +5,13 @@ Families are data: :data:`GGUF_FAMILIES` gives, per ``model_type`` of :mod:`quan
 ``gguf_arch`` is set, llama.cpp's architecture name, the block tensor names, whether q/k rows are permuted (llama.cpp
 runs LLaMA-style "normal" RoPE on interleaved pairs and NEOX RoPE, as HF does, on halves), what is added to the norm
 weights (Gemma's ``(1 + w)`` RMSNorm: llama.cpp multiplies by the stored weight), the activation its graph uses,
-the extra keys written from config fields, and the config values llama.cpp's graph cannot express (refused).
+the extra keys written from config fields, the rope types it writes (plain RoPE, and those llama.cpp applies as
+per-frequency factors in ``rope_freqs.weight``) and the config values llama.cpp's graph cannot express (refused).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from quantlm.architectures import ARCHITECTURES, architecture_for
 from quantlm.errors import QuantlmError
+from quantlm.specs import rope_type_of
 
 ARCH = "llama"  # the default family (and the architecture of a GGUF file without general.architecture)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -34,6 +37,8 @@ _GEMMA_NORMS = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "
                 ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"))
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
+ROPE_FREQS = "rope_freqs.weight"  # gguf's MODEL_TENSOR.ROPE_FREQS: F32 [head_dim / 2], one for all blocks
+EXTRA_ROLES = {ROPE_FREQS: "rope"}  # the accounting role of the tensors computed from the config
 _SKIP = re.compile(r"(rotary_emb\.inv_freq|\.g_idx)$")
 # general.file_type from the type holding most linear weights (informational in llama.cpp)
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
@@ -56,6 +61,29 @@ def _rope(config: Mapping, layer_type: str = "full_attention") -> dict:
 
 def _head_dim(config: Mapping) -> int:
     return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+
+
+def _llama3_factors(config: Mapping) -> Tensor:
+    """Llama 3.1's rope scaling as llama.cpp applies it: per frequency, the divisor of RoPE's inverse frequency
+    base^(-2i/d). With wavelength 2 pi / inv_freq and the original context L: wavelengths shorter than
+    L / high_freq_factor are kept (1), longer than L / low_freq_factor divided by ``factor``, and in between the
+    scaled frequency is interpolated, s = (L / wavelength - low) / (high - low), inv_freq * ((1 - s) / factor + s)."""
+    rope = _rope(config)
+    need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    lacks = [k for k in need if rope.get(k) is None]
+    if lacks:
+        raise QuantlmError(f"rope type 'llama3' lacks {', '.join(lacks)}; add them to the config's rope_parameters")
+    factor, low, high = (float(rope[k]) for k in need[:3])
+    if not high > low:
+        raise QuantlmError(f"rope type 'llama3': high_freq_factor {high:g} must exceed low_freq_factor {low:g}; "
+                           "fix the config's rope_parameters")
+    ctx, d = float(rope["original_max_position_embeddings"]), _head_dim(config)
+    inv_freq = float(rope["rope_theta"]) ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    wavelength = 2 * math.pi / inv_freq
+    s = (ctx / wavelength - low) / (high - low)
+    between = 1.0 / ((1.0 - s) / factor + s)
+    divisor = torch.where(wavelength < ctx / high, 1.0, torch.where(wavelength > ctx / low, factor, between))
+    return divisor.to(torch.float32)
 
 
 def _layer_types(config: Mapping, every: int) -> str | None:
@@ -121,6 +149,9 @@ class GGUFFamily:
     weight. activations: the config's activation values llama.cpp's graph computes (read from ``act_field``).
     floats / ints: (key suffix after ``<arch>.``, config reader) written when the reader gives a value.
     checks: readers giving a reason the config cannot be run by llama.cpp (None: fine).
+    rope_factors: (rope_type, reader) for the rope scalings llama.cpp applies as per-frequency divisors of the
+    inverse frequencies: the reader gives the F32 [head_dim / 2] ``rope_freqs.weight``. Plain RoPE ("default") is
+    always written; any other rope type is refused.
     """
 
     arch: str
@@ -133,11 +164,14 @@ class GGUFFamily:
     ints: tuple[tuple[str, Callable[[Mapping], int | None]], ...] = ()
     bools: tuple[tuple[str, Callable[[Mapping], list[bool] | None]], ...] = ()  # arrays of bools (one per layer)
     checks: tuple[Callable[[Mapping], str | None], ...] = ()
+    rope_factors: tuple[tuple[str, Callable[[Mapping], Tensor]], ...] = ()
 
 
 _GEMMA_ACT = ("gelu_pytorch_tanh", "gelu_tanh")  # llama.cpp's ggml_gelu is the tanh approximation
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
-    "llama": GGUFFamily("llama", _LLAMA_LAYER),
+    # Llama 3.1+ rope scaling: llama.cpp's llama divides its frequencies by rope_freqs (as convert_hf_to_gguf.py
+    # writes it), with no rope.scaling.* key (a scaling factor key would scale every frequency again)
+    "llama": GGUFFamily("llama", _LLAMA_LAYER, rope_factors=(("llama3", _llama3_factors),)),
     # MistralForCausalLM is written as llama.cpp's llama (as convert_hf_to_gguf.py does); its llama graph has no
     # sliding window: a window shorter than the context is refused in hparams below
     "mistral": GGUFFamily("llama", _LLAMA_LAYER),
@@ -234,7 +268,8 @@ def rope_permutation(rows: int, n_head: int) -> Tensor:
 
 def hparams(config: Mapping) -> dict:
     """The hyperparameters a GGUF file of this config holds (``family``: its :class:`GGUFFamily`, ``floats`` and
-    ``ints``: the family's extra keys); a config llama.cpp's graph for the family cannot run is one line."""
+    ``ints``: the family's extra keys, ``tensors``: the F32 tensors computed from the config, e.g. ``rope_freqs.weight``
+    for a Llama 3 rope); a config llama.cpp's graph for the family cannot run is one line."""
     def need(key):
         if config.get(key) is None:
             raise QuantlmError(f"config has no {key!r}; write_gguf needs the model's config.json")
@@ -251,9 +286,12 @@ def hparams(config: Mapping) -> dict:
         if problem:
             raise QuantlmError(f"{mt}: {problem}; the GGUF export cannot write this model")
     rope = _rope(config)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise QuantlmError(f"rope type {rope_type!r} is not supported by the GGUF export; only plain RoPE")
+    rope_type = rope_type_of(config)
+    written = ("default", *(t for t, _ in fam.rope_factors))
+    if rope_type not in written:
+        raise QuantlmError(f"rope type {rope_type!r} is not supported by the GGUF {fam.arch} export; it writes "
+                           f"{' and '.join(repr(t) for t in written)} RoPE")
+    factors = dict(fam.rope_factors)
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
     n_ctx = int(config.get("max_position_embeddings") or 2048)
@@ -271,4 +309,12 @@ def hparams(config: Mapping) -> dict:
         "floats": {k: v for k, r in fam.floats if (v := r(config)) is not None},
         "ints": {k: v for k, r in fam.ints if (v := r(config)) is not None},
         "bools": {k: v for k, r in fam.bools if (v := r(config)) is not None},
+        "tensors": {ROPE_FREQS: factors[rope_type](config)} if rope_type in factors else {},
     }
+
+
+def rope_tensors(model_type: str, rope_type: str, head_dim: int) -> dict[str, tuple[int, ...]]:
+    """The tensors (llama.cpp name: shape) a GGUF of this family and rope type holds beyond the model's own: the
+    accounting's declaration of what :func:`hparams` gives the writer."""
+    fam = GGUF_FAMILIES.get(model_type)
+    return {ROPE_FREQS: (head_dim // 2,)} if fam and rope_type in dict(fam.rope_factors) else {}

@@ -68,8 +68,9 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
 
     config: the HF config.json as a dict, of a family with a GGUF writer (``names.GGUF_FAMILIES``: its llama.cpp
     architecture, tensor names, q/k permutation, norm offset and extra keys). tensors: HF names (``model.layers.N.self_attn.q_proj.weight``, ...)
-    to plain tensors, ``QuantizedLinear`` or ``TernaryWeight``. Norms are stored F32; other plain tensors
-    (embedding, LM head, unquantized linears) as ``float_type`` (F16, the Spectra convention; BF16, F32).
+    to plain tensors, ``QuantizedLinear`` or ``TernaryWeight``. Tensors the family computes from the config
+    (``names.hparams``' ``tensors``: ``rope_freqs.weight`` for a Llama 3 rope) are added, F32. Norms are stored
+    F32; other plain tensors (embedding, LM head, unquantized linears) as ``float_type`` (F16, the Spectra convention; BF16, F32).
     Quantized linears go into the smallest exact block type (``gguf_blocks.choose_type``) unless
     ``linear_type`` names one (for every linear, or per HF name in a mapping); a plain float linear given a
     block type is quantized by gguf-py's round-to-nearest (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/TQ1_0/TQ2_0), reported as
@@ -151,6 +152,11 @@ def write_gguf(path: str | os.PathLike, config: Mapping, tensors: Mapping[str, T
             linear_weights[type_name] = linear_weights.get(type_name, 0) + int(np.prod(row["shape"]))
         row["nbytes"] = int(arr.nbytes)
         entries.append((name, np.ascontiguousarray(arr), raw, row))
+    for name, t in hp["tensors"].items():  # computed from the config (Llama 3 rope factors): F32, not a weight
+        arr = t.to(torch.float32).numpy()
+        row = {"name": name, "source": "config.json", "type": "F32", "shape": list(arr.shape), "nbytes": int(arr.nbytes),
+               "exact": True, "scale_error": 0.0, "weight_error": 0.0, "note": "from the config's rope parameters"}
+        entries.append((name, arr, None, row))
     missing = {"token_embd.weight", "output_norm.weight"} - {e[0] for e in entries}
     if missing:
         raise QuantlmError(f"tensors lack {', '.join(sorted(missing))}: pass the whole model's state dict")
