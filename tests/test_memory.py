@@ -413,6 +413,61 @@ def test_bf16_forwards_keep_fp32_hessians_and_exact_codes(base, tokens):
         assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
 
 
+@pytest.mark.parametrize("forward", ["bfloat16", "float16"])
+def test_half_precision_forwards_store_hidden_states_in_their_dtype(base, tokens, forward):
+    """By default (activation_dtype auto) the hidden states are kept in the forward dtype: half the memory of fp32
+    buffers for the same codes (each block reads its inputs in the forward dtype either way); the plan counts what
+    the pipeline stores; an explicit activation_dtype wins; fp32 forwards keep fp32."""
+    kw = dict(available_bytes=10**12, disk_available_bytes=10**12)
+    half = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host", forward_dtype=forward), 4, 128, "cpu",
+                       **kw)
+    wide = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host", forward_dtype=forward,
+                                                              activation_dtype="float32"), 4, 128, "cpu", **kw)
+    fp32 = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host"), 4, 128, "cpu", **kw)
+    assert (half["activation_dtype"], wide["activation_dtype"], fp32["activation_dtype"]) == (forward, "float32",
+                                                                                              "float32")
+    assert half["bytes"]["hidden_buffers"] * 2 == wide["bytes"]["hidden_buffers"] == fp32["bytes"]["hidden_buffers"]
+    gpu = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(forward_dtype=forward), 4, 128, "cuda",
+                      device_available_bytes=140 * 10**9, **kw)
+    assert gpu["hidden_states"] == "device" and gpu["device_bytes"]["hidden_buffers"] == 2 * 512 * 2048 * 3072 * 2
+    _, auto = _run(base, tokens, memory=MemorySettings(forward_dtype=forward))
+    _, stored32 = _run(base, tokens, memory=MemorySettings(forward_dtype=forward, activation_dtype="float32"))
+    assert auto.measured["activation_dtype"] == auto.plan["activation_dtype"] == forward
+    assert stored32.measured["activation_dtype"] == stored32.plan["activation_dtype"] == "float32"
+    assert auto.plan["bytes"]["hidden_buffers"] * 2 == stored32.plan["bytes"]["hidden_buffers"]
+    _same(auto, stored32)
+    _, plain = _run(base, tokens)
+    assert plain.measured["activation_dtype"] == plain.plan["activation_dtype"] == "float32"
+
+
+def test_plan_counts_what_the_gpu_allocator_reserves():
+    """The device plan counts the caching allocator's reserve on top of the tensors (max_memory_reserved, not only
+    max_memory_allocated): a GPU whose free memory holds the tensors but not the reserve gets another placement."""
+    from quantlm.gptq.memory import K_CUDA_RESERVED
+
+    kw = dict(available_bytes=10**12, disk_available_bytes=10**12)
+    fixed = MemorySettings(offload="none", batch_size=16, replay_cache_gb=20.0)
+    roomy = plan_memory(SPECTRA_39B, 512, 2048, fixed, 4, 128, "cuda", device_available_bytes=10**12, **kw)
+    dev = roomy["device_bytes"]
+    assert dev["replay_cache"] > 0
+    assert dev["allocator_reserve"] == int(K_CUDA_RESERVED * (dev["replay_cache"] + dev["working_set"]))
+    allocated = roomy["predicted_device_allocated_bytes"]
+    assert allocated == sum(v for k, v in dev.items() if k != "allocator_reserve")
+    assert roomy["predicted_device_peak_bytes"] == sum(dev.values()) > allocated
+    # free memory between the two: the tensors would fit, what the allocator holds would not
+    between = int((allocated + roomy["predicted_device_peak_bytes"]) / 2 / 0.95)
+    tight = plan_memory(SPECTRA_39B, 512, 2048, fixed, 4, 128, "cuda", device_available_bytes=between, **kw)
+    assert not tight["fits"]
+    auto = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(batch_size=16, replay_cache_gb=20.0), 4, 128, "cuda",
+                       device_available_bytes=between, **kw)
+    assert auto["fits"] and auto["hidden_states"] == "host"
+    # the auto replay cache leaves room for the reserve: the whole plan fits whatever the GPU
+    for gb in (40, 80, 140):
+        p = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cuda", device_available_bytes=gb * 10**9,
+                        **kw)
+        assert p["fits"] and p["predicted_device_peak_bytes"] <= 0.95 * gb * 10**9, (gb, p["device_bytes"])
+
+
 def test_a_model_loaded_in_bf16_quantizes_like_its_fp32_upcast(base, tokens):
     rounded = copy.deepcopy(base)
     for p in rounded.parameters():
@@ -464,7 +519,8 @@ def test_dtype_bytes_cover_every_setting():
     hints = MemorySettings.__annotations__
     for name in ("activation_dtype", "forward_dtype"):
         assert set(str(hints[name]).split("[")[1].rstrip("]").replace("'", "").replace('"', "").split(", ")) <= set(
-            DTYPE_BYTES)
+            DTYPE_BYTES) | {"auto"}
+    assert MemorySettings(activation_dtype="auto", forward_dtype="float16").storage_dtype == "float16"
 
 
 def test_large_batches_run_from_the_heap_with_trims_same_results(base, tokens, monkeypatch):

@@ -85,7 +85,8 @@ class PipelineResult:
     seconds: float
     plan: dict | None = None  # memory.plan_memory's plan this run followed (None: no usable model config)
     # measured_peak_bytes: the process's peak RSS (VmHWM) at the end; pipeline_peak_bytes: the peak during
-    # this call (see memory.PeakSampler); device_peak_bytes: torch.cuda.max_memory_allocated (GPU runs);
+    # this call (see memory.PeakSampler); device_peak_bytes: torch.cuda.max_memory_allocated (GPU runs),
+    # device_reserved_peak_bytes: torch.cuda.max_memory_reserved (what the caching allocator held);
     # resumed_from_block: the block a disk-offloaded run restarted at (0: from the start)
     measured: dict = field(default_factory=dict)
     transforms: list[dict] = field(default_factory=list)  # the block transforms' records, in block order
@@ -281,7 +282,7 @@ def _placement(plan: dict | None, settings: MemorySettings, device: torch.device
         cache = int(gb * 2**30)
     if where == "device" and device.type == "cpu":
         where = "host"
-    return Placement(where, bs, settings.activation_dtype, settings.forward_dtype, cache, trim, heap, keep)
+    return Placement(where, bs, settings.storage_dtype, settings.forward_dtype, cache, trim, heap, keep)
 
 
 class BlockLoop:
@@ -548,8 +549,9 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
     measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
                 "rss_at_start_bytes": sampler.rss_before, "resumed_from_block": loop.start,
                 "hidden_states": placement.where, "batch_size": placement.batch_size,
-                "keep_weights": placement.keep_weights}
+                "activation_dtype": placement.storage_dtype, "keep_weights": placement.keep_weights}
     if device.type == "cuda":
         measured["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        measured["device_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved(device))
     return PipelineResult(loop.results, loop.reports, time.perf_counter() - t_start, plan, measured,
                           loop.transform_records)
