@@ -43,6 +43,8 @@ def gptq_settings(**kw):
 
 
 RECIPE = {"bits": 3, "group_size": 4}
+# the device tests run on the CPU everywhere and on CUDA where there is one (gpu-marked: skipped without)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,12 @@ def tokens():
     return torch.randint(0, 512, (10, 40), generator=torch.Generator().manual_seed(3))
 
 
-def _run(base, tokens, memory=None, **kw):
+def _run(base, tokens, memory=None, recipe=None, **kw):
     model = copy.deepcopy(base)
     memory = memory or MemorySettings()
     memory = memory if memory.batch_size else dataclasses.replace(memory, batch_size=4)
-    run = quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), progress=False, memory=memory, **kw)
+    recipe = recipe or gptq_settings(**RECIPE)
+    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, memory=memory, **kw)
     return model, run
 
 
@@ -403,14 +406,51 @@ def test_a_live_run_s_offload_folder_is_refused_to_a_second_run(tmp_path):
 
 # ----------------------------------------------------------------------------------- forward dtypes
 
-def test_bf16_forwards_keep_fp32_hessians_and_exact_codes(base, tokens):
-    _, fp32 = _run(base, tokens)
-    model, bf16 = _run(base, tokens, memory=MemorySettings(forward_dtype="bfloat16"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_forwards_keep_fp32_hessians_and_exact_codes(base, tokens, device):
+    _, fp32 = _run(base, tokens, device=device)
+    model, bf16 = _run(base, tokens, memory=MemorySettings(forward_dtype="bfloat16"), device=device)
     e32, e16 = sum(m.error for m in fp32.modules), sum(m.error for m in bf16.modules)
     assert e16 == pytest.approx(e32, rel=0.1)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # back in fp32 afterwards
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())  # back afterwards
     for name, res in bf16.results.items():
         assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
+    assert bf16.measured["activation_dtype"] == "bfloat16" and fp32.measured["activation_dtype"] == "float32"
+    if device == "cuda":  # the device's memory as the allocator held it, next to the plan
+        for run in (fp32, bf16):
+            assert 0 < run.measured["device_peak_bytes"] <= run.measured["device_reserved_peak_bytes"]
+            assert run.plan["predicted_device_peak_bytes"] >= run.plan["predicted_device_allocated_bytes"]
+        assert bf16.plan["device_bytes"]["hidden_buffers"] * 2 == fp32.plan["device_bytes"]["hidden_buffers"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_hessians_only_when_the_recipe_opts_in(base, tokens, device):
+    """With the caller's global matmul precision at "high" (TF32 on CUDA), a Hessian is full fp32 unless the recipe
+    opts in; opted in, CUDA accumulates in TF32 (close, not equal) and the CPU, which has no TF32, is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 300, 256, generator=gen) + 0.5 * torch.randn(256, generator=gen)
+    exact = (2 / 1200) * (x.reshape(-1, 256).double().T @ x.reshape(-1, 256).double())
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        errs = {}
+        for tf32 in (False, True):
+            acc = HessianAccumulator(256, device, allow_tf32=tf32)
+            for part in x:
+                acc.add(part.to(device))
+            errs[tf32] = float((acc.H.double().cpu() - exact).norm() / exact.norm())
+        _, plain = _run(base, tokens, device=device)
+        _, opted = _run(base, tokens, device=device, recipe=gptq_settings(**RECIPE, hessian_tf32=True))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert errs[False] < 1e-5
+    e0, e1 = sum(m.error for m in plain.modules), sum(m.error for m in opted.modules)
+    if device == "cpu":
+        assert errs[True] == errs[False]
+        _same(plain, opted)
+    else:
+        assert 1e-5 < errs[True] < 1e-2
+        assert e1 == pytest.approx(e0, rel=0.05)
 
 
 @pytest.mark.parametrize("forward", ["bfloat16", "float16"])
@@ -493,6 +533,31 @@ def test_hessian_take_and_bf16_inputs():
         acc.take()
 
 
+@pytest.mark.parametrize("caller", ["high", "medium", "highest"])
+def test_tf32_context_never_leaves_the_two_torch_apis_disagreeing(caller):
+    """Under a caller's set_float32_matmul_precision, the full-fp32 (and the TF32) block reads consistently through
+    the legacy flag (torch raises on a state mixed by its two APIs: the solver's block did that under "high"), and
+    the caller's precision and flags come back exactly."""
+    mm = torch.backends.cuda.matmul
+    if not hasattr(mm, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(caller)
+    try:
+        before = (torch.get_float32_matmul_precision(), mm.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        with tf32_matmul(False):
+            assert mm.allow_tf32 is False and mm.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        with tf32_matmul(True):
+            assert mm.allow_tf32 is True and mm.fp32_precision == "tf32"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert (torch.get_float32_matmul_precision(), mm.fp32_precision,
+                torch.backends.mkldnn.matmul.fp32_precision) == before
+        assert mm.allow_tf32 == (caller != "highest")  # still readable: the caller's consistent state is back
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_tf32_context_restores_the_global_setting():
     mm = torch.backends.cuda.matmul
     before = mm.fp32_precision if hasattr(mm, "fp32_precision") else mm.allow_tf32
@@ -503,16 +568,20 @@ def test_tf32_context_restores_the_global_setting():
     assert after == before
 
 
-@pytest.mark.gpu
-def test_cuda_locations_agree(base, tokens, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("forward", ["float32", "bfloat16"])
+def test_hidden_state_locations_give_identical_codes(base, tokens, tmp_path, device, forward):
+    """Device-resident (a CPU run keeps them in host memory), host and disk hidden states: the same codes."""
     runs = {}
     for where in ("none", "host", "disk"):
-        s = MemorySettings(offload=where, offload_dir=str(tmp_path / where))
-        _, runs[where] = _run(base, tokens, memory=s, device="cuda")
-    assert runs["none"].plan["hidden_states"] == "device" and runs["host"].plan["hidden_states"] == "host"
+        s = MemorySettings(offload=where, offload_dir=str(tmp_path / where), forward_dtype=forward)
+        _, runs[where] = _run(base, tokens, memory=s, device=device)
+    assert runs["none"].plan["hidden_states"] == ("device" if device == "cuda" else "host")
+    assert runs["host"].plan["hidden_states"] == "host" and runs["disk"].plan["hidden_states"] == "disk"
     _same(runs["none"], runs["host"])
     _same(runs["none"], runs["disk"])
-    assert runs["none"].measured["device_peak_bytes"] > 0
+    if device == "cuda":
+        assert runs["none"].measured["device_peak_bytes"] > 0
 
 
 def test_dtype_bytes_cover_every_setting():
