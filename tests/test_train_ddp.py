@@ -90,6 +90,7 @@ share = DTensor.from_local(torch.tensor(float(rank + 1)), init_device_mesh("cpu"
 assert float(global_value(share)) == 3.0, float(global_value(share))
 assert float(global_value(torch.tensor(2.5))) == 2.5
 print("ok", flush=True)
+dist.barrier()  # both ranks done before the group goes (else gloo may abort at exit: "terminate called ...")
 dist.destroy_process_group()
 """
 
