@@ -127,11 +127,11 @@ fi
 run_stage 1 env "${TIMEOUT_ENV:-30}" "$PY" bench/bench_gpu.py env "${dry[@]}" --json "$(stage_file 1-env)"
 run_stage 2 tests "${TIMEOUT_TESTS:-100}" "$PY" bench/bench_gpu.py tests "${dry[@]}" --json "$(stage_file 2-tests)" \
   --timeout $(( ${TIMEOUT_TESTS:-100} - 5 ))
-run_stage 3 gptq "${TIMEOUT_GPTQ:-210}" "$PY" bench/bench_gpu.py gptq "${dry[@]}" "${blocks[@]}" \
+run_stage 3 gptq "${TIMEOUT_GPTQ:-180}" "$PY" bench/bench_gpu.py gptq "${dry[@]}" "${blocks[@]}" \
   --json "$(stage_file 3-gptq)"
 run_stage 4 train "${TIMEOUT_TRAIN:-75}" "$PY" bench/bench_gpu.py train "${dry[@]}" --json "$(stage_file 4-train)"
-run_stage 5 peers "${TIMEOUT_PEERS:-120}" "$PY" bench/bench_gpu.py peers "${dry[@]}" "${blocks[@]}" \
-  --json "$(stage_file 5-peers)" --budget $(( ${TIMEOUT_PEERS:-120} - 10 ))
+run_stage 5 peers "${TIMEOUT_PEERS:-150}" "$PY" bench/bench_gpu.py peers "${dry[@]}" "${blocks[@]}" \
+  --json "$(stage_file 5-peers)" --budget $(( ${TIMEOUT_PEERS:-150} - 10 ))
 
 write_md
 {

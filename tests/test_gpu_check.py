@@ -39,8 +39,8 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     tests = _stage(tmp_path, "2-tests")
     assert tests["returncode"] == 0 and tests["counts"]["skipped"] >= 5 and tests["counts"]["failure"] == 0
     gptq = _stage(tmp_path, "3-gptq")["rows"]
-    assert [r["job"] for r in gptq] == ["quantlm exact (fp32)", "quantlm fast (bf16 fwd, tf32 H)"]
-    exact, fast = gptq
+    assert [r["job"] for r in gptq] == ["quantlm fast (bf16 fwd, tf32 H)", "quantlm exact (fp32)"]
+    fast, exact = gptq
     assert len(exact["block_seconds"]) == exact["blocks"] == 1 and exact["predicted_host_peak_bytes"] > 0
     assert fast["activation_dtype"] == "bfloat16" and exact["activation_dtype"] == "float32"
     train = _stage(tmp_path, "4-train")["rows"]
