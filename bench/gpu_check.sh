@@ -17,6 +17,10 @@
 #   bash bench/gpu_check.sh --skip 4,5        # stages by number or name
 #   bash bench/gpu_check.sh --blocks 3        # blocks of the 3.9B shape in stages 3 and 5
 #
+# A first run on a lent device: here `bash bench/gpu_wheels.sh` (fills .whl/), then the device tool's
+# run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600); copy the files it returns into bench/results/
+# and commit them (they name the device, the versions, the commit and the date).
+#
 # Files (in $OUT when set: the device tool's folder, which returns at most 8 files; else bench/results/), TAG being
 # gpu_check or gpu_check_dry: TAG.N-NAME.json per stage, TAG.log (every stage's output), TAG.md (the stage table,
 # then the result tables). Timeouts: TIMEOUT_ENV, TIMEOUT_TESTS, TIMEOUT_GPTQ, TIMEOUT_TRAIN, TIMEOUT_PEERS (seconds).
