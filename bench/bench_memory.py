@@ -328,7 +328,7 @@ def cmd_errors(args) -> None:
         "fp32": MemorySettings(),
         "bf16 storage": MemorySettings(activation_dtype="bfloat16"),
         "fp16 storage": MemorySettings(activation_dtype="float16"),
-        "bf16 forward": MemorySettings(forward_dtype="bfloat16"),
+        "bf16 forward": MemorySettings(forward_dtype="bfloat16", activation_dtype="float32"),
         "bf16 forward+storage": MemorySettings(forward_dtype="bfloat16", activation_dtype="bfloat16"),
     }
     variants["fp32, other windows"] = MemorySettings()  # the calibration-seed noise: same weights, new windows
@@ -416,7 +416,7 @@ def cmd_speed(args) -> None:
     from quantlm.specs import get_preset
 
     variants = {"fp32": MemorySettings(), "bf16 storage": MemorySettings(activation_dtype="bfloat16"),
-                "bf16 forward": MemorySettings(forward_dtype="bfloat16")}
+                "bf16 forward": MemorySettings(forward_dtype="bfloat16", activation_dtype="float32")}
     config = get_preset(args.preset).to_hf_config(**({"num_hidden_layers": args.layers} if args.layers else {}))
     torch.manual_seed(args.seed)
     base = LlamaForCausalLM(config).eval()

@@ -43,6 +43,8 @@ def gptq_settings(**kw):
 
 
 RECIPE = {"bits": 3, "group_size": 4}
+# the device tests run on the CPU everywhere and on CUDA where there is one (gpu-marked: skipped without)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +57,12 @@ def tokens():
     return torch.randint(0, 512, (10, 40), generator=torch.Generator().manual_seed(3))
 
 
-def _run(base, tokens, memory=None, **kw):
+def _run(base, tokens, memory=None, recipe=None, **kw):
     model = copy.deepcopy(base)
     memory = memory or MemorySettings()
     memory = memory if memory.batch_size else dataclasses.replace(memory, batch_size=4)
-    run = quantize_blocks(model, LLAMA, tokens, gptq_settings(**RECIPE), progress=False, memory=memory, **kw)
+    recipe = recipe or gptq_settings(**RECIPE)
+    run = quantize_blocks(model, LLAMA, tokens, recipe, progress=False, memory=memory, **kw)
     return model, run
 
 
@@ -403,14 +406,106 @@ def test_a_live_run_s_offload_folder_is_refused_to_a_second_run(tmp_path):
 
 # ----------------------------------------------------------------------------------- forward dtypes
 
-def test_bf16_forwards_keep_fp32_hessians_and_exact_codes(base, tokens):
-    _, fp32 = _run(base, tokens)
-    model, bf16 = _run(base, tokens, memory=MemorySettings(forward_dtype="bfloat16"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_forwards_keep_fp32_hessians_and_exact_codes(base, tokens, device):
+    _, fp32 = _run(base, tokens, device=device)
+    model, bf16 = _run(base, tokens, memory=MemorySettings(forward_dtype="bfloat16"), device=device)
     e32, e16 = sum(m.error for m in fp32.modules), sum(m.error for m in bf16.modules)
     assert e16 == pytest.approx(e32, rel=0.1)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # back in fp32 afterwards
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())  # back afterwards
     for name, res in bf16.results.items():
         assert torch.equal(model.get_submodule(name).weight.data, res.dequantize())
+    assert bf16.measured["activation_dtype"] == "bfloat16" and fp32.measured["activation_dtype"] == "float32"
+    if device == "cuda":  # the device's memory as the allocator held it, next to the plan
+        for run in (fp32, bf16):
+            assert 0 < run.measured["device_peak_bytes"] <= run.measured["device_reserved_peak_bytes"]
+            assert run.plan["predicted_device_peak_bytes"] >= run.plan["predicted_device_allocated_bytes"]
+        assert bf16.plan["device_bytes"]["hidden_buffers"] * 2 == fp32.plan["device_bytes"]["hidden_buffers"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tf32_hessians_only_when_the_recipe_opts_in(base, tokens, device):
+    """With the caller's global matmul precision at "high" (TF32 on CUDA), a Hessian is full fp32 unless the recipe
+    opts in; opted in, CUDA accumulates in TF32 (close, not equal) and the CPU, which has no TF32, is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 300, 256, generator=gen) + 0.5 * torch.randn(256, generator=gen)
+    exact = (2 / 1200) * (x.reshape(-1, 256).double().T @ x.reshape(-1, 256).double())
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        errs = {}
+        for tf32 in (False, True):
+            acc = HessianAccumulator(256, device, allow_tf32=tf32)
+            for part in x:
+                acc.add(part.to(device))
+            errs[tf32] = float((acc.H.double().cpu() - exact).norm() / exact.norm())
+        _, plain = _run(base, tokens, device=device)
+        _, opted = _run(base, tokens, device=device, recipe=gptq_settings(**RECIPE, hessian_tf32=True))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert errs[False] < 1e-5
+    e0, e1 = sum(m.error for m in plain.modules), sum(m.error for m in opted.modules)
+    if device == "cpu":
+        assert errs[True] == errs[False]
+        _same(plain, opted)
+    else:
+        assert 1e-5 < errs[True] < 1e-2
+        assert e1 == pytest.approx(e0, rel=0.05)
+
+
+@pytest.mark.parametrize("forward", ["bfloat16", "float16"])
+def test_half_precision_forwards_store_hidden_states_in_their_dtype(base, tokens, forward):
+    """By default (activation_dtype auto) the hidden states are kept in the forward dtype: half the memory of fp32
+    buffers for the same codes (each block reads its inputs in the forward dtype either way); the plan counts what
+    the pipeline stores; an explicit activation_dtype wins; fp32 forwards keep fp32."""
+    kw = dict(available_bytes=10**12, disk_available_bytes=10**12)
+    half = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host", forward_dtype=forward), 4, 128, "cpu",
+                       **kw)
+    wide = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host", forward_dtype=forward,
+                                                              activation_dtype="float32"), 4, 128, "cpu", **kw)
+    fp32 = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(offload="host"), 4, 128, "cpu", **kw)
+    assert (half["activation_dtype"], wide["activation_dtype"], fp32["activation_dtype"]) == (forward, "float32",
+                                                                                              "float32")
+    assert half["bytes"]["hidden_buffers"] * 2 == wide["bytes"]["hidden_buffers"] == fp32["bytes"]["hidden_buffers"]
+    gpu = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(forward_dtype=forward), 4, 128, "cuda",
+                      device_available_bytes=140 * 10**9, **kw)
+    assert gpu["hidden_states"] == "device" and gpu["device_bytes"]["hidden_buffers"] == 2 * 512 * 2048 * 3072 * 2
+    _, auto = _run(base, tokens, memory=MemorySettings(forward_dtype=forward))
+    _, stored32 = _run(base, tokens, memory=MemorySettings(forward_dtype=forward, activation_dtype="float32"))
+    assert auto.measured["activation_dtype"] == auto.plan["activation_dtype"] == forward
+    assert stored32.measured["activation_dtype"] == stored32.plan["activation_dtype"] == "float32"
+    assert auto.plan["bytes"]["hidden_buffers"] * 2 == stored32.plan["bytes"]["hidden_buffers"]
+    _same(auto, stored32)
+    _, plain = _run(base, tokens)
+    assert plain.measured["activation_dtype"] == plain.plan["activation_dtype"] == "float32"
+
+
+def test_plan_counts_what_the_gpu_allocator_reserves():
+    """The device plan counts the caching allocator's reserve on top of the tensors (max_memory_reserved, not only
+    max_memory_allocated): a GPU whose free memory holds the tensors but not the reserve gets another placement."""
+    from quantlm.gptq.memory import K_CUDA_RESERVED
+
+    kw = dict(available_bytes=10**12, disk_available_bytes=10**12)
+    fixed = MemorySettings(offload="none", batch_size=16, replay_cache_gb=20.0)
+    roomy = plan_memory(SPECTRA_39B, 512, 2048, fixed, 4, 128, "cuda", device_available_bytes=10**12, **kw)
+    dev = roomy["device_bytes"]
+    assert dev["replay_cache"] > 0
+    assert dev["allocator_reserve"] == int(K_CUDA_RESERVED * (dev["replay_cache"] + dev["working_set"]))
+    allocated = roomy["predicted_device_allocated_bytes"]
+    assert allocated == sum(v for k, v in dev.items() if k != "allocator_reserve")
+    assert roomy["predicted_device_peak_bytes"] == sum(dev.values()) > allocated
+    # free memory between the two: the tensors would fit, what the allocator holds would not
+    between = int((allocated + roomy["predicted_device_peak_bytes"]) / 2 / 0.95)
+    tight = plan_memory(SPECTRA_39B, 512, 2048, fixed, 4, 128, "cuda", device_available_bytes=between, **kw)
+    assert not tight["fits"]
+    auto = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(batch_size=16, replay_cache_gb=20.0), 4, 128, "cuda",
+                       device_available_bytes=between, **kw)
+    assert auto["fits"] and auto["hidden_states"] == "host"
+    # the auto replay cache leaves room for the reserve: the whole plan fits whatever the GPU
+    for gb in (40, 80, 140):
+        p = plan_memory(SPECTRA_39B, 512, 2048, MemorySettings(), 4, 128, "cuda", device_available_bytes=gb * 10**9,
+                        **kw)
+        assert p["fits"] and p["predicted_device_peak_bytes"] <= 0.95 * gb * 10**9, (gb, p["device_bytes"])
 
 
 def test_a_model_loaded_in_bf16_quantizes_like_its_fp32_upcast(base, tokens):
@@ -438,6 +533,31 @@ def test_hessian_take_and_bf16_inputs():
         acc.take()
 
 
+@pytest.mark.parametrize("caller", ["high", "medium", "highest"])
+def test_tf32_context_never_leaves_the_two_torch_apis_disagreeing(caller):
+    """Under a caller's set_float32_matmul_precision, the full-fp32 (and the TF32) block reads consistently through
+    the legacy flag (torch raises on a state mixed by its two APIs: the solver's block did that under "high"), and
+    the caller's precision and flags come back exactly."""
+    mm = torch.backends.cuda.matmul
+    if not hasattr(mm, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(caller)
+    try:
+        before = (torch.get_float32_matmul_precision(), mm.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        with tf32_matmul(False):
+            assert mm.allow_tf32 is False and mm.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        with tf32_matmul(True):
+            assert mm.allow_tf32 is True and mm.fp32_precision == "tf32"
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert (torch.get_float32_matmul_precision(), mm.fp32_precision,
+                torch.backends.mkldnn.matmul.fp32_precision) == before
+        assert mm.allow_tf32 == (caller != "highest")  # still readable: the caller's consistent state is back
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_tf32_context_restores_the_global_setting():
     mm = torch.backends.cuda.matmul
     before = mm.fp32_precision if hasattr(mm, "fp32_precision") else mm.allow_tf32
@@ -448,23 +568,28 @@ def test_tf32_context_restores_the_global_setting():
     assert after == before
 
 
-@pytest.mark.gpu
-def test_cuda_locations_agree(base, tokens, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("forward", ["float32", "bfloat16"])
+def test_hidden_state_locations_give_identical_codes(base, tokens, tmp_path, device, forward):
+    """Device-resident (a CPU run keeps them in host memory), host and disk hidden states: the same codes."""
     runs = {}
     for where in ("none", "host", "disk"):
-        s = MemorySettings(offload=where, offload_dir=str(tmp_path / where))
-        _, runs[where] = _run(base, tokens, memory=s, device="cuda")
-    assert runs["none"].plan["hidden_states"] == "device" and runs["host"].plan["hidden_states"] == "host"
+        s = MemorySettings(offload=where, offload_dir=str(tmp_path / where), forward_dtype=forward)
+        _, runs[where] = _run(base, tokens, memory=s, device=device)
+    assert runs["none"].plan["hidden_states"] == ("device" if device == "cuda" else "host")
+    assert runs["host"].plan["hidden_states"] == "host" and runs["disk"].plan["hidden_states"] == "disk"
     _same(runs["none"], runs["host"])
     _same(runs["none"], runs["disk"])
-    assert runs["none"].measured["device_peak_bytes"] > 0
+    if device == "cuda":
+        assert runs["none"].measured["device_peak_bytes"] > 0
 
 
 def test_dtype_bytes_cover_every_setting():
     hints = MemorySettings.__annotations__
     for name in ("activation_dtype", "forward_dtype"):
         assert set(str(hints[name]).split("[")[1].rstrip("]").replace("'", "").replace('"', "").split(", ")) <= set(
-            DTYPE_BYTES)
+            DTYPE_BYTES) | {"auto"}
+    assert MemorySettings(activation_dtype="auto", forward_dtype="float16").storage_dtype == "float16"
 
 
 def test_large_batches_run_from_the_heap_with_trims_same_results(base, tokens, monkeypatch):

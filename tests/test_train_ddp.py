@@ -63,3 +63,44 @@ def test_two_processes_match_one_process(tmp_path, strategy, corpus_text, tiny_t
     for k in wa:
         if "layers" not in k:  # ternary block weights may flip a code at a rounding edge; compare the rest
             assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-2), k
+
+
+_FSDP_NORM = r"""
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, init_device_mesh
+from quantlm.train.distributed import global_value
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+alone = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+alone.load_state_dict(model.state_dict())
+for layer in model:
+    fully_shard(layer)
+fully_shard(model)
+x = torch.randn(4, 8)
+model(x).square().sum().backward()
+alone(x).square().sum().backward()
+sharded = float(global_value(torch.nn.utils.clip_grad_norm_(list(model.parameters()), float("inf"))))
+whole = float(torch.nn.utils.clip_grad_norm_(list(alone.parameters()), float("inf")))
+assert abs(sharded - whole) <= 1e-5 * whole, (rank, sharded, whole)
+# a partial value (each rank holds a share of a sum) is reduced, never reported as one rank's share
+share = DTensor.from_local(torch.tensor(float(rank + 1)), init_device_mesh("cpu", (2,)), [Partial()])
+assert float(global_value(share)) == 3.0, float(global_value(share))
+assert float(global_value(torch.tensor(2.5))) == 2.5
+print("ok", flush=True)
+dist.barrier()  # both ranks done before the group goes (else gloo may abort at exit: "terminate called ...")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_logs_the_global_gradient_norm(tmp_path):
+    """Under FSDP every rank holds a shard of the gradients; the norm the trainer logs is the whole model's."""
+    script = tmp_path / "fsdp_norm.py"
+    script.write_text(_FSDP_NORM)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok") == 2  # both ranks (their lines may interleave)

@@ -313,3 +313,49 @@ def test_rng_state_resumes_on_fewer_gpus_than_saved(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         checkpoints.set_rng_state(state)
     assert restored == [(0, 7)] and "CUDA RNG states of 2 GPUs, this run sees 1" in caplog.text
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_autocast_run_resumes_like_the_uninterrupted_one(tmp_path, device, small_corpus, tiny_tokenizer_dir,
+                                                              cache, monkeypatch):
+    """precision bf16 (auto on a GPU): every micro-step's forward runs under bf16 autocast on the training device,
+    the loss is computed in fp32, and a killed run resumed from its checkpoint repeats the uninterrupted losses
+    (bit for bit on the CPU; to bf16 noise on CUDA, whose kernels may reduce in another order)."""
+    from quantlm.train import run as run_module
+
+    if device == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU variant also on a GPU machine
+    seen = []
+    plain_loss = run_module._loss
+
+    def watching(model, ids):
+        seen.append((ids.device.type, torch.is_autocast_enabled(ids.device.type),
+                     torch.get_autocast_dtype(ids.device.type)))
+        loss = plain_loss(model, ids)
+        assert loss.dtype == torch.float32
+        return loss
+
+    monkeypatch.setattr(run_module, "_loss", watching)
+    recipe = small_recipe("floatlm", small_corpus, tiny_tokenizer_dir, cache,
+                          precision="bf16" if device == "cpu" else "auto")
+    train(recipe, tmp_path / "whole")
+    assert seen and set(seen) == {(device, True, torch.bfloat16)}
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(record):
+        if record["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(recipe, tmp_path / "split", on_step=kill_at_5)
+    train(recipe, tmp_path / "split", resume=True)
+    whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert [s for s, _ in split] == [s for s, _ in whole] == list(range(1, 9))
+    if device == "cpu":
+        assert split == whole
+    else:
+        assert all(abs(a - b) <= 2e-2 * abs(a) for (_, a), (_, b) in zip(whole, split, strict=True))
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert ("mfu" in records[-1]) == (device == "cuda")

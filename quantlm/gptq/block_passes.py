@@ -204,7 +204,7 @@ class BlockPasses:
         new: dict[str, dict[int, _Record]] = {}
         bad: set[str] = set()
         outs: list[Tensor] = []
-        seen: dict[str, Tensor] = {}  # batch 0: linear -> its output, to learn tails
+        seen: dict[str, Tensor] = {}  # during batch 0 only: linear -> its output, to learn tails
         with contextlib.ExitStack() as stack:
             for name, recs in replay.items():  # replayed submodules return their record for the batch
                 stack.enter_context(override_forward(self._modules[name], functools.partial(self._replay, recs)))
@@ -226,6 +226,7 @@ class BlockPasses:
                         out = self.block(h.to(self.device), **self.kwargs_by_size[h.shape[0]])
                     except StopForward:
                         out = None
+                    seen.clear()  # batch 0's linear outputs: learned from, not to be held through the pass
                     if keep_outputs:
                         out = out[0] if isinstance(out, (tuple, list)) else out
                         if sink is not None:

@@ -20,7 +20,12 @@ def tf32_matmul(enabled: bool):
     """fp32 matmuls inside the block in full fp32, or in TF32 on CUDA when ``enabled``, whatever the caller set
     globally (``torch.set_float32_matmul_precision("high")`` is common, and oneDNN may be told to use bf16 for fp32
     matmuls on the CPU); the caller's settings come back afterwards (``fp32_precision`` where torch has it, else
-    the older ``allow_tf32`` flag)."""
+    the older ``allow_tf32`` flag).
+
+    Where torch has both APIs (2.9+), the legacy precision and the new per-backend flags are set together (the legacy
+    setter first, which sets both): torch raises "you have used mix of the legacy and new APIs" wherever it reads a
+    state in which they disagree (``torch.backends.cuda.matmul.allow_tf32``, and kernels that ask the same question),
+    so setting only the new flag under a caller's ``"high"`` would leave such a state for the block's duration."""
     cuda, mkldnn = torch.backends.cuda.matmul, getattr(torch.backends, "mkldnn", None)
     if not hasattr(cuda, "fp32_precision"):
         previous = cuda.allow_tf32
@@ -30,17 +35,25 @@ def tf32_matmul(enabled: bool):
         finally:
             cuda.allow_tf32 = previous
         return
-    saved = [(cuda, cuda.fp32_precision)]
     mkl = getattr(mkldnn, "matmul", None)
-    if mkl is not None and hasattr(mkl, "fp32_precision"):
-        saved.append((mkl, mkl.fp32_precision))
-        mkl.fp32_precision = "ieee"
-    cuda.fp32_precision = "tf32" if enabled else "ieee"
+    mkl = mkl if mkl is not None and hasattr(mkl, "fp32_precision") else None
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed the two APIs itself: its per-backend flags are what it set
+        legacy = None
+    saved_cuda = cuda.fp32_precision
+    saved_mkl = mkl.fp32_precision if mkl is not None else None
+    torch.set_float32_matmul_precision("high" if enabled else "highest")  # legacy and CUDA/oneDNN flags together
+    if mkl is not None:
+        mkl.fp32_precision = "ieee"  # "high" would also allow TF32 in oneDNN: never on the CPU
     try:
         yield
     finally:
-        for backend, value in saved:
-            backend.fp32_precision = value
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        cuda.fp32_precision = saved_cuda  # exactly the caller's flags, even a state the caller left mixed
+        if mkl is not None:
+            mkl.fp32_precision = saved_mkl
 
 
 def _panel_starts(width: int) -> list[int]:

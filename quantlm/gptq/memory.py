@@ -90,6 +90,12 @@ TRIM_FRACTION = 0.5
 # 0.84 (predicted / measured 0.923); 0.54 keeps every measured run within 10% (0.46-0.65 would), and heap mode is
 # only chosen below half the machine's memory, so the under-prediction cannot exhaust it.
 K_HEAP_FRAGMENTS = 0.54
+# GPU memory PyTorch's caching allocator holds (max_memory_reserved) beyond what tensors use (max_memory_allocated):
+# blocks are rounded up to 2 MB and cached segments get split between the sizes that come and go from pass to pass.
+# Counted as this share of the device's working set and replay records (the tensors that come and go); the
+# hidden-state buffers and the block's weights are allocated whole and reused block after block. Not yet measured
+# on a GPU (bench/gpu_check.sh records the plan's reserved bytes next to max_memory_reserved): a cautious guess.
+K_CUDA_RESERVED = 0.25
 # Safety margin: a plan fits when its predicted peak is at most this fraction of what is available.
 FIT_FRACTION = 0.95
 # Share of a GPU's memory left after the plan that the auto replay cache may take.
@@ -100,9 +106,10 @@ GPU_REPLAY_SHARE = 0.5
 class MemorySettings:
     """Where calibration activations live and in which precision the block forwards run (GPTQ pipeline)."""
 
-    activation_dtype: Literal["float32", "bfloat16", "float16"] = doc(
-        "dtype of the stored hidden states between blocks (block inputs/outputs); Hessians and solves stay fp32",
-        "float32")
+    activation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "dtype of the stored hidden states between blocks (block inputs/outputs); auto: the forward dtype (fp32 "
+        "forwards store fp32, half-precision forwards their own dtype: the same numbers in half the memory); "
+        "Hessians and solves stay fp32", "auto")
     offload: Literal["auto", "none", "host", "disk"] = doc(
         "where the hidden states between blocks live: auto (the first that fits of device, host, disk), "
         "none (on the compute device), host (CPU memory, pinned for a GPU), disk (files, resumable)", "auto")
@@ -121,6 +128,13 @@ class MemorySettings:
         "write the dequantized weights back into the model (it stays usable); off: release each quantized "
         "linear's weight after its block (the results hold the codes; the writers need only those), which "
         "saves the codes' worth of memory at the peak", True)
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype the hidden states are stored in: ``activation_dtype``, or the forward dtype for ``auto``. With
+        half-precision forwards that is lossless: every block reads its inputs in the forward dtype, and a stored
+        fp32 copy would be rounded to it the same way on the next read."""
+        return self.forward_dtype if self.activation_dtype == "auto" else self.activation_dtype
 
     def __post_init__(self):
         if self.batch_size < 0:
@@ -414,7 +428,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
               bits, group_size, dev, weights_dtype, true_sequential, rtn, baseline_bytes, available,
               device_available, disk_available, offload_dir) -> dict:
     d, f = shape["hidden"], shape["intermediate"]
-    sbytes = DTYPE_BYTES[settings.activation_dtype]
+    sbytes = DTYPE_BYTES[settings.storage_dtype]
     fbytes = DTYPE_BYTES[settings.forward_dtype]
     wbytes = DTYPE_BYTES.get(weights_dtype, 4)
     tokens = nsamples * seqlen
@@ -433,8 +447,10 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     if cap is None:  # auto replay cache
         if on_gpu and device_available is not None:
             dev_fixed = block_params * (4 + (fbytes if fbytes != 4 else 0)) + (buffers if place == "device" else 0)
-            # half of what is left: the GPU working sets are not measured yet, fragmentation is not modelled
-            cap = max(0.0, GPU_REPLAY_SHARE * (FIT_FRACTION * device_available - dev_fixed - max(forward, solve)))
+            # half of what is left once the working set and the allocator's share of it and of the records are
+            # counted (the GPU working sets are not measured yet)
+            room = (FIT_FRACTION * device_available - dev_fixed) / (1 + K_CUDA_RESERVED) - max(forward, solve)
+            cap = max(0.0, GPU_REPLAY_SHARE * room)
         else:
             cap = 0.0 if on_gpu else 4 * 2**30
     if replay_bytes(shape, tokens, fbytes, cap, true_sequential) == 0:
@@ -476,7 +492,7 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
     plan = {
         "shape": shape, "nsamples": nsamples, "seqlen": seqlen, "tokens": tokens, "bits": bits,
         "group_size": group_size, "device": dev, "weights_dtype": weights_dtype,
-        "activation_dtype": settings.activation_dtype, "forward_dtype": settings.forward_dtype,
+        "activation_dtype": settings.storage_dtype, "forward_dtype": settings.forward_dtype,
         "hidden_states": place, "batch_size": batch, "replay_cache_bytes": int(cap),
         "keep_weights": settings.keep_weights,
         "bytes": {k: int(v) for k, v in host.items()},
@@ -490,8 +506,11 @@ def _plan_one(settings: MemorySettings, place: str, batch: int, cap: float | Non
         devb = {"block_weights": block_params * 4 + (block_params * fbytes if fbytes != 4 else 0),
                 "hidden_buffers": buffers if place == "device" else 0, "replay_cache": replay,
                 "working_set": max(forward, solve)}
-        plan["device_bytes"] = {k: int(v) for k, v in devb.items()}
-        plan["predicted_device_peak_bytes"] = int(sum(devb.values()))
+        devb["allocator_reserve"] = K_CUDA_RESERVED * (replay + max(forward, solve))
+        plan["device_bytes"] = devb = {k: int(v) for k, v in devb.items()}
+        # what the tensors use (max_memory_allocated), and what the allocator holds for them (max_memory_reserved)
+        plan["predicted_device_allocated_bytes"] = sum(v for k, v in devb.items() if k != "allocator_reserve")
+        plan["predicted_device_peak_bytes"] = sum(devb.values())
         plan["device_available_bytes"] = device_available
         if device_available is not None:
             fits = fits and plan["predicted_device_peak_bytes"] <= FIT_FRACTION * device_available
@@ -528,7 +547,7 @@ def _fixes(settings: MemorySettings, fixed: dict) -> list[dict]:
     trials = []
     if settings.offload not in ("disk",):
         trials.append({"offload": "disk"})
-    if settings.activation_dtype == "float32":
+    if settings.storage_dtype == "float32":
         trials.append({"activation_dtype": "bfloat16"})
         if settings.offload != "disk":
             trials.append({"offload": "disk", "activation_dtype": "bfloat16"})

@@ -85,7 +85,9 @@ class PipelineResult:
     seconds: float
     plan: dict | None = None  # memory.plan_memory's plan this run followed (None: no usable model config)
     # measured_peak_bytes: the process's peak RSS (VmHWM) at the end; pipeline_peak_bytes: the peak during
-    # this call (see memory.PeakSampler); device_peak_bytes: torch.cuda.max_memory_allocated (GPU runs);
+    # this call (see memory.PeakSampler); device_peak_bytes: torch.cuda.max_memory_allocated (GPU runs),
+    # device_reserved_peak_bytes: torch.cuda.max_memory_reserved (what the caching allocator held); block_seconds:
+    # each computed block's wall time;
     # resumed_from_block: the block a disk-offloaded run restarted at (0: from the start)
     measured: dict = field(default_factory=dict)
     transforms: list[dict] = field(default_factory=list)  # the block transforms' records, in block order
@@ -316,7 +318,7 @@ def _placement(plan: dict | None, settings: MemorySettings, device: torch.device
         cache = int(gb * 2**30)
     if where == "device" and device.type == "cpu":
         where = "host"
-    return Placement(where, bs, settings.activation_dtype, settings.forward_dtype, cache, trim, heap, keep)
+    return Placement(where, bs, settings.storage_dtype, settings.forward_dtype, cache, trim, heap, keep)
 
 
 class BlockLoop:
@@ -341,6 +343,7 @@ class BlockLoop:
         self.transform_records: list[dict] = []
         self.tails: dict[str, str] = {}  # submodule -> the linear it ends in, learned by earlier blocks' passes
         self.start = 0
+        self.block_seconds: list[float] = []  # wall time of each block this run computed (device synchronized)
 
     def run(self) -> None:
         succeeded = False
@@ -400,7 +403,7 @@ class BlockLoop:
 
     # -- one block
     def _block(self, i: int, hidden: HiddenStates, kwargs_by_size: dict) -> HiddenStates:
-        bm, block, t_block = self.block_map, self.layers[i], time.perf_counter()
+        bm, block, t_block = self.block_map, self.layers[i], _clock(self.device)
         bar = tqdm(total=len(bm.linears), desc=f"{self.quantizer.name} block {i + 1}/{len(self.layers)}",
                    disable=not self.progress, leave=False)
         self._transform(i, block)
@@ -433,8 +436,9 @@ class BlockLoop:
         self.results.update(block_results)
         self.reports += block_reports
         self.residency.block_done(i, block_results, [r.to_dict() for r in block_reports], self.tails)
+        self.block_seconds.append(_clock(self.device) - t_block)
         log.info("%s block %d/%d done in %.1f s (error %.4g; peak RSS so far %.2f GB)", self.quantizer.name, i + 1,
-                 len(self.layers), time.perf_counter() - t_block, sum(r.error for r in block_reports),
+                 len(self.layers), self.block_seconds[-1], sum(r.error for r in block_reports),
                  peak_rss_bytes() / 1e9)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -582,8 +586,10 @@ def quantize_blocks(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor,
     measured = {"measured_peak_bytes": peak_rss_bytes(), "pipeline_peak_bytes": sampler.peak_bytes,
                 "rss_at_start_bytes": sampler.rss_before, "resumed_from_block": loop.start,
                 "hidden_states": placement.where, "batch_size": placement.batch_size,
-                "keep_weights": placement.keep_weights}
+                "activation_dtype": placement.storage_dtype, "keep_weights": placement.keep_weights,
+                "block_seconds": loop.block_seconds}
     if device.type == "cuda":
         measured["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        measured["device_reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved(device))
     return PipelineResult(loop.results, loop.reports, time.perf_counter() - t_start, plan, measured,
                           loop.transform_records)

@@ -45,6 +45,14 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def global_value(value: torch.Tensor) -> torch.Tensor:
+    """A reduction's value over the whole model: under FSDP, ``clip_grad_norm_`` returns a DTensor (torch 2.11-2.13:
+    replicated, the global norm; a partial placement, where a torch version leaves one, is reduced here, so the
+    logged gradient norm is never one rank's share); other tensors as they are."""
+    full = getattr(value, "full_tensor", None)
+    return full() if callable(full) else value
+
+
 def init_distributed() -> DistContext:
     """Join the process group torchrun describes (env WORLD_SIZE/RANK/LOCAL_RANK), or run alone."""
     cuda = torch.cuda.is_available()

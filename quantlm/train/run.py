@@ -37,7 +37,7 @@ from quantlm.models.trilm import convert_to_trilm, export_unpacked
 from quantlm.outputs import check_output, output_dir, terminate_raises
 from quantlm.train import checkpoints as ckpt
 from quantlm.train.data import PackedSequences, heldout_windows, load_or_train_tokenizer, load_token_corpus
-from quantlm.train.distributed import DistContext, init_distributed, wrap_model
+from quantlm.train.distributed import DistContext, global_value, init_distributed, wrap_model
 from quantlm.train.metrics import device_peak_flops, flops_per_token
 from quantlm.train.recipe import TrainRecipe
 from quantlm.train.schedule import schedule_for
@@ -390,7 +390,7 @@ def _train(recipe: TrainRecipe, out: Path, resume: bool, ctx: DistContext,
                 (loss / accum).backward()
             loss_sum += loss.detach()
         clip = recipe.grad_clip if recipe.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = global_value(torch.nn.utils.clip_grad_norm_(params, clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
