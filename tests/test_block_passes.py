@@ -190,7 +190,8 @@ def test_a_batch_linear_outputs_are_released_before_the_next_batch(model_and_tok
     import weakref
 
     model, tokens = model_and_tokens
-    hidden, kwargs = capture_block_inputs(model, LLAMA, tokens, 2, torch.device("cpu"))
+    hidden, per_block = capture_block_inputs(model, LLAMA, tokens, 2, torch.device("cpu"))
+    kwargs = {b: kws[0] for b, kws in per_block.items()}  # the first block's
     assert len(hidden) == 3
     block = model.get_submodule(LLAMA.layers_path)[0]
     refs: dict[int, list] = {}
