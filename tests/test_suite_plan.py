@@ -240,3 +240,20 @@ def test_deploy_jobs_without_llama_cpp_are_not_run_and_fail_nothing(tmp_path, mo
     assert all("bash .ci/llamacpp.sh" in r for r in s.not_run.values())
     status = json.loads((tmp_path / "out" / "suite-status.json").read_text())
     assert sorted(status["not_run"]) == sorted(s.not_run)
+
+
+def test_quantize_job_hash_follows_resolved_activation_dtypes():
+    """``activation_dtype: auto`` (the forward dtype) and the dtype it resolves to are one recipe: a suite that spells
+    it out does not rerun its jobs."""
+    from dataclasses import replace
+
+    from quantlm.gptq.memory import MemorySettings
+    from quantlm.quantize import QuantRecipe
+
+    def h(**memory):
+        return suite.quantize_job_hash(replace(QuantRecipe(), memory=MemorySettings(**memory)), "src")
+
+    assert h() == h(activation_dtype="float32") == suite.quantize_job_hash(QuantRecipe(), "src")
+    assert h(forward_dtype="bfloat16") == h(forward_dtype="bfloat16", activation_dtype="bfloat16")
+    assert h(forward_dtype="bfloat16", activation_dtype="float32") != h(forward_dtype="bfloat16")
+    assert h(activation_dtype="bfloat16") != h()

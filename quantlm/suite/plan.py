@@ -29,7 +29,7 @@ from quantlm.errors import QuantlmError
 from quantlm.eval.datasets import PPL_DATASETS, find_eval_file
 from quantlm.eval.recipe import EvalRecipe
 from quantlm.eval.tasks import TASKS, expand_tasks, task_files
-from quantlm.gptq.memory import MemorySettings, plan_memory
+from quantlm.gptq.memory import plan_memory
 from quantlm.quantize import ExportSettings, QuantRecipe
 from quantlm.quantized import check_bits
 from quantlm.recipes import doc, recipe_hash, to_dict
@@ -101,8 +101,9 @@ def quantize_inputs(recipe: QuantRecipe, source: str) -> dict:
     """What determines a quantization's weights, by content: the method and its math, the calibration settings (seed
     included) and the calibration text's sha256, the source's identity, the activation/forward dtypes where they are
     not the fp32 defaults (where activations live does not), and quantlm's numerics version."""
-    numerics = {k: getattr(recipe.memory, k) for k in ("activation_dtype", "forward_dtype")
-                if getattr(recipe.memory, k) != getattr(MemorySettings(), k)}
+    m = recipe.memory  # by resolved value: activation_dtype "auto" and its spelled-out dtype are one recipe
+    numerics = {k: v for k, v in (("activation_dtype", m.storage_dtype), ("forward_dtype", m.forward_dtype))
+                if v != "float32"}
     calibration = to_dict(recipe.calibration)
     data = Path(calibration.pop("data") or default_calibration_path())
     return {"recipe": _hash("quantize", to_dict(recipe.gptq), calibration, numerics),
