@@ -137,15 +137,18 @@ def test_a_job_another_live_process_holds_is_left_to_it(ws, tiny_model_dir):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        only = _cli(ws, "suite", str(m), "--only", "quantize/quantlm-t-3bit-s0", "--no-progress")
         r = _cli(ws, "suite", str(m), "--no-progress")
     finally:
         holder.kill()
         holder.wait()
-    assert r.returncode == 1  # its dependent eval could not run
+    assert r.returncode == 1  # the held job was not done by this process, and its dependent eval could not run
     assert f"quantize/quantlm-t-3bit-s0: left to another process ({held} is in use by another quantlm" in r.stderr
     assert f"(pid {holder.pid} on" in r.stderr
     assert "eval/quantlm-t-3bit-s0: needs quantize/quantlm-t-3bit-s0, which another process is running" in r.stderr
     assert not held.exists()
+    # a scheduler task asked for exactly that job: not done here, so not a success
+    assert only.returncode == 1 and "quantize/quantlm-t-3bit-s0: left to another process" in only.stderr
     done = [j for j in jobs.values() if suite.job_done(j)]
     assert sorted(j.id for j in done) == ["eval/floatlm-t", "eval/quantlm-t-4bit-s0", "quantize/quantlm-t-4bit-s0"]
     # once the holder is gone, a rerun does the rest (and the stale lock of a dead holder is taken over)

@@ -37,7 +37,7 @@ def _run(args) -> int:
     failed = False
     if not args.report:
         summary = suite.run(manifest, base, only=args.only, progress=args.progress)
-        failed = bool(summary.failed or summary.blocked)
+        failed = bool(summary.failed or summary.blocked or summary.elsewhere)  # asked-for work not done here
         print(f"suite {manifest.name}: {len(summary.done)} jobs done, {len(summary.skipped)} already done, "
               f"{len(summary.failed)} failed, {len(summary.blocked)} blocked"
               + (f", {len(summary.elsewhere)} running in another process" if summary.elsewhere else "")
