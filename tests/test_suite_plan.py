@@ -257,3 +257,13 @@ def test_quantize_job_hash_follows_resolved_activation_dtypes():
     assert h(forward_dtype="bfloat16") == h(forward_dtype="bfloat16", activation_dtype="bfloat16")
     assert h(forward_dtype="bfloat16", activation_dtype="float32") != h(forward_dtype="bfloat16")
     assert h(activation_dtype="bfloat16") != h()
+
+
+def test_a_later_option_changes_the_hash_only_when_used():
+    from dataclasses import replace
+
+    from quantlm.quantize import QuantRecipe
+
+    base = QuantRecipe()
+    used = replace(base, gptq=replace(base.gptq, signed_absmax=True))
+    assert suite.quantize_job_hash(used, "src") != suite.quantize_job_hash(base, "src")  # default: pinned above

@@ -6,6 +6,11 @@ back to scale * (q - zero). As in the original GPTQ code (``quant.py``), the gri
 One deliberate difference: a symmetric row whose weights are all >= 0 uses [-max, max] (the original
 keeps [0, max] with the zero point in the middle, which clips half the row).
 
+``signed_absmax`` (symmetric only) is llama.cpp's Q4_0/Q8_0 grid: the weight of largest magnitude lands exactly on
+the grid's outer level -(maxq + 1) / 2, so scale = that weight / -((maxq + 1) / 2) carries its sign (it may be
+negative) and all 2**bits levels face the larger side; the reference grid spends a level on +(maxq + 1) / 2 that
+the symmetric range never reaches.
+
 Pure tensors, torch + stdlib only. Shapes: W is [rows, cols]; scale and zero are [rows] (one grid per row).
 """
 
@@ -39,9 +44,13 @@ class GridSpec:
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
     mse_norm: float = 2.4
+    signed_absmax: bool = False
 
     def __post_init__(self):
         check_bits(self.bits)
+        if self.signed_absmax and (not self.sym or self.mse):
+            raise QuantlmError("signed_absmax is a symmetric grid without a clipping search; use it with sym and "
+                               "without mse")
         if self.mse and (self.mse_grid <= 0 or not 0 < self.mse_maxshrink <= 1 or self.mse_norm <= 0):
             raise QuantlmError(
                 f"MSE grid search needs mse_grid > 0, 0 < mse_maxshrink <= 1 and mse_norm > 0; got "
@@ -82,6 +91,8 @@ def find_params(W: Tensor, spec: GridSpec) -> tuple[Tensor, Tensor]:
         raise ValueError(f"find_params expects a 2-D [rows, cols] tensor, got shape {tuple(W.shape)}")
     x = W.to(torch.float32)
     maxq = spec.maxq
+    if spec.signed_absmax:
+        return _signed_absmax(x, maxq)
     xmin, xmax = _range(x, spec.sym)
     scale, zero = _scale_zero(xmin, xmax, maxq, spec.sym)
     if not spec.mse:
@@ -113,6 +124,16 @@ def find_params(W: Tensor, spec: GridSpec) -> tuple[Tensor, Tensor]:
         best_scale = torch.where(better, pick_s, best_scale)
         best_zero = torch.where(better, pick_z, best_zero)
     return best_scale, best_zero
+
+
+def _signed_absmax(x: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """llama.cpp's grid: scale = (the row's weight of largest magnitude) / -((maxq + 1) / 2), zero in the middle."""
+    half = (maxq + 1) / 2
+    peak = x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    scale = peak / -half
+    tiny = scale.abs() < _MIN_SCALE  # an all-zero row: any scale reproduces it
+    scale = torch.where(tiny, torch.full_like(scale, 1.0 / half), scale)
+    return scale, torch.full_like(scale, half)
 
 
 def _cols(t: Tensor) -> Tensor:

@@ -30,6 +30,8 @@ class GPTQSettings:
     mse_grid: int = doc("MSE search: number of shrink factors tried", 100)
     mse_maxshrink: float = doc("MSE search: the smallest range tried is (1 - mse_maxshrink) of the full one", 0.8)
     mse_norm: float = doc("MSE search: exponent p of the error sum |w - q(w)|^p", 2.4)
+    signed_absmax: bool = doc("llama.cpp's symmetric grid: the largest-magnitude weight of each group lands exactly "
+                              "on the outer level (its sign in the scale), so every level is used", False)
     hessian_tf32: bool = doc("GPU: TF32 tensor cores for the Hessian products x x^T (about 5x faster on an "
                              "H100; off keeps them in full fp32)", False)
 
@@ -47,7 +49,7 @@ class GPTQSettings:
 
     def grid_spec(self) -> GridSpec:
         return GridSpec(bits=self.bits, sym=self.sym, mse=self.mse, mse_grid=self.mse_grid,
-                        mse_maxshrink=self.mse_maxshrink, mse_norm=self.mse_norm)
+                        mse_maxshrink=self.mse_maxshrink, mse_norm=self.mse_norm, signed_absmax=self.signed_absmax)
 
     @property
     def mse_candidates(self) -> int:

@@ -97,6 +97,11 @@ class SuiteManifest:
         return replace(recipe, calibration=replace(recipe.calibration, seed=seed), export=ExportSettings(formats))
 
 
+# GPTQ options added after job identities were pinned, with their defaults: left out of the hash at the default, so
+# a new option never reruns finished jobs that did not use it
+_LATER_OPTIONS = {"signed_absmax": False}
+
+
 def quantize_inputs(recipe: QuantRecipe, source: str) -> dict:
     """What determines a quantization's weights, by content: the method and its math, the calibration settings (seed
     included) and the calibration text's sha256, the source's identity, the activation/forward dtypes where they are
@@ -106,7 +111,8 @@ def quantize_inputs(recipe: QuantRecipe, source: str) -> dict:
                 if v != "float32"}
     calibration = to_dict(recipe.calibration)
     data = Path(calibration.pop("data") or default_calibration_path())
-    return {"recipe": _hash("quantize", to_dict(recipe.gptq), calibration, numerics),
+    gptq = {k: v for k, v in to_dict(recipe.gptq).items() if not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])}
+    return {"recipe": _hash("quantize", gptq, calibration, numerics),
             "calibration": _content(data), "source": source, "numerics": NUMERICS_VERSION}
 
 
