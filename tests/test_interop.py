@@ -38,9 +38,9 @@ def interop_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     return out
 
 
-def _export(model_dir, tmp_path, fmt, bits, sym=True):
+def _export(model_dir, tmp_path, fmt, bits, sym=True, **options):
     recipe = replace_fields(QuantRecipe(), bits=bits, group_size=32, sym=sym, nsamples=4, seqlen=32,
-                            formats=("unpacked", fmt))
+                            formats=("unpacked", fmt), **options)
     return quantize_model(model_dir, recipe, tmp_path / f"{fmt}-{bits}", progress=False)["paths"]
 
 
@@ -175,3 +175,20 @@ def test_every_family_s_exports_load_in_the_real_libraries(family_model_dir, tmp
                                                local_files_only=True, **kwargs)
     assert type(ext).__name__ == type(unpacked).__name__, name
     torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_negative_scales_of_the_signed_absmax_grid_load_in_the_real_libraries(interop_model_dir, tmp_path, fmt):
+    """llama.cpp's grid puts the peak's sign in the scale: GPTQModel's kernel and compressed-tensors take the
+    negative scales as they are, with the dequantized model's logits."""
+    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
+    if fmt == "gptq":
+        pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    paths = _export(interop_model_dir, tmp_path, fmt, 4, signed_absmax=True)
+    ref = _logits(load_quantized(paths["unpacked"]), IDS)
+    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
+    ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
+                                               local_files_only=True, **kwargs)
+    torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)
