@@ -313,11 +313,9 @@ def job_quantlm(base, tokens, device, H, settings, label: str, tf32: bool) -> di
     return row
 
 
-def stage_gptq(args) -> None:
-    from quantlm.gptq.memory import MemorySettings
-
-    stage = Stage("gptq", args)
-    device = compute_device(args.dry_run)
+def _blocks_and_hessians(stage, args, device):
+    """The stage's shape (first blocks of the preset, random windows) and its float Hessians, written as its setup;
+    stages 3 and 5 build the same ones from the same seed."""
     preset, blocks, nsamples, seqlen = shape_args(args)
     t0 = time.perf_counter()
     base = build(preset, blocks, args.seed, device)
@@ -325,6 +323,15 @@ def stage_gptq(args) -> None:
     H = float_hessians(base, tokens, device, batch=8)
     stage.write(setup={"preset": preset, "blocks": blocks, "nsamples": nsamples, "seqlen": seqlen,
                        "build_and_float_hessians_s": time.perf_counter() - t0})
+    return preset, base, tokens, H
+
+
+def stage_gptq(args) -> None:
+    from quantlm.gptq.memory import MemorySettings
+
+    stage = Stage("gptq", args)
+    device = compute_device(args.dry_run)
+    preset, base, tokens, H = _blocks_and_hessians(stage, args, device)
     jobs = {"exact": (MemorySettings(), False, "quantlm exact (fp32)"),
             "fast": (MemorySettings(forward_dtype="bfloat16"), True, "quantlm fast (bf16 fwd, tf32 H)")}
     for key in args.jobs:
@@ -438,12 +445,8 @@ def job_llmcompressor(base, tokens, device, H, timeout: float) -> dict:
 def stage_peers(args) -> None:
     stage = Stage("peers", args)
     device = compute_device(args.dry_run)
-    preset, blocks, nsamples, seqlen = shape_args(args)
     t_stage = time.perf_counter()
-    base = build(preset, blocks, args.seed, device)
-    tokens = random_tokens(base, nsamples, seqlen, args.seed)
-    H = float_hessians(base, tokens, device, batch=8)
-    stage.write(setup={"preset": preset, "blocks": blocks, "nsamples": nsamples, "seqlen": seqlen})
+    preset, base, tokens, H = _blocks_and_hessians(stage, args, device)
     for peer in args.peers:
         if peer == "reference":
             row = job_reference(base, tokens, device, H, torch.float32 if args.dry_run else torch.float16)

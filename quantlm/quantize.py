@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,8 +22,7 @@ from quantlm.checkpoint_writer import dense_state_dict, write_checkpoint, writte
 from quantlm.errors import QuantlmError
 from quantlm.formats.registry import Layout, checkpoint_spec, formats_for, get_format
 from quantlm.gptq.memory import MemorySettings, default_offload_dir, plan_for_checkpoint, size_text
-from quantlm.gptq.offload import reusable_bytes
-from quantlm.gptq.pipeline import quantize_blocks
+from quantlm.gptq.pipeline import offload_disk_available, quantize_blocks
 from quantlm.gptq.settings import GPTQSettings
 from quantlm.hf_checkpoint import load_causal_lm, load_tokenizer, read_config
 from quantlm.metadata import ModelMeta
@@ -156,8 +154,8 @@ def check_offload_dir(model_dir: Path, recipe: QuantRecipe, out_dir: Path, devic
     plan = memory_plan(model_dir, recipe, device)
     if plan.get("hidden_states") == "disk":
         need = int(plan.get("disk_bytes") or 0)
-        free = shutil.disk_usage(parent).free + reusable_bytes(folder)  # a kept state is resumed or replaced
-        if need and free < need * 1.05:
+        free = offload_disk_available(folder)  # a kept state counts as free: it is resumed or replaced
+        if need and free is not None and free < need * 1.05:
             raise QuantlmError(f"--offload-dir {raw} has {size_text(free)} free on its disk ({parent}), and the "
                                f"disk-offloaded hidden states need about {size_text(need)}; free space there or choose "
                                "another --offload-dir")

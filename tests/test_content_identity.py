@@ -192,7 +192,7 @@ def test_a_full_disk_mid_run_leaves_a_state_the_rerun_resumes(base, tokens, tmp_
     # the free-space check of the rerun counts the kept state as available
     free = {"bytes": 1000}
     monkeypatch.setattr(pipeline, "disk_free_bytes", lambda p: free["bytes"])
-    assert pipeline._disk_available(folder) == 1000 + kept
+    assert pipeline.offload_disk_available(folder) == 1000 + kept
     free["bytes"] = 10**12
     _, resumed = _disk_run(base, tokens, folder)
     assert resumed.measured["resumed_from_block"] == 1 and not folder.exists()

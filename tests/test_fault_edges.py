@@ -335,11 +335,16 @@ def test_gguf_export_without_a_tokenizer_names_the_files_and_the_fix(ws, capsys,
                   r"a GGUF file embeds the tokenizer: copy the model's tokenizer files .* into notok")
 
 
-@pytest.mark.parametrize("given", ["file", "export-dir"])
-def test_export_of_a_gguf_says_it_is_already_gguf(given, ws, capsys, no_compute):
+def _gguf_given(ws, given: str) -> str:
+    """A GGUF export folder ``g/`` in the workspace; the path a user gives: the file or the folder."""
     (ws / "g").mkdir()
     _tiny_gguf(ws / "g" / "model.gguf")
-    src = "g/model.gguf" if given == "file" else "g"
+    return "g/model.gguf" if given == "file" else "g"
+
+
+@pytest.mark.parametrize("given", ["file", "export-dir"])
+def test_export_of_a_gguf_says_it_is_already_gguf(given, ws, capsys, no_compute):
+    src = _gguf_given(ws, given)
     refused(capsys, ws, "export", src, "--format", "unpacked", "--out", "x",
             match=rf"{src} is already GGUF; quantlm export takes a Hugging Face checkpoint directory \(config.json "
                   r"and safetensors weights: compressed-tensors, gptq, ternary-1.6, ternary-2, unpacked\)")
@@ -347,9 +352,7 @@ def test_export_of_a_gguf_says_it_is_already_gguf(given, ws, capsys, no_compute)
 
 @pytest.mark.parametrize("given", ["file", "export-dir"])
 def test_eval_of_a_gguf_says_eval_takes_a_checkpoint_directory(given, ws, capsys, no_compute):
-    (ws / "g").mkdir()
-    _tiny_gguf(ws / "g" / "model.gguf")
-    src = "g/model.gguf" if given == "file" else "g"
+    src = _gguf_given(ws, given)
     line = refused(capsys, ws, "eval", src, "--ppl", "calib.txt", "--no-record",
                    match=rf"{src} is a GGUF (file|export); quantlm eval takes a Hugging Face checkpoint directory")
     assert "does not exist" not in line and "quantlm export MODEL --format unpacked" in line

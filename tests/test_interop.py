@@ -44,6 +44,19 @@ def _export(model_dir, tmp_path, fmt, bits, sym=True, **options):
     return quantize_model(model_dir, recipe, tmp_path / f"{fmt}-{bits}", progress=False)["paths"]
 
 
+def _load_in_transformers(path, fmt: str):
+    """A packed 4-bit export loaded by transformers itself: gptq through optimum + GPTQModel's torch kernel,
+    compressed-tensors through its library (skipped where the library is not installed)."""
+    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
+    if fmt == "gptq":
+        pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, local_files_only=True,
+                                                **kwargs)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
@@ -128,17 +141,10 @@ def biased_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 def test_biases_load_in_the_real_libraries(biased_model_dir, tmp_path, fmt):
     """A LLaMA with attention_bias and mlp_bias: each packed export loads in transformers (GPTQModel's torch kernel
     for gptq, compressed-tensors) with its biases and the dequantized model's logits."""
-    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
-    if fmt == "gptq":
-        pytest.importorskip("gptqmodel")
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
     paths = _export(biased_model_dir, tmp_path, fmt, 4)
     unpacked = load_quantized(paths["unpacked"])
     ref = _logits(unpacked, IDS)
-    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
-    ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
-                                               local_files_only=True, **kwargs)
+    ext = _load_in_transformers(paths[fmt], fmt)
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
         theirs = ext.model.layers[1].get_submodule(name).bias
         mine = unpacked.model.layers[1].get_submodule(name).bias
@@ -161,18 +167,11 @@ def family_model_dir(request, tmp_path_factory, tiny_tokenizer_dir):
 def test_every_family_s_exports_load_in_the_real_libraries(family_model_dir, tmp_path, fmt):
     """Every family of the table: its packed exports load in transformers (GPTQModel's torch kernel,
     compressed-tensors) as the family's own class, with the dequantized model's logits."""
-    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
-    if fmt == "gptq":
-        pytest.importorskip("gptqmodel")
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
     name, model_dir = family_model_dir
     paths = _export(model_dir, tmp_path, fmt, 4)
     unpacked = load_quantized(paths["unpacked"])
     ref = _logits(unpacked, IDS)
-    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
-    ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
-                                               local_files_only=True, **kwargs)
+    ext = _load_in_transformers(paths[fmt], fmt)
     assert type(ext).__name__ == type(unpacked).__name__, name
     torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3, msg=name)
 
@@ -181,14 +180,7 @@ def test_every_family_s_exports_load_in_the_real_libraries(family_model_dir, tmp
 def test_negative_scales_of_the_signed_absmax_grid_load_in_the_real_libraries(interop_model_dir, tmp_path, fmt):
     """llama.cpp's grid puts the peak's sign in the scale: GPTQModel's kernel and compressed-tensors take the
     negative scales as they are, with the dequantized model's logits."""
-    pytest.importorskip("optimum" if fmt == "gptq" else "compressed_tensors")
-    if fmt == "gptq":
-        pytest.importorskip("gptqmodel")
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
     paths = _export(interop_model_dir, tmp_path, fmt, 4, signed_absmax=True)
     ref = _logits(load_quantized(paths["unpacked"]), IDS)
-    kwargs = {"quantization_config": GPTQConfig(bits=4, backend="torch")} if fmt == "gptq" else {}
-    ext = AutoModelForCausalLM.from_pretrained(paths[fmt], device_map="cpu", dtype=torch.float32,
-                                               local_files_only=True, **kwargs)
+    ext = _load_in_transformers(paths[fmt], fmt)
     torch.testing.assert_close(_logits(ext, IDS), ref, rtol=0, atol=1e-3)

@@ -95,14 +95,22 @@ PPL_DATASETS = {
 }
 
 
+def corpus_path(name_or_path: str | os.PathLike) -> Path:
+    """The file a perplexity corpus is read from: a named one under the eval data roots (an error naming the roots
+    when absent), else the path as given."""
+    key = str(name_or_path)
+    if key in PPL_DATASETS:
+        return find_eval_file(PPL_DATASETS[key][0], f"perplexity dataset {key!r}")
+    return Path(key)
+
+
 def load_text_source(name_or_path: str | os.PathLike) -> TextSource:
     """A named corpus (``wikitext2``, ``ptb``, ``c4``, ``lambada``) or a user ``.txt`` / ``.jsonl`` file."""
     key = str(name_or_path)
+    path = corpus_path(key)
     if key in PPL_DATASETS:
-        rel, reader, join = PPL_DATASETS[key]
-        path = find_eval_file(rel, f"perplexity dataset {key!r}")
+        _, reader, join = PPL_DATASETS[key]
         return TextSource(name=key, text=reader(path), path=str(path), sha256=sha256_file(path), join=join)
-    path = Path(key)
     if not path.exists():
         raise QuantlmError(f"perplexity dataset {key!r} is neither a known name ({', '.join(PPL_DATASETS)}) "
                            "nor an existing file; pass one of those names or the path of a .txt/.jsonl file")

@@ -513,14 +513,16 @@ def _make_plan(model: nn.Module, block_map: BlockMap, tokens: torch.Tensor, reci
                            str(device), weights_dtype=wdtype, true_sequential=recipe.true_sequential,
                            rtn=not get_quantizer(recipe.method).uses_hessian,
                            baseline_bytes=max(0, rss_bytes() - weights), offload_dir=str(folder),
-                           disk_available_bytes=_disk_available(folder))
+                           disk_available_bytes=offload_disk_available(folder))
     except QuantlmError:
         if config.get("model_type") in ARCHITECTURES:  # an architecture of the table is expected to plan
             raise
         return None  # a model the caller describes with its own block map: the settings as given
 
 
-def _disk_available(folder: Path) -> int | None:
+def offload_disk_available(folder: Path) -> int | None:
+    """Bytes a disk-offloaded run may write in ``folder``: the disk's free space plus what an earlier run's state there
+    holds (resumed or replaced); 0 for a folder that cannot be written, None where the disk cannot be asked."""
     free = disk_free_bytes(folder)
     if free is None or (folder.exists() and not os.access(folder, os.W_OK | os.X_OK)):
         return 0 if free is not None else None  # a folder that cannot be written has no room

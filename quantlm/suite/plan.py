@@ -26,7 +26,7 @@ from quantlm import digests, paths, recipes
 from quantlm.calibration import default_calibration_path
 from quantlm.deploy import BenchSettings
 from quantlm.errors import QuantlmError
-from quantlm.eval.datasets import PPL_DATASETS, find_eval_file
+from quantlm.eval.datasets import corpus_path
 from quantlm.eval.recipe import EvalRecipe
 from quantlm.eval.tasks import TASKS, expand_tasks, task_files
 from quantlm.gptq.memory import plan_memory
@@ -138,11 +138,9 @@ def eval_data_identity(recipe: EvalRecipe) -> dict[str, str]:
     out = {}
     for name in recipe.ppl:
         try:
-            path = find_eval_file(PPL_DATASETS[name][0], name) if name in PPL_DATASETS else Path(name)
+            out[f"ppl:{name}"] = _content(corpus_path(name))
         except QuantlmError:
             out[f"ppl:{name}"] = "missing"
-            continue
-        out[f"ppl:{name}"] = _content(path)
     for name in expand_tasks(recipe.tasks):
         try:
             files = task_files(TASKS[name]) if name in TASKS else []
