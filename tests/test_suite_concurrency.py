@@ -36,9 +36,10 @@ def _manifest(ws: Path, model: Path, out: str) -> Path:
 def _env(ws: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTLM_CACHE": str(ws / ".cache")}
     shim = ws / "bin"  # `quantlm` on PATH, run by this interpreter (the Slurm script calls it by name)
-    shim.mkdir(exist_ok=True)
-    (shim / "quantlm").write_text(f"#!/bin/sh\nexec {sys.executable} -m quantlm \"$@\"\n")
-    (shim / "quantlm").chmod(0o755)
+    if not (shim / "quantlm").is_file():  # written once: rewriting it while a task execs it is "Text file busy"
+        shim.mkdir(exist_ok=True)
+        (shim / "quantlm").write_text(f"#!/bin/sh\nexec {sys.executable} -m quantlm \"$@\"\n")
+        (shim / "quantlm").chmod(0o755)
     env["PATH"] = f"{shim}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -101,7 +102,8 @@ def test_disjoint_only_processes_and_the_slurm_array_match_one_sequential_run(ws
             continue
         (ws / f"{kind}.txt").write_text("\n".join(wave) + "\n")
         task = ["bash", str(script), str(arr), str(ws / f"{kind}.txt")]  # sbatch --array=1-N slurm-suite.sh ...
-        procs = [subprocess.Popen(task, cwd=ws, env={**_env(ws), "SLURM_ARRAY_TASK_ID": str(i)},
+        env = _env(ws)
+        procs = [subprocess.Popen(task, cwd=ws, env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(1, len(wave) + 1)]
         for p in procs:
